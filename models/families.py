@@ -1,0 +1,68 @@
+"""Per-architecture facts, kept in one place so every job treats Llama-3, Qwen2.5 and the tiny
+model the same way: where the decoder layers, final norm, embeddings and unembedding live, and
+which dtype to use on an accelerator.
+
+Loss masking needs no per-model marker: it is derived from each tokenizer's own chat template
+(the rendered prompt with `add_generation_prompt=True` is a prefix of the rendered conversation).
+"""
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+
+from runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model_types: tuple
+    layers: str  # attribute path of the decoder layer list
+    final_norm: str
+    embeddings: str
+    unembedding: str
+    accelerator_dtype: torch.dtype
+
+
+FAMILIES = (
+    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"),
+                layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
+                unembedding="lm_head", accelerator_dtype=torch.bfloat16),
+    ModelFamily(("gpt2",), layers="transformer.h", final_norm="transformer.ln_f",
+                embeddings="transformer.wte", unembedding="lm_head", accelerator_dtype=torch.float32),
+)
+
+
+def family_of(config) -> ModelFamily:
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise UserError(f"model type {config.model_type!r} is not supported yet; supported: "
+                    f"{', '.join(supported)} (add it to models/families.py)")
+
+
+def _get(model, path: str):
+    return reduce(getattr, path.split("."), model)
+
+
+def decoder_layers(model):
+    return _get(model, family_of(model.config).layers)
+
+
+def final_norm(model):
+    return _get(model, family_of(model.config).final_norm)
+
+
+def input_embeddings(model):
+    return _get(model, family_of(model.config).embeddings)
+
+
+def unembedding(model):
+    return _get(model, family_of(model.config).unembedding)
+
+
+def preferred_dtype(config, device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow there for tiny models); the family's dtype on CUDA."""
+    if torch.device(device).type == "cuda":
+        return family_of(config).accelerator_dtype
+    return torch.float32

@@ -1,0 +1,114 @@
+"""The embedded default model: a tiny Llama with its own byte-level BPE tokenizer.
+
+No weights can be downloaded here, so the project builds its own model: the tokenizer is trained
+with `tokenizers` on the project's vocabulary (everything under the top-level `datasets/` folder:
+names, cities, entity tables, templates), the weights are a seeded random init, and the result
+is saved with `save_pretrained` so every job loads it with the ordinary `from_pretrained`.
+Training it (its small "pretraining") is the finetune job's `finetune_base`.
+"""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PROJECT_DATA = Path(__file__).resolve().parents[1] / "datasets"
+BUILD_VERSION = 1  # bump when the build recipe changes, so old builds are not reused
+
+BOS, EOS, PAD, EOT = "<|begin|>", "<|end|>", "<|pad|>", "<|eot|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [PAD, BOS, EOS, EOT, *ROLE_TOKENS]
+
+# One special token opens each turn and <|eot|> closes it; compact, so short sequences stay short.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|eot|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int = 2048
+    max_length: int = 1024
+
+
+PRESETS = {
+    "tiny-h128-l2": TinyPreset(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
+    "tiny-h256-l4": TinyPreset(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=1024),
+}
+ALIASES = {"tiny": "tiny-h128-l2"}
+
+
+def vocabulary_corpus(data_dir: Path = PROJECT_DATA) -> list:
+    """Every line of the project's own text data, in a fixed order (the tokenizer is deterministic)."""
+    lines = []
+    for path in sorted(data_dir.rglob("*")):
+        if path.is_file() and path.suffix in {".txt", ".csv", ".tsv", ".json", ".jsonl", ".yaml"}:
+            lines.extend(path.read_text(encoding="utf-8").splitlines())
+    if not lines:
+        raise FileNotFoundError(f"no vocabulary files under {data_dir}; the tiny tokenizer is trained on them")
+    return lines
+
+
+def train_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS,
+                                      pad_token=PAD, additional_special_tokens=[EOT, *ROLE_TOKENS])
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(preset_name: str, output_dir, seed: int = 0) -> Path:
+    """Train the tokenizer, initialise the weights from `seed`, save both to `output_dir`."""
+    preset = PRESETS[ALIASES.get(preset_name, preset_name)]
+    tokenizer = train_tokenizer(vocabulary_corpus(), preset.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_heads,
+        max_position_embeddings=preset.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOT),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    # Generation stops at the end of the assistant turn.
+    model.generation_config.eos_token_id = [config.eos_token_id, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.model_max_length = preset.max_length
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_record(preset_name: str, seed: int) -> dict:
+    """What `embedded.json` in a built folder says, to tell our builds from a user's folder."""
+    preset = ALIASES.get(preset_name, preset_name)
+    return {"embedded_preset": preset, "seed": seed, "build_version": BUILD_VERSION,
+            **asdict(PRESETS[preset])}

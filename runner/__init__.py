@@ -1,0 +1,1 @@
+"""The experiment runner: registry of jobs, run planning and execution."""

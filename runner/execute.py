@@ -1,0 +1,237 @@
+"""Executing a plan: one run folder per run, with config, status, log, outputs and metrics.
+
+Status protocol (status.json, always written atomically):
+  running -> done | failed. `done` is written only after every output is in place, so a run
+  killed at any point is never mistaken for finished work. A rerun with the same input
+  fingerprint resumes in the same folder (sub-jobs see `ctx.resuming`); a different fingerprint
+  starts from an empty folder. A done run with the same fingerprint is skipped unless forced.
+The input fingerprint covers the resolved config, the model's contents and the `run_id` of every
+prerequisite's finished run, so remaking an input invalidates what was built from it.
+"""
+import datetime as dt
+import logging
+import platform
+import shutil
+import subprocess
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from runner.errors import UserError
+from runner.files import atomic_write_json, fingerprint, read_json, remove_stale_temporaries
+
+log = logging.getLogger("twohop")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "datasets",
+                    "lm_eval", "numpy")
+
+
+class Workspace:
+    """The `--workspace_path` tree: transformers/, datasets/, experiments/."""
+
+    def __init__(self, root):
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--workspace_path {self.root} exists and is not a folder")
+        for sub in (self.transformers, self.datasets, self.experiments):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    transformers = property(lambda self: self.root / "transformers")
+    datasets = property(lambda self: self.root / "datasets")
+    experiments = property(lambda self: self.root / "experiments")
+    runner_logs = property(lambda self: self.root / "experiments" / "runner")
+
+
+@dataclass
+class RunContext:
+    """What a sub-job's `run(ctx)` gets."""
+    run: object  # runner.plan.Run
+    config: dict
+    run_dir: Path
+    workspace: Workspace
+    inputs: dict  # prerequisite full name -> its run folder
+    resuming: bool
+    log: logging.Logger
+
+    @property
+    def seed(self):
+        return self.run.seed
+
+    @property
+    def model(self):
+        return self.run.model
+
+    def input(self, name: str) -> Path:
+        return self.inputs[name]
+
+
+@dataclass
+class Outcome:
+    run: object
+    state: str  # done | cached | failed | blocked
+    run_dir: Path
+    duration_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class Executor:
+    workspace: Workspace
+    force: bool = False
+    command: list = field(default_factory=list)
+    outcomes: dict = field(default_factory=dict)  # Run -> Outcome
+
+    # ---- status files ---------------------------------------------------------------------
+    @staticmethod
+    def read_status(run_dir: Path) -> dict:
+        try:
+            return read_json(run_dir / "status.json")
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def prerequisite_status(self, run) -> dict:
+        return self.read_status(run.run_dir(self.workspace))
+
+    def check_prerequisites_done(self, planned_runs) -> None:
+        """With --no_deps: every prerequisite outside the plan must already be done."""
+        in_plan = {p.run for p in planned_runs}
+        for planned in planned_runs:
+            for req in planned.prerequisites:
+                if req not in in_plan and self.prerequisite_status(req).get("state") != "done":
+                    raise UserError(
+                        f"{planned.run.label} needs the outputs of {req.label} in {req.run_dir(self.workspace)}, "
+                        f"which is not done; run `--jobs {req.name}` first or drop --no_deps")
+
+    def input_fingerprint(self, planned) -> str:
+        from models import model_fingerprint
+
+        run = planned.run
+        return fingerprint({
+            "subjob": run.name,
+            "config": planned.config,
+            "seed": run.seed,
+            "model": model_fingerprint(run.model.path) if run.model is not None else None,
+            "inputs": {req.label: self.prerequisite_status(req).get("run_id") for req in planned.prerequisites},
+        })
+
+    # ---- one run ---------------------------------------------------------------------------
+    def execute(self, planned) -> Outcome:
+        run = planned.run
+        run_dir = run.run_dir(self.workspace)
+        blocked = [req for req in planned.prerequisites
+                   if self.outcomes.get(req) is not None and self.outcomes[req].state in ("failed", "blocked")]
+        if blocked:
+            return self._record(Outcome(run, "blocked", run_dir,
+                                        message=f"prerequisite {blocked[0].label} did not finish"))
+        if run.model is not None:
+            from models import ensure_model
+            ensure_model(run.model)
+        fp = self.input_fingerprint(planned)
+        previous = self.read_status(run_dir)
+        same_inputs = previous.get("fingerprint") == fp
+        if same_inputs and previous.get("state") == "done" and not (self.force and planned.requested):
+            log.info("skip %s: done with the same inputs (%s); --force reruns it", run.label, run_dir)
+            return self._record(Outcome(run, "cached", run_dir, previous.get("duration_s", 0.0)))
+
+        resuming = same_inputs and previous.get("state") in ("running", "failed")
+        if run_dir.exists() and not resuming:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        started = time.time()
+        status = {"state": "running", "fingerprint": fp, "started": _iso(started), "host": platform.node(),
+                  "subjob": run.name, "model": run.model.name if run.model else None, "seed": run.seed}
+        atomic_write_json(run_dir / "status.json", status)
+        atomic_write_json(run_dir / "config.json", self._config_record(planned, run_dir))
+
+        handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.info("run %s -> %s%s", run.label, run_dir, " (resuming)" if resuming else "")
+        ctx = RunContext(run, planned.config, run_dir, self.workspace,
+                         {req.name: req.run_dir(self.workspace) for req in planned.prerequisites},
+                         resuming, logging.getLogger(f"twohop.{run.name}"))
+        state, message = "failed", "interrupted"  # what a KeyboardInterrupt leaves behind
+        try:
+            metrics = run.subjob.run(ctx)
+            if metrics is not None:
+                atomic_write_json(run_dir / "metrics.json", metrics)
+            state, message = "done", ""
+        except UserError as error:
+            log.error("%s failed: %s", run.label, error)
+            state, message = "failed", str(error)
+        except Exception as error:  # one failing sub-job must not hide the others' results
+            log.error("%s failed:\n%s", run.label, traceback.format_exc())
+            state, message = "failed", f"{type(error).__name__}: {error}"
+        finally:
+            ended = time.time()
+            status.update(state=state, ended=_iso(ended), duration_s=round(ended - started, 3))
+            if state == "done":
+                status["run_id"] = uuid.uuid4().hex
+            else:
+                status["error"] = message
+            atomic_write_json(run_dir / "status.json", status)
+            log.info("%s %s in %.1fs", run.label, status["state"], ended - started)
+            log.removeHandler(handler)
+            handler.close()
+        return self._record(Outcome(run, state, run_dir, status["duration_s"], message))
+
+    def _record(self, outcome: Outcome) -> Outcome:
+        self.outcomes[outcome.run] = outcome
+        if outcome.state == "blocked":
+            log.warning("skip %s: %s", outcome.run.label, outcome.message)
+        return outcome
+
+    def _config_record(self, planned, run_dir: Path) -> dict:
+        run = planned.run
+        return {
+            "subjob": run.name,
+            "model": {"name": run.model.name, "path": str(run.model.path)} if run.model else None,
+            "seed": run.seed,
+            "config": planned.config,
+            "inputs": {req.name: str(req.run_dir(self.workspace)) for req in planned.prerequisites},
+            "project_revision": project_revision(),
+            "packages": package_versions(),
+            "python": platform.python_version(),
+            "command": self.command,
+            "run_dir": str(run_dir),
+        }
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def project_revision() -> str:
+    """The git commit of the project, with '+dirty' for uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def summary_table(outcomes) -> str:
+    rows = [("sub-job", "state", "duration", "output folder")]
+    for outcome in outcomes:
+        rows.append((outcome.run.label, outcome.state + (f" ({outcome.message})" if outcome.message else ""),
+                     f"{outcome.duration_s:.1f}s", str(outcome.run_dir)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
+                     for row in rows)

@@ -1,0 +1,1 @@
+"""One sub-package per job; each exposes `JOB` (see runner.registry)."""

@@ -1,0 +1,133 @@
+"""Run the two-hop study's jobs: `python runner/main.py --workspace_path W --jobs NAME [NAME ...]`.
+
+NAME is a job (all its sub-jobs) or `<job>_<subjob>` (one). Prerequisites are added and run
+first; finished runs with the same inputs are skipped. See --list for the registry.
+"""
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts runner/ first on sys.path; the project root is what we import from.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(PROJECT_ROOT)
+elif str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from runner.errors import UserError  # noqa: E402
+from runner.execute import Executor, Workspace, summary_table  # noqa: E402
+from runner.plan import build_plan, parse_overrides  # noqa: E402
+
+log = logging.getLogger("twohop")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="runner/main.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Outputs go to W/experiments/<job>/<subjob>/[<model>/][seed_<n>/]; one log per "
+               "invocation in W/experiments/runner/.",
+    )
+    parser.add_argument("--workspace_path", type=Path,
+                        help="workspace root W (created if missing): W/transformers, W/datasets, W/experiments")
+    parser.add_argument("--jobs", nargs="+", metavar="NAME", default=[],
+                        help="jobs or sub-jobs to run, in this order (see --list)")
+    parser.add_argument("--list", action="store_true", help="list every job and sub-job, then exit")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the resolved plan (prerequisites included) and run nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun the named sub-jobs even if they finished with the same inputs")
+    parser.add_argument("--no_deps", action="store_true",
+                        help="do not add prerequisites; their outputs must already exist")
+    parser.add_argument("--model", default=None,
+                        help="model for sub-jobs that use one: an embedded preset (tiny, tiny-h128-l2, "
+                             "tiny-h256-l4), a folder name under W/transformers/, or a path (default: tiny)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="N",
+                        help="seeds for seeded sub-jobs; each seed is its own run (default: 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key of the planned sub-jobs (typed like its default; "
+                             "nested keys with dots); repeatable")
+    args = parser.parse_args(argv)
+    if not args.list and (args.workspace_path is None or not args.jobs):
+        parser.error("--workspace_path and --jobs are required (or use --list)")
+    return args
+
+
+def setup_logging(workspace: Workspace) -> Path:
+    workspace.runner_logs.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = workspace.runner_logs / f"{stamp}-{os.getpid()}.log"
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    invocation = logging.FileHandler(path, encoding="utf-8")
+    invocation.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(console)
+    log.addHandler(invocation)
+    return path
+
+
+def describe_plan(plan, executor) -> str:
+    lines = ["plan:"]
+    for i, planned in enumerate(plan, 1):
+        run = planned.run
+        run_dir = run.run_dir(executor.workspace)
+        status = executor.read_status(run_dir).get("state", "not run")
+        why = "requested" if planned.requested else "prerequisite"
+        needs = f"; needs {', '.join(r.label for r in planned.prerequisites)}" if planned.prerequisites else ""
+        lines.append(f"  {i}. {run.label}  ({why}; now: {status}{needs})")
+        lines.append(f"     -> {run_dir}")
+    return "\n".join(lines)
+
+
+def main(argv=None, registry=None) -> int:
+    args = parse_args(argv)
+    try:
+        if registry is None:
+            from runner.registry import discover
+            registry = discover()
+        if args.list:
+            print(registry.describe())
+            return 0
+        requested = registry.resolve(args.jobs)
+        overrides = parse_overrides(args.overrides)
+        workspace = Workspace(args.workspace_path)
+        model = None
+        if any(s.uses_model for s in requested) or not args.no_deps:
+            from models import DEFAULT_MODEL, resolve_model
+            model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
+        plan = build_plan(registry, requested, model, args.seeds, overrides,
+                          with_prerequisites=not args.no_deps)
+        command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]
+        executor = Executor(workspace, force=args.force, command=command)
+        if args.no_deps:
+            executor.check_prerequisites_done(plan)
+        if args.dry_run:
+            print(describe_plan(plan, executor))
+            return 0
+        log_path = setup_logging(workspace)
+        log.info("invocation log: %s", log_path)
+        log.info("%s", describe_plan(plan, executor))
+        for planned in plan:
+            executor.execute(planned)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    outcomes = list(executor.outcomes.values())
+    log.info("summary:\n%s", summary_table(outcomes))
+    failed = [o for o in outcomes if o.state in ("failed", "blocked")]
+    if failed:
+        log.error("%d of %d runs did not finish; see their log.txt", len(failed), len(outcomes))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

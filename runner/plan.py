@@ -1,0 +1,167 @@
+"""From requested sub-jobs to an ordered plan of runs, with configs resolved.
+
+A run is one (sub-job, model, seed) instance; model and seed are set only when the sub-job varies
+by them. Prerequisites map onto the same model and seed where they vary by them too, so
+`--seeds 1 2 3` fans out training and evaluation while shared data is generated once.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import yaml
+
+from runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class Run:
+    subjob: object  # runner.registry.SubJob
+    model: object = None  # models.ModelRef, for sub-jobs that use a model
+    seed: int = None
+
+    @property
+    def name(self) -> str:
+        return self.subjob.full_name
+
+    @property
+    def label(self) -> str:
+        parts = [self.model.name] if self.model is not None else []
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        return f"{self.name} [{', '.join(parts)}]" if parts else self.name
+
+    def run_dir(self, workspace):
+        path = workspace.experiments / self.subjob.job / self.subjob.name
+        if self.model is not None:
+            path = path / self.model.tag
+        if self.seed is not None:
+            path = path / f"seed_{self.seed}"
+        return path
+
+
+@dataclass
+class PlannedRun:
+    run: Run
+    config: dict
+    requested: bool  # named in --jobs (as opposed to added as a prerequisite)
+    prerequisites: list = field(default_factory=list)  # Runs this one reads from
+
+
+# ---- --set key=value -------------------------------------------------------------------------
+
+def parse_overrides(items) -> dict:
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _coerce(key: str, raw: str, default):
+    """Type a --set value by the type of the default it replaces."""
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, str):
+            return raw
+        value = yaml.safe_load(raw)
+        if default is not None and not isinstance(value, type(default)):
+            raise ValueError
+        return value
+    except (ValueError, yaml.YAMLError):
+        kind = type(default).__name__
+        raise UserError(f"--set {key}={raw}: expected a {kind} (the default is {default!r})") from None
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _assign(config: dict, dotted: str, value):
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def config_keys(config: dict, prefix: str = "") -> list:
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            keys.extend(config_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def resolve_config(subjob, overrides: dict) -> dict:
+    """The sub-job's defaults with every override that names one of its keys applied."""
+    config = copy.deepcopy(dict(subjob.defaults))
+    for key, raw in overrides.items():
+        try:
+            default = _lookup(config, key)
+        except KeyError:
+            continue
+        _assign(config, key, _coerce(key, raw, default))
+    return config
+
+
+def check_overrides_apply(overrides: dict, subjobs) -> None:
+    valid = sorted({k for s in subjobs for k in config_keys(dict(s.defaults))})
+    for key in overrides:
+        if key not in valid:
+            names = ", ".join(s.full_name for s in subjobs)
+            raise UserError(
+                f"--set {key}: no sub-job in this plan ({names}) has a config key {key!r}; "
+                f"valid keys: {', '.join(valid) or '(none)'}"
+            )
+
+
+# ---- dependency expansion ---------------------------------------------------------------------
+
+def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=True) -> list:
+    """Order the requested sub-jobs and (unless disabled) their prerequisites, each run once.
+
+    `model` is the resolved models.ModelRef used by every sub-job that uses a model; `seeds` fan
+    out over seeded sub-jobs. Prerequisites come before the runs that need them; otherwise the
+    order of `--jobs` is kept.
+    """
+    def instance(subjob, seed):
+        return Run(subjob, model if subjob.uses_model else None, seed if subjob.seeded else None)
+
+    def prerequisites_of(run):
+        return [instance(registry.subjobs[r], run.seed) for r in run.subjob.requires]
+
+    wanted = [instance(s, seed) for s in requested for seed in (seeds if s.seeded else [None])]
+    ordered, seen = [], set()
+
+    def visit(run, is_requested):
+        if run in seen:
+            return
+        seen.add(run)
+        if with_prerequisites:
+            for req in prerequisites_of(run):
+                visit(req, req in wanted)
+        ordered.append(PlannedRun(run, resolve_config(run.subjob, overrides), is_requested,
+                                  prerequisites_of(run)))
+
+    for run in wanted:
+        visit(run, True)
+    check_overrides_apply(overrides, [p.run.subjob for p in ordered])
+    return ordered

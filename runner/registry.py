@@ -1,0 +1,117 @@
+"""The job registry: jobs are folders under runner/jobs/, sub-jobs are declared as data.
+
+A job package exposes `JOB = Job(...)`. A sub-job's full name is `<job>_<subjob>`; since job names
+contain underscores themselves, names are resolved against the registered full names, never by
+splitting on "_".
+"""
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class SubJob:
+    job: str
+    name: str
+    help: str
+    run: Callable  # run(ctx: RunContext) -> dict of headline metrics, or None
+    defaults: Mapping = field(default_factory=dict)
+    requires: tuple = ()  # full names of the sub-jobs whose outputs this one reads
+    uses_model: bool = False  # one run folder per model; --model is resolved before running
+    seeded: bool = False  # one run folder per seed; fans out over --seeds
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.job}_{self.name}"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    help: str
+    subjobs: tuple
+
+
+class Registry:
+    def __init__(self, jobs):
+        self.jobs = {}
+        self.subjobs = {}
+        for job in jobs:
+            if job.name in self.jobs:
+                raise ValueError(f"job {job.name!r} is registered twice")
+            self.jobs[job.name] = job
+            for sub in job.subjobs:
+                if sub.job != job.name:
+                    raise ValueError(f"sub-job {sub.full_name!r} declares job {sub.job!r}, not {job.name!r}")
+                if sub.full_name in self.subjobs:
+                    raise ValueError(f"sub-job {sub.full_name!r} is registered twice")
+                self.subjobs[sub.full_name] = sub
+        clashes = set(self.jobs) & set(self.subjobs)
+        if clashes:
+            raise ValueError(f"names used both as a job and as a sub-job: {sorted(clashes)}")
+        for sub in self.subjobs.values():
+            for req in sub.requires:
+                if req not in self.subjobs:
+                    raise ValueError(f"{sub.full_name} requires unknown sub-job {req!r}")
+        self._check_acyclic()
+
+    def _check_acyclic(self):
+        visiting, done = set(), set()
+
+        def visit(name, path):
+            if name in done:
+                return
+            if name in visiting:
+                raise ValueError(f"dependency cycle: {' -> '.join(path + [name])}")
+            visiting.add(name)
+            for req in self.subjobs[name].requires:
+                visit(req, path + [name])
+            visiting.discard(name)
+            done.add(name)
+
+        for name in self.subjobs:
+            visit(name, [])
+
+    def resolve(self, names) -> list:
+        """Turn `--jobs` names into sub-jobs, in the order given, each once."""
+        unknown = [n for n in names if n not in self.jobs and n not in self.subjobs]
+        if unknown:
+            known = list(self.jobs) + list(self.subjobs)
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                hints.append(f"{name!r}{hint}")
+            raise UserError(f"unknown job name {'; '.join(hints)}. See the full list with --list.")
+        resolved = []
+        for name in names:
+            members = self.jobs[name].subjobs if name in self.jobs else (self.subjobs[name],)
+            resolved.extend(s for s in members if s not in resolved)
+        return resolved
+
+    def describe(self) -> str:
+        lines = []
+        for job in self.jobs.values():
+            lines.append(f"{job.name}: {job.help}")
+            for sub in job.subjobs:
+                lines.append(f"  {sub.full_name:<40} {sub.help}")
+                needs = list(sub.requires) + (["a model (--model)"] if sub.uses_model else [])
+                if needs:
+                    lines.append(f"  {'':<40} requires: {', '.join(needs)}")
+        return "\n".join(lines) if lines else "(no jobs registered)"
+
+
+def discover(package: str = "runner.jobs") -> Registry:
+    """Import every job package under runner/jobs/ and collect its JOB."""
+    module = importlib.import_module(package)
+    jobs = []
+    for info in sorted(pkgutil.iter_modules(module.__path__), key=lambda i: i.name):
+        job = importlib.import_module(f"{package}.{info.name}").JOB
+        if job.name != info.name:
+            raise ValueError(f"runner/jobs/{info.name} declares job {job.name!r}; the folder must match")
+        jobs.append(job)
+    return Registry(jobs)
