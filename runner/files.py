@@ -18,20 +18,27 @@ def _temp_sibling(path: Path) -> Path:
     return Path(name)
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", encoding: str = "utf-8"):
+    """Stream into a temporary sibling; it becomes `path` only when the block finishes cleanly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path, text: str) -> Path:

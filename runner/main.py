@@ -100,10 +100,8 @@ def main(argv=None, registry=None) -> int:
         requested = registry.resolve(args.jobs)
         overrides = parse_overrides(args.overrides)
         workspace = Workspace(args.workspace_path)
-        model = None
-        if any(s.uses_model for s in requested) or not args.no_deps:
-            from models import DEFAULT_MODEL, resolve_model
-            model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
+        from models import DEFAULT_MODEL, resolve_model
+        model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
         plan = build_plan(registry, requested, model, args.seeds, overrides,
                           with_prerequisites=not args.no_deps)
         command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]

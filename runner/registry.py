@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 from runner.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # sub-jobs are unique objects: compared by identity
 class SubJob:
     job: str
     name: str

@@ -1,0 +1,117 @@
+"""The embedded tiny model and local model loading, for real: build, save, reload, compare."""
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+
+from models import ensure_model, load_model, model_fingerprint, resolve_model
+from models.families import decoder_layers, final_norm, unembedding
+from runner.errors import UserError
+from runner.main import main
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyModelTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.transformers = Path(cls.tmp.name) / "transformers"
+        cls.ref = resolve_model("tiny", cls.transformers)
+        ensure_model(cls.ref)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_saved_folder_is_plain_hugging_face_with_safetensors(self):
+        files = {p.name for p in self.ref.path.iterdir()}
+        self.assertTrue({"config.json", "model.safetensors", "tokenizer.json", "embedded.json"} <= files, files)
+        self.assertFalse([f for f in files if f.endswith((".bin", ".pt", ".pkl"))])
+        config = json.loads((self.ref.path / "config.json").read_text())
+        self.assertEqual(config["model_type"], "llama")
+        self.assertEqual((config["hidden_size"], config["num_hidden_layers"]), (128, 2))
+
+    def test_reload_gives_identical_logits_and_chat_format(self):
+        model, tokenizer = load_model(self.ref.path)
+        messages = [{"role": "user", "content": "Where was Ada Hughes-Marsjanska born?"}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self.assertTrue(prompt.endswith("<|assistant|>"), prompt)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        # A text with no spaces round-trips through the byte-level BPE exactly.
+        self.assertEqual(tokenizer.decode(ids[0]), prompt)
+        with torch.no_grad():
+            logits = model(ids).logits
+        again, _ = load_model(self.ref.path)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(logits, again(ids).logits))
+        self.assertEqual(len(decoder_layers(model)), 2)
+        self.assertIs(unembedding(model), model.lm_head)
+        self.assertIs(final_norm(model), model.model.norm)
+
+    def test_build_is_deterministic_per_seed(self):
+        same = resolve_model("tiny-h128-l2", Path(self.tmp.name) / "other")
+        other_seed = resolve_model("tiny", Path(self.tmp.name) / "other", seed=7)
+        ensure_model(same)
+        ensure_model(other_seed)
+        self.assertEqual(model_fingerprint(same.path), model_fingerprint(self.ref.path))
+        self.assertEqual((same.path / "tokenizer.json").read_bytes(), (self.ref.path / "tokenizer.json").read_bytes())
+        self.assertNotEqual(model_fingerprint(other_seed.path), model_fingerprint(self.ref.path))
+
+    def test_name_under_transformers_and_path_resolve_to_the_same_folder(self):
+        by_name = resolve_model("tiny-h128-l2", self.transformers)
+        copy = self.transformers / "my-model"
+        if not copy.exists():
+            shutil.copytree(self.ref.path, copy)
+        self.assertEqual(resolve_model("my-model", self.transformers).path, copy.resolve())
+        by_path = resolve_model(str(copy), Path(self.tmp.name) / "elsewhere")
+        self.assertEqual(by_path.path, copy.resolve())
+        self.assertNotEqual(by_path.tag, "my-model")  # paths outside W/transformers get a unique tag
+        self.assertEqual(by_name.path, self.ref.path)
+        load_model(copy)
+
+    def test_missing_model_is_one_clear_error_listing_where_it_looked(self):
+        with self.assertRaises(UserError) as caught:
+            resolve_model("Llama-3-8B-Instruct", self.transformers)
+        message = str(caught.exception)
+        self.assertIn(str(self.transformers / "Llama-3-8B-Instruct"), message)
+        self.assertIn("--model tiny", message)
+
+    def test_broken_model_folder_is_a_clear_error(self):
+        broken = Path(self.tmp.name) / "broken"
+        shutil.copytree(self.ref.path, broken, dirs_exist_ok=True)
+        (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+        with self.assertRaisesRegex(UserError, r"no \*\.safetensors weights .*pytorch_model\.bin"):
+            load_model(broken)
+        (broken / "config.json").unlink()
+        with self.assertRaisesRegex(UserError, "no config.json"):
+            load_model(broken)
+
+    def test_cli_reports_a_missing_model_and_exits_nonzero(self):
+        from tests.fixtures.toy_registry import toy_registry
+        w = Path(self.tmp.name) / "cli"
+        code = main(["--workspace_path", str(w), "--jobs", "alpha_make", "--model", "no-such-model"],
+                    registry=toy_registry())
+        self.assertEqual(code, 2)
+        self.assertFalse((w / "experiments" / "alpha").exists())
+
+
+class ImportShadowingTest(unittest.TestCase):
+    def test_import_datasets_is_hugging_face_from_the_project_root(self):
+        self.assertFalse((PROJECT_ROOT / "datasets" / "__init__.py").exists())
+        result = subprocess.run(
+            [sys.executable, "-c", "import datasets; print(datasets.__file__); print(hasattr(datasets, 'load_dataset'))"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        path, has_loader = result.stdout.split()
+        self.assertIn("site-packages", path)
+        self.assertEqual(has_loader, "True")
+
+
+if __name__ == "__main__":
+    unittest.main()
