@@ -9,6 +9,7 @@ The input fingerprint covers the resolved config, the model's contents and the `
 prerequisite's finished run, so remaking an input invalidates what was built from it.
 """
 import datetime as dt
+import functools
 import logging
 import platform
 import shutil
@@ -21,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.files import atomic_write_json, fingerprint, read_json, remove_stale_temporaries
+from runner.files import atomic_write_json, fingerprint, read_json, remove_stale_temporaries, sha256_file
 
 log = logging.getLogger("twohop")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +115,7 @@ class Executor:
             "config": planned.config,
             "seed": run.seed,
             "model": model_fingerprint(run.model.path) if run.model is not None else None,
+            "project_data": project_data_fingerprint(run.subjob.project_data),
             "inputs": {req.label: self.prerequisite_status(req).get("run_id") for req in planned.prerequisites},
         })
 
@@ -201,6 +203,13 @@ class Executor:
         }
 
 
+@functools.lru_cache(maxsize=None)
+def project_data_fingerprint(paths: tuple) -> str:
+    """Hash of the files under the given project paths, so edited tables invalidate old runs."""
+    files = sorted(f for p in paths for f in (PROJECT_ROOT / p).rglob("*") if f.is_file())
+    return fingerprint([(str(f.relative_to(PROJECT_ROOT)), sha256_file(f)) for f in files]) if files else None
+
+
 def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -228,10 +237,13 @@ def package_versions() -> dict:
 
 
 def summary_table(outcomes) -> str:
+    """One row per run (sub-job, state, duration, output folder); reasons for failures below it."""
     rows = [("sub-job", "state", "duration", "output folder")]
-    for outcome in outcomes:
-        rows.append((outcome.run.label, outcome.state + (f" ({outcome.message})" if outcome.message else ""),
-                     f"{outcome.duration_s:.1f}s", str(outcome.run_dir)))
+    rows += [(o.run.label, o.state, f"{o.duration_s:.1f}s", str(o.run_dir)) for o in outcomes]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
-                     for row in rows)
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        if i and outcomes[i - 1].message:
+            lines.append(f"    reason: {outcomes[i - 1].message}")
+    return "\n".join(lines)

@@ -164,4 +164,10 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
     for run in wanted:
         visit(run, True)
     check_overrides_apply(overrides, [p.run.subjob for p in ordered])
+    for planned in ordered:
+        if planned.run.subjob.check is not None:
+            try:
+                planned.run.subjob.check(planned.config)
+            except UserError as error:
+                raise UserError(f"{planned.run.name}: {error}") from None
     return ordered

@@ -23,6 +23,8 @@ class SubJob:
     requires: tuple = ()  # full names of the sub-jobs whose outputs this one reads
     uses_model: bool = False  # one run folder per model; --model is resolved before running
     seeded: bool = False  # one run folder per seed; fans out over --seeds
+    project_data: tuple = ()  # project paths it reads (e.g. "datasets"); their content is fingerprinted
+    check: Callable = None  # check(config) raises UserError on bad values, before anything runs
 
     @property
     def full_name(self) -> str:
