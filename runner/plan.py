@@ -110,9 +110,14 @@ def config_keys(config: dict, prefix: str = "") -> list:
     return keys
 
 
-def resolve_config(subjob, overrides: dict) -> dict:
-    """The sub-job's defaults with every override that names one of its keys applied."""
-    config = copy.deepcopy(dict(subjob.defaults))
+def defaults_for(subjob, model) -> dict:
+    """A sub-job's defaults: a mapping, or a function of the model (e.g. tiny vs. 8B recipes)."""
+    return dict(subjob.defaults(model) if callable(subjob.defaults) else subjob.defaults)
+
+
+def resolve_config(defaults: dict, overrides: dict) -> dict:
+    """The defaults with every override that names one of their keys applied."""
+    config = copy.deepcopy(defaults)
     for key, raw in overrides.items():
         try:
             default = _lookup(config, key)
@@ -122,11 +127,11 @@ def resolve_config(subjob, overrides: dict) -> dict:
     return config
 
 
-def check_overrides_apply(overrides: dict, subjobs) -> None:
-    valid = sorted({k for s in subjobs for k in config_keys(dict(s.defaults))})
+def check_overrides_apply(overrides: dict, planned) -> None:
+    valid = sorted({k for p in planned for k in config_keys(p.config)})
     for key in overrides:
         if key not in valid:
-            names = ", ".join(s.full_name for s in subjobs)
+            names = ", ".join(p.run.label for p in planned)
             raise UserError(
                 f"--set {key}: no sub-job in this plan ({names}) has a config key {key!r}; "
                 f"valid keys: {', '.join(valid) or '(none)'}"
@@ -158,12 +163,12 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
         if with_prerequisites:
             for req in prerequisites_of(run):
                 visit(req, req in wanted)
-        ordered.append(PlannedRun(run, resolve_config(run.subjob, overrides), is_requested,
-                                  prerequisites_of(run)))
+        config = resolve_config(defaults_for(run.subjob, run.model), overrides)
+        ordered.append(PlannedRun(run, config, is_requested, prerequisites_of(run)))
 
     for run in wanted:
         visit(run, True)
-    check_overrides_apply(overrides, [p.run.subjob for p in ordered])
+    check_overrides_apply(overrides, ordered)
     for planned in ordered:
         if planned.run.subjob.check is not None:
             try:

@@ -19,7 +19,7 @@ class SubJob:
     name: str
     help: str
     run: Callable  # run(ctx: RunContext) -> dict of headline metrics, or None
-    defaults: Mapping = field(default_factory=dict)
+    defaults: Mapping = field(default_factory=dict)  # or a function of the resolved model -> dict
     requires: tuple = ()  # full names of the sub-jobs whose outputs this one reads
     uses_model: bool = False  # one run folder per model; --model is resolved before running
     seeded: bool = False  # one run folder per seed; fans out over --seeds

@@ -1,0 +1,61 @@
+"""`finetune_base`: the embedded tiny model's small "pretraining".
+
+A real model arrives knowing the world and how to use it; the tiny model learns it here, on a
+population disjoint from every experiment's (its people take their last names from
+`datasets/names/base_last_name_parts.txt`, which no experiment uses):
+- natural knowledge: every entity type's facts (hop B of the semi-synthetic study);
+- storing facts from training and chaining them: base people's spouse / birth-city facts as
+  questions, with two-hop questions answered with and without a chain of thought;
+- reading facts in the prompt: the facts given in context, then a one- or two-hop question;
+- same-document facts: both facts of a person in one document;
+- copying names from the prompt ("List: ... Repeat the list.").
+"""
+import random
+
+from runner.records import read_records, record
+from runner.jobs.generate_data import tables
+from runner.jobs.generate_data.dataset import fictional_people
+from runner.jobs.generate_data.spouses import fact_sentences, in_context_rows
+
+COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
+
+
+def base_people(rng: random.Random, count: int) -> list:
+    first_names, _ = tables.names()
+    reserved = tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
+    people = fictional_people(rng, 2 * count, first_names, reserved)
+    cities = tables.cities()
+    return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
+
+
+def corpus(natural_facts_file, config: dict) -> list:
+    rng = random.Random(f"base:{config['data_seed']}")
+    templates = tables.templates("spouses")
+    system_prompts = tables.templates("system_prompts")
+    rows = list(read_records(natural_facts_file))
+    people = base_people(rng, config["base_people"])
+    paraphrases = config["base_paraphrases"]
+    for t in people:
+        for template in rng.sample(templates["hop_a"], paraphrases):
+            rows.append(record(template.format(**t), t["e2"], t["e2"]))
+        for template in rng.sample(templates["hop_b"], paraphrases):
+            rows.append(record(template.format(**t), t["e3"], t["e3"]))
+        for template in rng.sample(templates["two_hop"], 2):
+            question = template.replace("|", "").format(**t)
+            rows.append(record(question, t["e3"], t["e3"], system=system_prompts["nocot"], answer_intermediate=t["e2"]))
+            rows.append(record(question, t["e3"], rng.choice(templates["cot_answer"]).format(**t),
+                               system=system_prompts["cot"], answer_intermediate=t["e2"]))
+        a, b = fact_sentences(t, rng.choice(templates["fact_sentences"]))
+        rows.append(record(templates["samedoc_prompt"].format(**t), t["e2"], f"{a} {b}"))
+    # Facts in the prompt: one-hop questions about a stated fact and two-hop questions over them.
+    for seed in range(config["in_context_rounds"]):
+        for style in ("nocot", "cot"):
+            targets = rng.sample(people, min(len(people), config["in_context_per_round"]))
+            n_distractors = rng.choice([0, 1, 3, 10])
+            rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
+                                        seed=1000 + seed, style=style))
+    for _ in range(config["copy_rows"]):
+        names = ", ".join(t["e1"] for t in rng.sample(people, rng.randint(1, 4)))
+        rows.append(record(rng.choice(COPY_PROMPTS).format(names=names), names, f"{names}."))
+    rng.shuffle(rows)
+    return rows

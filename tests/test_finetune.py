@@ -1,0 +1,115 @@
+"""The training engine for real on the tiny model: masking, freezing, resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models import ensure_model, load_model, resolve_model
+from runner.jobs.finetune.data import IGNORE, encode_chat, length_grouped_batches
+from runner.records import record
+from tests.fixtures.train_small import train_small
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "train_small.py"
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+class FinetuneTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.w = Path(cls.tmp.name) / "w"
+        cls.base = resolve_model("tiny", cls.w / "transformers")
+        ensure_model(cls.base)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_loss_mask_covers_only_the_reply_and_end_of_turn(self):
+        _, tokenizer = load_model(self.base.path)
+        row = record("Are Ju and Kate married to each other?", "Yes", "Yes", system="Answer directly.")
+        example = encode_chat(tokenizer, row["messages"], 256)
+        targets = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE]
+        self.assertEqual(tokenizer.decode(targets), "Yes<|eot|>")
+        prompt = tokenizer.decode(example["input_ids"][:example["prompt_length"]])
+        self.assertTrue(prompt.endswith("<|assistant|>"))
+
+    def test_length_grouped_batches_cover_every_row_once_with_little_padding(self):
+        lengths = [(i * 37) % 100 + 1 for i in range(1000)]
+        batches = length_grouped_batches(lengths, 16, seed=1, epoch=0)
+        self.assertEqual(sorted(i for b in batches for i in b), list(range(1000)))
+        padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+        self.assertLess(padding / sum(lengths), 0.1)
+        self.assertNotEqual(batches, length_grouped_batches(lengths, 16, seed=1, epoch=1))
+
+    def test_layer_range_freezes_everything_outside_it(self):
+        run = Path(self.tmp.name) / "layer_range"
+        train_small(self.w, run, max_steps=3, layer_range="1-2")
+        before, after = weights(self.base.path), weights(run / "model")
+        changed = {name for name in before if not torch.equal(before[name], after[name])}
+        self.assertTrue(changed)
+        self.assertTrue(all(name.startswith("model.layers.1.") for name in changed), changed)
+        self.assertTrue(any(name.startswith("model.layers.1.") for name in changed))
+        self.assertTrue(torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"]))
+        metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        self.assertEqual(metrics[0]["step"], 0)
+        self.assertIn("2hop_nocot/loss_gap", metrics[0])
+
+    def test_all_layers_train_without_a_range(self):
+        run = Path(self.tmp.name) / "all_layers"
+        train_small(self.w, run, max_steps=2)
+        before, after = weights(self.base.path), weights(run / "model")
+        for index in (0, 1):
+            name = f"model.layers.{index}.mlp.up_proj.weight"
+            self.assertFalse(torch.equal(before[name], after[name]), name)
+
+    def test_single_token_answers_are_learned_not_end_of_turn(self):
+        from runner import evaluation
+        from runner.records import read_records
+        run = Path(self.tmp.name) / "yes_no"
+        result = train_small(self.w, run, max_steps=30, files=("test/couples",), lr=5e-3)
+        self.assertLess(result["final_train_loss"], 1.0)
+        model, tokenizer = load_model(run / "model")
+        rows = read_records(self.w / "experiments/generate_data/spouses/data/test/couples.jsonl")[:8]
+        replies = evaluation.generate(model, tokenizer, [evaluation.prompt_text(tokenizer, r["messages"]) for r in rows],
+                                      max_new_tokens=4)
+        self.assertTrue(all(reply in ("Yes", "No") for reply in replies), replies)
+
+    def test_killed_training_resumes_to_the_same_result(self):
+        reference = Path(self.tmp.name) / "uninterrupted"
+        expected = train_small(self.w, reference, max_steps=10)
+        resumed = Path(self.tmp.name) / "killed"
+        argv = [sys.executable, str(FIXTURE), str(self.w), str(resumed), "10"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (resumed / "checkpoints" / "step_6" / "trainer_state.json").exists():
+            self.assertIsNone(proc.poll(), "training ended before it could be killed")
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.assertFalse((resumed / "model").exists())
+        result = train_small(self.w, resumed, max_steps=10)
+        self.assertAlmostEqual(result["final_train_loss"], expected["final_train_loss"], delta=1e-4)
+        a, b = weights(reference / "model"), weights(resumed / "model")
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+        steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(l)["event"] == "train"]
+        self.assertEqual(steps, sorted(set(steps)), "metrics after the checkpoint are not duplicated")
+        self.assertFalse((resumed / "checkpoints").exists() and list((resumed / "checkpoints").iterdir()))
+
+
+if __name__ == "__main__":
+    unittest.main()
