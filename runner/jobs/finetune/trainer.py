@@ -64,22 +64,29 @@ def encode_rows(tokenizer, rows, config, with_aux=False) -> list:
 
 
 @torch.no_grad()
-def evaluate_losses(model, examples, pad_id, device, batch_size=64) -> dict:
-    """Mean per-row loss over reply tokens, and the share of rows whose reply is argmax-correct."""
+def row_losses(model, examples, pad_id, device, batch_size=64) -> tuple:
+    """(per-row mean loss over reply tokens, per-row argmax-correct reply), in input order."""
+    was_training = model.training
     model.eval()
-    losses, correct = [], []
+    losses, correct = [0.0] * len(examples), [False] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        chunk = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
         token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-        losses.extend((token_loss.sum(1) / mask.sum(1)).tolist())
         hits = ((logits.argmax(-1) == labels) | ~mask).all(1)
-        correct.extend(hits.tolist())
-    model.train()
+        for i, loss, hit in zip(chunk, (token_loss.sum(1) / mask.sum(1)).tolist(), hits.tolist()):
+            losses[i], correct[i] = loss, hit
+    model.train(was_training)
+    return losses, correct
+
+
+def evaluate_losses(model, examples, pad_id, device) -> dict:
+    """Mean loss over reply tokens and the share of rows whose reply is argmax-correct."""
+    losses, correct = row_losses(model, examples, pad_id, device)
     return {"loss": sum(losses) / len(losses), "accuracy": sum(correct) / len(correct), "n": len(losses)}
 
 

@@ -1,0 +1,30 @@
+"""evaluate_twohop: evaluate what a finetune sub-job trained, on its dataset's tests.
+
+`evaluate_twohop_<x>` mirrors `finetune_<x>` (generated from the finetune registry) and requires
+it: it loads `<finetune run>/model` and evaluates every test the dataset's card lists. Outputs:
+results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png.
+"""
+from functools import partial
+
+from runner.registry import Job, SubJob
+from runner.jobs import finetune
+from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, evaluate_dataset
+from runner.jobs.evaluate_twohop.report import write_reports
+
+
+def run(ctx, trained_by: str, data_job: str) -> dict:
+    report = evaluate_dataset(ctx.input(trained_by) / "model", ctx.input(data_job) / "data", ctx.config, ctx.log,
+                              ctx.run_dir)
+    write_reports(report, ctx.run_dir, f"{ctx.run.label}")
+    return report["headline"]
+
+
+def mirror(subjob) -> SubJob:
+    data_job = next(r for r in subjob.requires if r.startswith("generate_data_"))
+    return SubJob("evaluate_twohop", subjob.name, f"evaluate {subjob.full_name}'s model on its tests",
+                  partial(run, trained_by=subjob.full_name, data_job=data_job), DEFAULTS,
+                  requires=(subjob.full_name, data_job), uses_model=True, seeded=True)
+
+
+JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",
+          tuple(mirror(s) for s in finetune.SUBJOBS if s.seeded))

@@ -1,0 +1,65 @@
+"""summary.md, summary.csv and plots for one evaluation run (numbers read from results.json)."""
+import csv
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from runner.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+COLUMNS = ("test", "style", "n", "correct", "correct_se", "strict", "chain_correct", "first_hop", "valid_cot",
+           "candidate_accuracy", "chance")
+
+
+def fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_reports(report: dict, run_dir, title: str) -> None:
+    rows = [{"test": test, **summary} for test, summary in report["tests"].items()]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: fmt(row.get(k)) for k in COLUMNS} for row in rows)
+    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+
+    lines = [f"# {title}", "", f"Model: `{report['model']}`", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(row.get(k)) for k in COLUMNS) + " |" for row in rows]
+    if report["loss_gaps"]:
+        lines += ["", "Loss gap (shuffled minus true answers; > 0 means the no-CoT output carries information):", "",
+                  "| test | loss true | loss shuffled | gap | 95% CI | n |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {g['loss_true']:.4f} | {g['loss_shuffled']:.4f} | {g['gap']:.4f} | "
+                  f"[{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}] | {g['n']} |" for t, g in report["loss_gaps"].items()]
+    atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_bytes(run_dir / "accuracy.png", accuracy_plot(report, title))
+
+
+def accuracy_plot(report: dict, title: str) -> bytes:
+    """CoT vs no-CoT accuracy with standard-error bars and the chance level, per two-hop test."""
+    pairs = [(t[:-len("_nocot")], t) for t in report["tests"] if t.endswith("_nocot")]
+    labels, nocot, cot, nocot_se, cot_se, chance = [], [], [], [], [], []
+    for stem, nocot_test in pairs:
+        cot_test = stem + "_cot"
+        n, c = report["tests"][nocot_test], report["tests"].get(cot_test, {})
+        labels.append(stem.split("/")[-1])
+        nocot.append(n["correct"]), nocot_se.append(n["correct_se"]), chance.append(n.get("chance", 0))
+        cot.append(c.get("chain_correct", c.get("correct", 0))), cot_se.append(c.get("chain_correct_se", 0))
+    figure, axis = plt.subplots(figsize=(max(4, 1.4 * len(labels) + 2), 3.5), dpi=100)
+    x = range(len(labels))
+    axis.bar([i - 0.2 for i in x], cot, 0.4, yerr=cot_se, label="CoT (answer stated in the chain)", color="#4c72b0")
+    axis.bar([i + 0.2 for i in x], nocot, 0.4, yerr=nocot_se, label="no-CoT", color="#dd8452")
+    for i, level in zip(x, chance):
+        axis.hlines(level, i - 0.45, i + 0.45, colors="black", linestyles="dashed", label="chance" if i == 0 else None)
+    axis.set_xticks(list(x), labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("accuracy")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

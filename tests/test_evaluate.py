@@ -1,0 +1,83 @@
+"""The evaluator: matching and grading on hand-made cases, then a real evaluation of a trained tiny model."""
+import csv
+import json
+import struct
+import tempfile
+import unittest
+from pathlib import Path
+
+from runner import evaluation
+from runner.errors import UserError
+from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset
+from runner.jobs.evaluate_twohop.report import write_reports
+from tests.fixtures.train_small import train_small
+
+
+class MatchingTest(unittest.TestCase):
+    def test_whole_words_after_normalisation(self):
+        self.assertTrue(evaluation.mentions("It was Oslo.", "Oslo"))
+        self.assertTrue(evaluation.mentions("born in SÃO PAULO!", "Sao Paulo"))
+        self.assertFalse(evaluation.mentions("Venice", "Nice"))
+        self.assertFalse(evaluation.mentions("1984", "198"))
+        self.assertTrue(evaluation.mentions("the USA", "United States", aliases=["USA"]))
+
+    def test_cot_grading_uses_the_chain_and_the_final_answer(self):
+        row = {"answer": "Oslo", "answer_intermediate": "Kate Hughes-Marsjanska"}
+        cities = ["Oslo", "Paris", "Lima"]
+        good = "Ju's spouse is Kate Hughes-Marsjanska. Kate Hughes-Marsjanska was born in Oslo. So the answer is Paris."
+        grades = evaluation.grade(row, good, "cot", cities)
+        self.assertEqual((grades["chain_correct"], grades["correct"], grades["first_hop"], grades["valid_cot"]),
+                         (True, False, True, True))
+        nocot = evaluation.grade(row, "Kate Hughes-Marsjanska, so Oslo", "nocot")
+        self.assertEqual((nocot["correct"], nocot["strict"], nocot["first_hop"]), (True, False, True))
+
+    def test_bootstrap_interval_brackets_the_mean(self):
+        low, high = bootstrap_interval([1.0] * 50 + [0.0] * 50, 2000)
+        self.assertLess(low, 0.5)
+        self.assertGreater(high, 0.5)
+        self.assertLess(high - low, 0.3)
+        self.assertEqual(bootstrap_interval([2.0] * 10, 100), (2.0, 2.0))
+
+
+class EvaluateTrainedModelTest(unittest.TestCase):
+    def test_results_tables_and_plot_agree(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            run = Path(tmp) / "train"
+            train_small(w, run, max_steps=4)
+            data = w / "experiments/generate_data/spouses/data"
+            out = Path(tmp) / "eval"
+            out.mkdir()
+            config = {**DEFAULTS, "max_rows": 20, "memorisation_rows": 10, "bootstrap": 200, "cot_max_new_tokens": 32}
+            import logging
+            report = evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
+            write_reports(report, out, "test")
+            results = json.loads((out / "results.json").read_text())
+            self.assertEqual(results["tests"]["test/2hop_nocot"]["n"], 14)
+            self.assertAlmostEqual(results["tests"]["test/2hop_nocot"]["chance"], 1 / 12)
+            self.assertIn("candidate_accuracy", results["tests"]["test/2hop_nocot"])
+            gap = results["loss_gaps"]["test/2hop_nocot"]
+            self.assertAlmostEqual(gap["gap"], gap["loss_shuffled"] - gap["loss_true"], delta=0.2)
+            self.assertLessEqual(gap["ci95"][0], gap["gap"])
+            self.assertGreaterEqual(gap["ci95"][1], gap["gap"])
+            for key in ("acc_a", "acc_b", "acc_2hop_nocot", "acc_2hop_cot", "acc_2hop_cot_chain", "loss_gap", "acc_a_train"):
+                self.assertIn(key, results["headline"])
+            predictions = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+            self.assertEqual(sum(p["test"] == "test/2hop_cot" for p in predictions), 14)
+            with open(out / "summary.csv") as f:
+                table = {row["test"]: row for row in csv.DictReader(f)}
+            for test, summary in results["tests"].items():
+                self.assertAlmostEqual(float(table[test]["correct"]), summary["correct"], places=4)
+                self.assertIn(f"| {test} |", (out / "summary.md").read_text())
+            png = (out / "accuracy.png").read_bytes()
+            self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+            width, height = struct.unpack(">II", png[16:24])
+            self.assertGreaterEqual((width, height), (400, 300))
+
+            config["nocot_max_new_tokens"] = 2000
+            with self.assertRaisesRegex(UserError, r"over the model's max length 1024"):
+                evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
+
+
+if __name__ == "__main__":
+    unittest.main()
