@@ -113,3 +113,25 @@ class FinetuneTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TwoRankTest(unittest.TestCase):
+    def test_two_ranks_on_cpu_see_disjoint_data_and_save_a_loadable_model(self):
+        from tests.fixtures.train_small import small_data
+        with tempfile.TemporaryDirectory() as tmp:
+            w, run = Path(tmp) / "w", Path(tmp) / "run"
+            small_data(w)  # made once, before the ranks start
+            ensure_model(resolve_model("tiny", w / "transformers"))
+            # The one launch form that really starts 2 ranks on CPU (gloo); see shared notes.
+            env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+            result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                     "--num_processes", "2", str(FIXTURE), str(w), str(run), "4"],
+                                    env=env, capture_output=True, text=True, timeout=600)
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            orders = [json.loads((run / f"data_order_rank{r}.json").read_text()) for r in (0, 1)]
+            self.assertEqual([o["world"] for o in orders], [2, 2])
+            rows = [set(o["rows_by_epoch"]["0"]) for o in orders]
+            self.assertTrue(rows[0] and rows[1])
+            self.assertFalse(rows[0] & rows[1], "ranks trained on overlapping rows")
+            model, _ = load_model(run / "model")
+            self.assertEqual(model.config.num_hidden_layers, 2)
