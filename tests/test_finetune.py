@@ -135,3 +135,22 @@ class TwoRankTest(unittest.TestCase):
             self.assertFalse(rows[0] & rows[1], "ranks trained on overlapping rows")
             model, _ = load_model(run / "model")
             self.assertEqual(model.config.num_hidden_layers, 2)
+
+
+class FinetuneConfigTest(unittest.TestCase):
+    def test_bad_training_values_fail_before_anything_runs(self):
+        import contextlib
+        import io
+        from runner.main import main
+        with tempfile.TemporaryDirectory() as tmp:
+            for setting, message in (("aux_loss_type=dot", "aux_loss_type 'dot'"),
+                                     ("layer_range=4-2", "layer_range '4-2'"),
+                                     ("train_fraction=1.5", "train_fraction 1.5"),
+                                     ("lr=fast", "lr=fast: expected a float")):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    code = main(["--workspace_path", tmp, "--jobs", "finetune_spouses", "--set", setting])
+                self.assertEqual(code, 2, setting)
+                self.assertIn(message, err.getvalue())
+                self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+            self.assertEqual(list((Path(tmp) / "experiments").iterdir()), [])

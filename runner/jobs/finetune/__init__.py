@@ -15,7 +15,7 @@ from runner.files import atomic_write_json
 from runner.records import read_records
 from runner.registry import Job, SubJob
 from runner.jobs.finetune import base
-from runner.jobs.finetune.experiment import TRAINING_DEFAULTS, load_experiment_yaml, resolve_files
+from runner.jobs.finetune.experiment import TRAINING_DEFAULTS, load_experiment_yaml, parse_layer_range, resolve_files
 from runner.jobs.generate_data import tables
 
 # Recipes. Reference: the paper's 8B runs. Tiny: what trains the embedded model in minutes on 2 cores.
@@ -124,6 +124,12 @@ def run_base(ctx) -> dict:
 def check_training_config(config: dict) -> None:
     if not 0 < config["train_fraction"] <= 1:
         raise UserError(f"train_fraction {config['train_fraction']}: must be in (0, 1]")
+    if config["aux_loss_type"] not in ("", "logit", "cosine"):
+        raise UserError(f"aux_loss_type {config['aux_loss_type']!r}: expected '', 'logit' or 'cosine'")
+    if config["aux_loss_type"] and config["packing"]:
+        raise UserError("aux_loss_type needs packing=false (the supervised position is per row)")
+    if config["layer_range"]:
+        parse_layer_range(config["layer_range"], num_layers=10**6)  # the layer count is checked at load time
 
 
 def spouses_defaults(variant, model):
