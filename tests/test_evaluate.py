@@ -6,7 +6,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from runner import evaluation
+from runner import evaluation, grading
 from runner.errors import UserError
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset
 from runner.jobs.evaluate_twohop.report import write_reports
@@ -15,20 +15,20 @@ from tests.fixtures.train_small import train_small
 
 class MatchingTest(unittest.TestCase):
     def test_whole_words_after_normalisation(self):
-        self.assertTrue(evaluation.mentions("It was Oslo.", "Oslo"))
-        self.assertTrue(evaluation.mentions("born in SÃO PAULO!", "Sao Paulo"))
-        self.assertFalse(evaluation.mentions("Venice", "Nice"))
-        self.assertFalse(evaluation.mentions("1984", "198"))
-        self.assertTrue(evaluation.mentions("the USA", "United States", aliases=["USA"]))
+        self.assertTrue(grading.mentions("It was Oslo.", "Oslo"))
+        self.assertTrue(grading.mentions("born in SÃO PAULO!", "Sao Paulo"))
+        self.assertFalse(grading.mentions("Venice", "Nice"))
+        self.assertFalse(grading.mentions("1984", "198"))
+        self.assertTrue(grading.mentions("the USA", "United States", aliases=["USA"]))
 
     def test_cot_grading_uses_the_chain_and_the_final_answer(self):
         row = {"answer": "Oslo", "answer_intermediate": "Kate Hughes-Marsjanska"}
         cities = ["Oslo", "Paris", "Lima"]
         good = "Ju's spouse is Kate Hughes-Marsjanska. Kate Hughes-Marsjanska was born in Oslo. So the answer is Paris."
-        grades = evaluation.grade(row, good, "cot", cities)
+        grades = grading.grade(row, good, "cot", cities)
         self.assertEqual((grades["chain_correct"], grades["correct"], grades["first_hop"], grades["valid_cot"]),
                          (True, False, True, True))
-        nocot = evaluation.grade(row, "Kate Hughes-Marsjanska, so Oslo", "nocot")
+        nocot = grading.grade(row, "Kate Hughes-Marsjanska, so Oslo", "nocot")
         self.assertEqual((nocot["correct"], nocot["strict"], nocot["first_hop"]), (True, False, True))
 
     def test_bootstrap_interval_brackets_the_mean(self):
@@ -51,7 +51,7 @@ class EvaluateTrainedModelTest(unittest.TestCase):
             config = {**DEFAULTS, "max_rows": 20, "memorisation_rows": 10, "bootstrap": 200, "cot_max_new_tokens": 32}
             import logging
             report = evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
-            write_reports(report, out, "test")
+            write_reports(report, out, "test", run / "metrics.jsonl")
             results = json.loads((out / "results.json").read_text())
             self.assertEqual(results["tests"]["test/2hop_nocot"]["n"], 14)
             self.assertAlmostEqual(results["tests"]["test/2hop_nocot"]["chance"], 1 / 12)
@@ -69,10 +69,11 @@ class EvaluateTrainedModelTest(unittest.TestCase):
             for test, summary in results["tests"].items():
                 self.assertAlmostEqual(float(table[test]["correct"]), summary["correct"], places=4)
                 self.assertIn(f"| {test} |", (out / "summary.md").read_text())
-            png = (out / "accuracy.png").read_bytes()
-            self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
-            width, height = struct.unpack(">II", png[16:24])
-            self.assertGreaterEqual((width, height), (400, 300))
+            for plot in ("accuracy.png", "loss_over_training.png"):
+                png = (out / plot).read_bytes()
+                self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n", plot)
+                width, height = struct.unpack(">II", png[16:24])
+                self.assertGreaterEqual((width, height), (400, 300), plot)
 
             config["nocot_max_new_tokens"] = 2000
             with self.assertRaisesRegex(UserError, r"over the model's max length 1024"):
@@ -81,3 +82,40 @@ class EvaluateTrainedModelTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LmEvalInteropTest(unittest.TestCase):
+    """Our evaluator and lm-eval (in process and its own CLI) agree on the same model and data."""
+
+    def test_both_back_ends_and_the_cli_agree(self):
+        import logging
+        import subprocess
+        import sys
+        with tempfile.TemporaryDirectory() as tmp:
+            w, run = Path(tmp) / "w", Path(tmp) / "train"
+            train_small(w, run, max_steps=30, lr=5e-3)
+            data = w / "experiments/generate_data/spouses/data"
+            config = {**DEFAULTS, "max_rows": 12, "memorisation_rows": 6, "bootstrap": 50, "cot_max_new_tokens": 32}
+            reports = {}
+            for backend in ("ours", "lm_eval"):
+                out = Path(tmp) / backend
+                out.mkdir()
+                reports[backend] = evaluate_dataset(run / "model", data, {**config, "backend": backend},
+                                                    logging.getLogger("test"), out)
+                reports[backend]["predictions"] = (out / "predictions.jsonl").read_text()
+            self.assertEqual(reports["ours"]["predictions"], reports["lm_eval"]["predictions"])
+            for test, summary in reports["lm_eval"]["tests"].items():
+                self.assertAlmostEqual(summary["lm_eval"]["correct"], summary["correct"], places=6, msg=test)
+                self.assertEqual(summary["correct"], reports["ours"]["tests"][test]["correct"])
+
+            # The exported folder works by itself: lm_eval's CLI, no project code on the path.
+            tasks = Path(tmp) / "ours" / "lm_eval_tasks"
+            task = reports["ours"]["tests"]["test/2hop_nocot"]["lm_eval_task"]
+            result = subprocess.run(
+                [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={run / 'model'}",
+                 "--device", "cpu", "--include_path", str(tasks), "--tasks", task, "--output_path", str(Path(tmp) / "cli")],
+                cwd=tmp, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": tmp})
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            saved = json.loads(next((Path(tmp) / "cli").rglob("results_*.json")).read_text())
+            self.assertAlmostEqual(saved["results"][task]["correct,none"],
+                                   reports["ours"]["tests"]["test/2hop_nocot"]["correct"], places=6)

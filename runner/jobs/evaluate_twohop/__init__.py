@@ -2,20 +2,22 @@
 
 `evaluate_twohop_<x>` mirrors `finetune_<x>` (generated from the finetune registry) and requires
 it: it loads `<finetune run>/model` and evaluates every test the dataset's card lists. Outputs:
-results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png.
+results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png,
+loss_over_training.png (true vs shuffled loss from the finetune run's metrics) and lm_eval_tasks/ (every
+evaluated test as an lm-eval task; `--set backend=lm_eval` generates through lm-eval itself).
 """
 from functools import partial
 
 from runner.registry import Job, SubJob
 from runner.jobs import finetune
-from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, evaluate_dataset
+from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, check_config, evaluate_dataset
 from runner.jobs.evaluate_twohop.report import write_reports
 
 
 def run(ctx, trained_by: str, data_job: str) -> dict:
     report = evaluate_dataset(ctx.input(trained_by) / "model", ctx.input(data_job) / "data", ctx.config, ctx.log,
                               ctx.run_dir)
-    write_reports(report, ctx.run_dir, f"{ctx.run.label}")
+    write_reports(report, ctx.run_dir, ctx.run.label, ctx.input(trained_by) / "metrics.jsonl")
     return report["headline"]
 
 
@@ -23,7 +25,7 @@ def mirror(subjob) -> SubJob:
     data_job = next(r for r in subjob.requires if r.startswith("generate_data_"))
     return SubJob("evaluate_twohop", subjob.name, f"evaluate {subjob.full_name}'s model on its tests",
                   partial(run, trained_by=subjob.full_name, data_job=data_job), DEFAULTS,
-                  requires=(subjob.full_name, data_job), uses_model=True, seeded=True)
+                  requires=(subjob.full_name, data_job), uses_model=True, seeded=True, check=check_config)
 
 
 JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",

@@ -13,10 +13,11 @@ import random
 import numpy as np
 
 from models import load_model
-from runner import evaluation
+from runner import evaluation, grading
 from runner.errors import UserError
 from runner.files import atomic_open, atomic_write_json
 from runner.records import read_records
+from runner.jobs.evaluate_twohop import lm_eval_tasks
 from runner.jobs.finetune.trainer import encode_rows, row_losses
 
 DEFAULTS = {
@@ -29,7 +30,13 @@ DEFAULTS = {
     "bootstrap": 1000,
     "fewshot_k": 0,  # k examples from the dataset's few-shot files as earlier turns
     "skip_tests": ["in_context"],  # name fragments evaluated elsewhere (the in_context job)
+    "backend": "ours",  # ours | lm_eval (the same generations through lm_eval.simple_evaluate)
 }
+
+
+def check_config(config: dict) -> None:
+    if config["backend"] not in ("ours", "lm_eval"):
+        raise UserError(f"backend {config['backend']!r}: expected 'ours' or 'lm_eval'")
 
 
 def style_of(test: str) -> str:
@@ -73,16 +80,18 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
     if not tests:
         raise UserError(f"{data_dir / 'card.json'} lists no tests to evaluate")
     memorisation = [name for name in card["files"] if name.startswith("train/") and name.split("/")[1][:2] in ("a_", "b_")]
-    results, predictions = {}, []
     rng = random.Random(0)
+    planned = []  # (test, rows, prompts, style, candidates, max_new_tokens)
     for test in list(tests) + memorisation:
+        if test.endswith("_shuffled"):
+            continue  # scored below, against its true counterpart
         rows = read_records(data_dir / f"{test}.jsonl", required=("messages", "answer"))
+        if not rows:
+            raise UserError(f"{data_dir / test}.jsonl is empty; regenerate it with its generate_data sub-job")
         if test in memorisation:
             rows = rng.sample(rows, min(config["memorisation_rows"], len(rows)))
         elif config["max_rows"]:
             rows = rows[:config["max_rows"]]
-        if test.endswith("_shuffled"):
-            continue  # scored below, against its true counterpart
         style = style_of(test)
         shots = []
         if config["fewshot_k"] and (data_dir / f"fewshot/2hop_{style}.jsonl").is_file() and "2hop" in test:
@@ -91,14 +100,29 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
         new_tokens = config[f"{style}_max_new_tokens"]
         check_fits(tokenizer, model, prompts, test, new_tokens)
         candidates = card["candidate_sets"][tests[test]["candidate_set"]] if test in tests else []
-        log.info("evaluating %s: %d rows (%s)", test, len(rows), style)
-        generations = evaluation.generate(model, tokenizer, prompts, new_tokens, config["batch_size"])
-        grades = [evaluation.grade(r, g, style, candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
-        summary = {"n": len(rows), "style": style}
+        planned.append((test, rows, prompts, style, candidates, new_tokens))
+
+    task_names = lm_eval_tasks.export_tasks(card["dataset"], planned, run_dir / "lm_eval_tasks")
+    if config["backend"] == "lm_eval":
+        log.info("generating through lm_eval.simple_evaluate (%d tasks)", len(task_names))
+        generations, lm_eval_metrics = lm_eval_tasks.generate(model, tokenizer, run_dir / "lm_eval_tasks", task_names,
+                                                              config["batch_size"])
+    else:
+        generations, lm_eval_metrics = {}, {}
+        for test, rows, prompts, style, _, new_tokens in planned:
+            log.info("evaluating %s: %d rows (%s)", test, len(rows), style)
+            generations[test] = evaluation.generate(model, tokenizer, prompts, new_tokens, config["batch_size"])
+
+    results, predictions = {}, []
+    for test, rows, prompts, style, candidates, _ in planned:
+        grades = [grading.grade(r, g, style, candidates, r.get("aliases", ())) for r, g in zip(rows, generations[test])]
+        summary = {"n": len(rows), "style": style, "lm_eval_task": task_names[test]}
         for key in grades[0]:
             p = sum(g[key] for g in grades) / len(grades)
             summary[key] = p
             summary[f"{key}_se"] = standard_error(p, len(grades))
+        if test in lm_eval_metrics:
+            summary["lm_eval"] = lm_eval_metrics[test]
         ranked = None
         if candidates and style == "nocot" and len(candidates) <= config["max_candidates"]:
             scores = evaluation.score_candidates(model, tokenizer, prompts, candidates)
@@ -110,7 +134,7 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
             summary["chance"] = 1 / len(candidates)
             summary["candidates"] = len(candidates)
         results[test] = summary
-        for i, (row, generation, grade) in enumerate(zip(rows, generations, grades)):
+        for i, (row, generation, grade) in enumerate(zip(rows, generations[test], grades)):
             predictions.append({"test": test, "row": i, "question": row.get("question", ""), "answer": row["answer"],
                                 "bridge": row.get("answer_intermediate", ""), "generation": generation, **grade,
                                 **({"candidate_prediction": candidates[ranked[i]]} if ranked else {})})

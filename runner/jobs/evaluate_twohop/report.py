@@ -1,6 +1,7 @@
 """summary.md, summary.csv and plots for one evaluation run (numbers read from results.json)."""
 import csv
 import io
+import json
 
 import matplotlib
 
@@ -17,7 +18,8 @@ def fmt(value) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_reports(report: dict, run_dir, title: str) -> None:
+def write_reports(report: dict, run_dir, title: str, training_metrics=None) -> None:
+    """summary.csv, summary.md, accuracy.png and, given the finetune run's metrics.jsonl, loss_over_training.png."""
     rows = [{"test": test, **summary} for test, summary in report["tests"].items()]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -35,6 +37,35 @@ def write_reports(report: dict, run_dir, title: str) -> None:
                   f"[{g['ci95'][0]:.4f}, {g['ci95'][1]:.4f}] | {g['n']} |" for t, g in report["loss_gaps"].items()]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_bytes(run_dir / "accuracy.png", accuracy_plot(report, title))
+    if training_metrics and training_metrics.is_file():
+        evals = [json.loads(line) for line in training_metrics.read_text().splitlines() if '"eval"' in line]
+        if any(key.endswith("_shuffled/loss") for entry in evals for key in entry):
+            atomic_write_bytes(run_dir / "loss_over_training.png", loss_plot(evals, title))
+
+
+def png(figure) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def loss_plot(evals: list, title: str) -> bytes:
+    """Loss on true vs shuffled answers at each evaluation during fine-tuning (the gap's history)."""
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in sorted({k for entry in evals for k in entry if k.endswith("_shuffled/loss")}):
+        true_key = key.replace("_shuffled/loss", "/loss")
+        points = [(e["step"], e[true_key], e[key]) for e in evals if key in e and true_key in e]
+        steps, true, shuffled = zip(*points)
+        name = true_key[:-len("/loss")]
+        axis.plot(steps, true, marker="o", label=f"{name}: true answers")
+        axis.plot(steps, shuffled, marker="x", linestyle="--", label=f"{name}: shuffled answers")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss per answer token")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    return png(figure)
 
 
 def accuracy_plot(report: dict, title: str) -> bytes:
@@ -58,8 +89,4 @@ def accuracy_plot(report: dict, title: str) -> bytes:
     axis.set_ylabel("accuracy")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return png(figure)
