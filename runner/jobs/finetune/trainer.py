@@ -230,7 +230,7 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
             elapsed = max(time.time() - started, 1e-9)
             rate = (position["tokens"] - tokens_at_start) / elapsed
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_window[-1]:.3f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss_window[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
             step = position["step"]
             if metrics and (step % config["log_every_steps"] == 0 or step == total_steps):
                 entry = {"step": step, "event": "train", "loss": sum(loss_window) / len(loss_window),
