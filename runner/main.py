@@ -50,7 +50,9 @@ def parse_args(argv):
                         help="seeds for seeded sub-jobs; each seed is its own run (default: 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config key of the planned sub-jobs (typed like its default; "
-                             "nested keys with dots); repeatable")
+                             "nested keys with dots); KEY applies to every planned sub-job that has it, "
+                             "<job>.KEY or <sub-job>.KEY (e.g. finetune_spouses.epochs=8) to that one only; "
+                             "repeatable")
     args = parser.parse_args(argv)
     if not args.list and (args.workspace_path is None or not args.jobs):
         parser.error("--workspace_path and --jobs are required (or use --list)")

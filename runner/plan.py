@@ -127,13 +127,31 @@ def resolve_config(defaults: dict, overrides: dict) -> dict:
     return config
 
 
-def check_overrides_apply(overrides: dict, planned) -> None:
-    valid = sorted({k for p in planned for k in config_keys(p.config)})
+def scoped_overrides(overrides: dict, run: Run, scopes) -> dict:
+    """The overrides that apply to `run`: plain keys, and `<job or sub-job>.key` naming its job or itself
+    (e.g. `--set finetune_spouses.epochs=8` leaves `finetune_base` alone)."""
+    applicable = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest and head in scopes:
+            if head in (run.subjob.job, run.subjob.full_name):
+                applicable[rest] = value
+        else:
+            applicable[key] = value
+    return applicable
+
+
+def check_overrides_apply(overrides: dict, planned, scopes) -> None:
     for key in overrides:
-        if key not in valid:
-            names = ", ".join(p.run.label for p in planned)
+        head, _, rest = key.partition(".")
+        scope = head if rest and head in scopes else None
+        targets = [p for p in planned if scope in (None, p.run.subjob.job, p.run.subjob.full_name)]
+        wanted = rest if scope else key
+        valid = sorted({k for p in targets for k in config_keys(p.config)})
+        if wanted not in valid:
+            names = ", ".join(p.run.label for p in targets) or f"no run of {scope}"
             raise UserError(
-                f"--set {key}: no sub-job in this plan ({names}) has a config key {key!r}; "
+                f"--set {key}: no sub-job in this plan ({names}) has a config key {wanted!r}; "
                 f"valid keys: {', '.join(valid) or '(none)'}"
             )
 
@@ -153,6 +171,7 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
     def prerequisites_of(run):
         return [instance(registry.subjobs[r], run.seed) for r in run.subjob.requires]
 
+    scopes = {*registry.jobs, *registry.subjobs}
     wanted = [instance(s, seed) for s in requested for seed in (seeds if s.seeded else [None])]
     ordered, seen = [], set()
 
@@ -163,12 +182,12 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
         if with_prerequisites:
             for req in prerequisites_of(run):
                 visit(req, req in wanted)
-        config = resolve_config(defaults_for(run.subjob, run.model), overrides)
+        config = resolve_config(defaults_for(run.subjob, run.model), scoped_overrides(overrides, run, scopes))
         ordered.append(PlannedRun(run, config, is_requested, prerequisites_of(run)))
 
     for run in wanted:
         visit(run, True)
-    check_overrides_apply(overrides, ordered)
+    check_overrides_apply(overrides, ordered, scopes)
     for planned in ordered:
         if planned.run.subjob.check is not None:
             try:

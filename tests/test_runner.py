@@ -168,6 +168,19 @@ class RunnerTest(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("repeat=many: expected a int", err)
 
+    def test_set_scoped_to_a_job_or_sub_job(self):
+        code = self.cli("--jobs", "alpha_make", "alpha_slow", "--set", "alpha_make.repeat=5", "--set", "alpha_slow.chunks=3")[0]
+        self.assertEqual(code, 0)
+        config = lambda name: json.loads((self.exp / "alpha" / name / "config.json").read_text())["config"]
+        self.assertEqual((config("make")["repeat"], config("slow")["chunks"]), (5, 3))
+        self.assertEqual(self.cli("--jobs", "alpha_make", "--set", "alpha.repeat=6")[0], 0)
+        self.assertEqual(config("make")["repeat"], 6)
+
+        code, _, err = self.cli("--jobs", "alpha_make", "alpha_slow", "--set", "alpha_slow.repeat=2")
+        self.assertEqual(code, 2)
+        self.assertIn("(alpha_slow) has a config key 'repeat'", err)
+        self.assertIn("valid keys: chunks, sleep_s", err)
+
     def test_no_deps_with_missing_input_names_the_producer(self):
         code, _, err = self.cli("--jobs", "beta_use", "--no_deps")
         self.assertEqual(code, 2)
