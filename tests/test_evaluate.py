@@ -9,7 +9,7 @@ from pathlib import Path
 from runner import evaluation, grading
 from runner.errors import UserError
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset
-from runner.jobs.evaluate_twohop.report import write_reports
+from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary
 from tests.fixtures.train_small import train_small
 
 
@@ -37,6 +37,22 @@ class MatchingTest(unittest.TestCase):
         self.assertGreater(high, 0.5)
         self.assertLess(high - low, 0.3)
         self.assertEqual(bootstrap_interval([2.0] * 10, 100), (2.0, 2.0))
+
+
+class SeedSummaryTest(unittest.TestCase):
+    def test_mean_and_standard_error_over_finished_seeds(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / "tiny-h128-l2"
+            for seed, (acc, state) in enumerate([(0.2, "done"), (0.4, "done"), (0.9, "failed")], start=1):
+                run = model_dir / f"seed_{seed}"
+                run.mkdir(parents=True)
+                (run / "results.json").write_text(json.dumps({"headline": {"acc_2hop_cot": acc}}))
+                (run / "status.json").write_text(json.dumps({"state": state}))
+            summary = write_seed_summary(model_dir)["acc_2hop_cot"]
+            self.assertAlmostEqual(summary["mean"], 0.3)
+            self.assertAlmostEqual(summary["se"], 0.1)  # sample s.d. 0.1414 / sqrt(2)
+            self.assertEqual(summary["n_seeds"], 2)
+            self.assertIn("| acc_2hop_cot | 0.3000 | 0.1000 | 2 |", (model_dir / "seeds_summary.md").read_text())
 
 
 class EvaluateTrainedModelTest(unittest.TestCase):

@@ -4,20 +4,22 @@
 it: it loads `<finetune run>/model` and evaluates every test the dataset's card lists. Outputs:
 results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png,
 loss_over_training.png (true vs shuffled loss from the finetune run's metrics) and lm_eval_tasks/ (every
-evaluated test as an lm-eval task; `--set backend=lm_eval` generates through lm-eval itself).
+evaluated test as an lm-eval task; `--set backend=lm_eval` generates through lm-eval itself); next to
+the seed folders, seeds_summary.{json,md}: every headline metric as mean +- s.e. over seeds.
 """
 from functools import partial
 
 from runner.registry import Job, SubJob
 from runner.jobs import finetune
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, check_config, evaluate_dataset
-from runner.jobs.evaluate_twohop.report import write_reports
+from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary
 
 
 def run(ctx, trained_by: str, data_job: str) -> dict:
     report = evaluate_dataset(ctx.input(trained_by) / "model", ctx.input(data_job) / "data", ctx.config, ctx.log,
                               ctx.run_dir)
     write_reports(report, ctx.run_dir, ctx.run.label, ctx.input(trained_by) / "metrics.jsonl")
+    write_seed_summary(ctx.run_dir.parent)  # mean +- s.e. over the seeds finished so far
     return report["headline"]
 
 

@@ -90,3 +90,29 @@ def accuracy_plot(report: dict, title: str) -> bytes:
     axis.set_title(title)
     axis.legend(fontsize=8)
     return png(figure)
+
+
+def write_seed_summary(model_dir) -> dict:
+    """Headline metrics over every finished seed of one (sub-job, model): mean and standard error.
+
+    Each seed's run rewrites `seeds_summary.{json,md}` next to the `seed_*` folders, so after the
+    last seed finishes it covers them all.
+    """
+    per_seed = {}
+    for results in sorted(model_dir.glob("seed_*/results.json")):
+        status = results.parent / "status.json"
+        if status.is_file() and json.loads(status.read_text()).get("state") in ("done", "running"):
+            per_seed[results.parent.name] = json.loads(results.read_text())["headline"]
+    metrics = sorted({k for headline in per_seed.values() for k in headline})
+    summary = {}
+    for metric in metrics:
+        values = [h[metric] for h in per_seed.values() if metric in h]
+        mean = sum(values) / len(values)
+        se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5 if len(values) > 1 else None
+        summary[metric] = {"mean": mean, "se": se, "n_seeds": len(values), "values": values}
+    atomic_write_text(model_dir / "seeds_summary.json", json.dumps({"seeds": sorted(per_seed), "metrics": summary}, indent=2))
+    lines = [f"# {model_dir.parent.name} [{model_dir.name}]: mean +- s.e. over seeds {', '.join(sorted(per_seed))}", "",
+             "| metric | mean | s.e. | seeds |", "|---|---|---|---|"]
+    lines += [f"| {m} | {s['mean']:.4f} | {fmt(s['se'])} | {s['n_seeds']} |" for m, s in summary.items()]
+    atomic_write_text(model_dir / "seeds_summary.md", "\n".join(lines) + "\n")
+    return summary
