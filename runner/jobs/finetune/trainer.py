@@ -194,7 +194,7 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
         run_evals(0)
     bar = tqdm(total=total_steps, initial=position["step"], disable=not accelerator.is_local_main_process,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-    started, tokens_at_start, loss_window, last_loss = time.time(), position["tokens"], [], None
+    started, tokens_at_start, loss_window, aux_window, last_loss = time.time(), position["tokens"], [], [], None
     rows_seen = {}  # epoch -> rows this rank trained on (a record of the data split across ranks)
     last_eval_step = position["step"] if resume_from else 0
     done = position["step"] >= total_steps
@@ -214,6 +214,7 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
             if with_aux:
                 aux = auxiliary_loss(unwrapped, outputs.hidden_states, batch, config)
                 loss = loss + config["aux_loss_coef"] * aux
+                aux_window.append(aux.item())
             accelerator.backward(loss / accumulation)
             last_loss = outputs.loss.item()
             loss_window.append(last_loss)
@@ -235,11 +236,11 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
             if metrics and (step % config["log_every_steps"] == 0 or step == total_steps):
                 entry = {"step": step, "event": "train", "loss": sum(loss_window) / len(loss_window),
                          "lr": scheduler.get_last_lr()[0], "epoch": position["epoch"], "tokens": position["tokens"],
-                         "tokens_per_s": rate}
+                         "tokens_per_s": rate, **({"aux_loss": sum(aux_window) / len(aux_window)} if aux_window else {})}
                 metrics.write(entry)
                 if wandb:
                     wandb.log(entry, step=step)
-                loss_window = []
+                loss_window, aux_window = [], []
             if config["eval_every_steps"] and step % config["eval_every_steps"] == 0:
                 run_evals(step)
                 last_eval_step = step

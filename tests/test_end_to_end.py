@@ -1,0 +1,48 @@
+"""Slow end to end: the runner chains data, the tiny model's pretraining, fine-tuning variants and
+evaluation on a small world, with real training (few steps). Runs in CI; skip locally with
+TWOHOP_SKIP_SLOW=1."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+from tests.test_generate_data import SMALL_WORLD
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW_STEPS = ["--set", "finetune.max_steps=6", "--set", "finetune.eval_subsample=16",
+             "--set", "finetune_base.base_people=20", "--set", "finetune_base.copy_rows=50",
+             "--set", "finetune_base.in_context_per_round=10", "--set", "evaluate_twohop.max_rows=8",
+             "--set", "evaluate_twohop.memorisation_rows=4", "--set", "evaluate_twohop.bootstrap=50"]
+
+
+@unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
+class EndToEndTest(unittest.TestCase):
+    def test_study_variants_train_and_evaluate_through_the_runner(self):
+        jobs = ["finetune_spouses", "evaluate_twohop_spouses", "finetune_aux_logit", "finetune_aux_cosine",
+                "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities"]
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            result = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
+                                     *SMALL_WORLD, *FEW_STEPS], cwd=ROOT, capture_output=True, text=True)
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            exp = w / "experiments"
+            for name in ("spouses", "aux_logit", "aux_cosine", "samedoc", "universities"):
+                run = exp / "finetune" / name / "tiny-h128-l2" / "seed_1"
+                self.assertEqual(json.loads((run / "status.json").read_text())["state"], "done", name)
+                self.assertTrue((run / "model" / "model.safetensors").is_file(), name)
+            for variant in ("aux_logit", "aux_cosine"):
+                lines = (exp / "finetune" / variant / "tiny-h128-l2/seed_1/metrics.jsonl").read_text().splitlines()
+                aux = [json.loads(l)["aux_loss"] for l in lines if '"aux_loss"' in l]
+                self.assertTrue(aux and all(v > 0 for v in aux), variant)
+            for name in ("spouses", "universities"):
+                results = json.loads((exp / "evaluate_twohop" / name / "tiny-h128-l2/seed_1/results.json").read_text())
+                self.assertTrue(results["headline"], name)
+                self.assertTrue((exp / "evaluate_twohop" / name / "tiny-h128-l2/seeds_summary.md").is_file())
+            # A second invocation finds everything done and skips it.
+            again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
+                                    *SMALL_WORLD, *FEW_STEPS], cwd=ROOT, capture_output=True, text=True)
+            self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+            self.assertNotIn(" done ", again.stderr.split("summary:")[-1])
