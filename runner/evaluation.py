@@ -1,11 +1,28 @@
 """The evaluator core: batched generation and candidate-set scoring (grading is in `grading`).
 
 Generation is batched greedy decoding with left padding and stops at the end of the assistant
-turn; candidate scoring ranks every candidate answer by its log-likelihood as the reply.
+turn; candidate scoring ranks every candidate answer by its log-likelihood as the reply. Under
+several processes (`accelerate launch`), `sharded` gives each rank its own share of the prompts.
 """
 import torch
 import torch.nn.functional as F
 
+
+
+def sharded(function, items: list) -> list:
+    """`function(items) -> list` (one result per item), with each rank of a multi-process launch
+    computing an interleaved share; every rank gets the full list back, in order."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        return function(items)
+    world, rank = state.num_processes, state.process_index
+    parts = gather_object([function(items[rank::world])])
+    out = [None] * len(items)
+    for part_rank, part in enumerate(parts):
+        out[part_rank::world] = part
+    return out
 
 
 def prompt_text(tokenizer, messages) -> str:

@@ -9,7 +9,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from tests.test_generate_data import SMALL_WORLD
+from tests.fixtures.train_small import SMALL_WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEPS = ["--set", "finetune.max_steps=6", "--set", "finetune.eval_subsample=16",

@@ -135,3 +135,28 @@ class LmEvalInteropTest(unittest.TestCase):
             saved = json.loads(next((Path(tmp) / "cli").rglob("results_*.json")).read_text())
             self.assertAlmostEqual(saved["results"][task]["correct,none"],
                                    reports["ours"]["tests"]["test/2hop_nocot"]["correct"], places=6)
+
+
+class TwoRankEvaluationTest(unittest.TestCase):
+    def test_two_ranks_split_the_work_and_match_one_process(self):
+        import os
+        import subprocess
+        import sys
+        fixture = Path(__file__).parent / "fixtures" / "evaluate_ranks.py"
+        with tempfile.TemporaryDirectory() as tmp:
+            w, run = Path(tmp) / "w", Path(tmp) / "train"
+            train_small(w, run, max_steps=30, lr=5e-3)
+            data = w / "experiments/generate_data/spouses/data"
+            outputs = {}
+            for ranks in (1, 2):
+                out = Path(tmp) / f"ranks_{ranks}"
+                # The one launch form that really starts 2 ranks on CPU (gloo); see shared notes.
+                launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+                command = (launch if ranks == 2 else [sys.executable]) + [str(fixture), str(run / "model"), str(data), str(out)]
+                env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+                result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+                self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+                outputs[ranks] = (json.loads((out / "results.json").read_text()), (out / "predictions.jsonl").read_text())
+            self.assertEqual((outputs[1][0]["ranks"], outputs[2][0]["ranks"]), (1, 2))
+            self.assertEqual(outputs[1][1], outputs[2][1], "predictions differ between 1 and 2 ranks")
+            self.assertEqual(outputs[1][0]["tests"], outputs[2][0]["tests"])

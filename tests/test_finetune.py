@@ -111,9 +111,6 @@ class FinetuneTest(unittest.TestCase):
         self.assertFalse((resumed / "checkpoints").exists() and list((resumed / "checkpoints").iterdir()))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class TwoRankTest(unittest.TestCase):
     def test_two_ranks_on_cpu_see_disjoint_data_and_save_a_loadable_model(self):
@@ -154,3 +151,7 @@ class FinetuneConfigTest(unittest.TestCase):
                 self.assertIn(message, err.getvalue())
                 self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
             self.assertEqual(list((Path(tmp) / "experiments").iterdir()), [])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -12,10 +12,8 @@ from runner.main import main
 from runner.records import read_records
 from runner.jobs.generate_data import tables
 from runner.jobs.generate_data.real_facts import project_chains
+from tests.fixtures.train_small import SMALL_WORLD
 
-SMALL_WORLD = ["--set", "n_triplets=40", "--set", "n_cities=12", "--set", "n_templates=8",
-               "--set", "heldout_templates=2", "--set", "atomic_paraphrases=3", "--set", "two_hop_paraphrases=2",
-               "--set", "n_shuffled=4", "--set", "n_fewshot=4", "--set", "n_distractor_triplets=5"]
 
 
 def generate(workspace, *argv):

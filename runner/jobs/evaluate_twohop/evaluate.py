@@ -11,6 +11,8 @@ import math
 import random
 
 import numpy as np
+import torch
+from accelerate import PartialState
 
 from models import load_model
 from runner import evaluation, grading
@@ -102,8 +104,13 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
         candidates = card["candidate_sets"][tests[test]["candidate_set"]] if test in tests else []
         planned.append((test, rows, prompts, style, candidates, new_tokens))
 
-    task_names = lm_eval_tasks.export_tasks(card["dataset"], planned, run_dir / "lm_eval_tasks")
+    ranks = PartialState(cpu=not torch.cuda.is_available())  # under `accelerate launch`, each rank evaluates its share; rank 0 writes
+    task_names = {test: lm_eval_tasks.task_name(card["dataset"], test) for test, *_ in planned}
+    if ranks.is_main_process:
+        lm_eval_tasks.export_tasks(card["dataset"], planned, run_dir / "lm_eval_tasks")
     if config["backend"] == "lm_eval":
+        if ranks.num_processes > 1:
+            raise UserError("backend=lm_eval runs in one process; launch without accelerate or use backend=ours")
         log.info("generating through lm_eval.simple_evaluate (%d tasks)", len(task_names))
         generations, lm_eval_metrics = lm_eval_tasks.generate(model, tokenizer, run_dir / "lm_eval_tasks", task_names,
                                                               config["batch_size"])
@@ -111,7 +118,8 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
         generations, lm_eval_metrics = {}, {}
         for test, rows, prompts, style, _, new_tokens in planned:
             log.info("evaluating %s: %d rows (%s)", test, len(rows), style)
-            generations[test] = evaluation.generate(model, tokenizer, prompts, new_tokens, config["batch_size"])
+            generations[test] = evaluation.sharded(
+                lambda share: evaluation.generate(model, tokenizer, share, new_tokens, config["batch_size"]), prompts)
 
     results, predictions = {}, []
     for test, rows, prompts, style, candidates, _ in planned:
@@ -125,8 +133,8 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
             summary["lm_eval"] = lm_eval_metrics[test]
         ranked = None
         if candidates and style == "nocot" and len(candidates) <= config["max_candidates"]:
-            scores = evaluation.score_candidates(model, tokenizer, prompts, candidates)
-            ranked = scores.argmax(1).tolist()
+            ranked = evaluation.sharded(
+                lambda share: evaluation.score_candidates(model, tokenizer, share, candidates).argmax(1).tolist(), prompts)
             hits = [candidates[k] == r["answer"] for k, r in zip(ranked, rows)]
             summary["candidate_accuracy"] = sum(hits) / len(hits)
             summary["candidate_accuracy_se"] = standard_error(summary["candidate_accuracy"], len(hits))
@@ -156,12 +164,13 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
         loss_gaps[test[:-len("_shuffled")]] = {"loss_true": float(np.mean(true_loss)),
                                                "loss_shuffled": float(np.mean(shuffled_loss)),
                                                "gap": float(np.mean(gaps)), "ci95": [low, high], "n": len(gaps)}
-    with atomic_open(run_dir / "predictions.jsonl") as f:
-        for entry in predictions:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    report = {"dataset": card["dataset"], "model": str(model_path), "tests": results, "loss_gaps": loss_gaps,
-              "headline": headline(card["dataset"], results, loss_gaps)}
-    atomic_write_json(run_dir / "results.json", report)
+    report = {"dataset": card["dataset"], "model": str(model_path), "ranks": ranks.num_processes, "tests": results,
+              "loss_gaps": loss_gaps, "headline": headline(card["dataset"], results, loss_gaps)}
+    if ranks.is_main_process:
+        with atomic_open(run_dir / "predictions.jsonl") as f:
+            for entry in predictions:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        atomic_write_json(run_dir / "results.json", report)
     return report
 
 

@@ -25,13 +25,12 @@ def task_name(dataset: str, test: str) -> str:
     return f"twohop_{dataset}_{test.replace('/', '_')}"
 
 
-def export_tasks(dataset: str, tests: list, folder: Path) -> dict:
+def export_tasks(dataset: str, tests: list, folder: Path) -> None:
     """Write one task per test; `tests` holds (test, rows, prompts, style, candidates, max_new_tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grading.__file__, folder / f"{GRADER_MODULE}.py")
-    names = {}
     for test, rows, prompts, style, candidates, max_new_tokens in tests:
-        name = names[test] = task_name(dataset, test)
+        name = task_name(dataset, test)
         data_file = (folder / f"{name}.jsonl").resolve()
         with atomic_open(data_file) as f:
             for row, prompt in zip(rows, prompts):
@@ -55,7 +54,6 @@ def export_tasks(dataset: str, tests: list, folder: Path) -> dict:
         # `!function` is a YAML tag lm-eval resolves; safe_dump would quote it as a string.
         text = text.replace(f"'!function {GRADER_MODULE}.process_results'", f"!function {GRADER_MODULE}.process_results")
         atomic_write_text(folder / f"{name}.yaml", text)
-    return names
 
 
 def generate(model, tokenizer, folder: Path, names: dict, batch_size: int) -> tuple:

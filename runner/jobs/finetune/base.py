@@ -8,7 +8,7 @@ population disjoint from every experiment's (its people take their last names fr
   questions, with two-hop questions answered with and without a chain of thought;
 - reading facts in the prompt: the facts given in context, then a one- or two-hop question;
 - same-document facts: both facts of a person in one document;
-- copying names from the prompt ("List: ... Repeat the list.").
+- copying names from the prompt ("List: ... Repeat the list."), over every name part and city.
 """
 import random
 
@@ -20,10 +20,19 @@ from runner.jobs.generate_data.spouses import fact_sentences, in_context_rows
 COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
 
 
+def base_last_parts() -> list:
+    return tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
+
+
+def random_name(rng: random.Random, words) -> str:
+    """A name-shaped string: 'A B-C' or 'A B' from random words."""
+    first, second, third = rng.sample(words, 3)
+    return f"{first} {second}-{third}" if rng.random() < 0.7 else f"{first} {second}"
+
+
 def base_people(rng: random.Random, count: int) -> list:
     first_names, _ = tables.names()
-    reserved = tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
-    people = fictional_people(rng, 2 * count, first_names, reserved)
+    people = fictional_people(rng, 2 * count, first_names, base_last_parts())
     cities = tables.cities()
     return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
 
@@ -54,8 +63,11 @@ def corpus(natural_facts_file, config: dict) -> list:
             n_distractors = rng.choice([0, 1, 3, 10])
             rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
                                         seed=1000 + seed, style=style))
+    # Copying: strings of name parts and cities drawn from every word list (experiments' included;
+    # a list of words states no fact), so the skill transfers to names the base never saw in facts.
+    words = sorted({*tables.names()[0], *tables.names()[1], *base_last_parts(), *tables.cities()})
     for _ in range(config["copy_rows"]):
-        names = ", ".join(t["e1"] for t in rng.sample(people, rng.randint(1, 4)))
+        names = ", ".join(random_name(rng, words) for _ in range(rng.randint(1, 4)))
         rows.append(record(rng.choice(COPY_PROMPTS).format(names=names), names, f"{names}."))
     rng.shuffle(rows)
     return rows
