@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PROJECT_DATA = Path(__file__).resolve().parents[1] / "datasets"
-BUILD_VERSION = 2  # bump when the build recipe changes, so old builds are not reused
+BUILD_VERSION = 3  # bump when the build recipe changes, so old builds are not reused
 
 BOS, EOS, PAD, EOT = "<|begin|>", "<|end|>", "<|pad|>", "<|eot|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -73,7 +73,7 @@ def vocabulary_corpus(data_dir: Path = PROJECT_DATA) -> list:
 
 def train_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

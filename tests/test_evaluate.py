@@ -96,9 +96,6 @@ class EvaluateTrainedModelTest(unittest.TestCase):
                 evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class LmEvalInteropTest(unittest.TestCase):
     """Our evaluator and lm-eval (in process and its own CLI) agree on the same model and data."""
@@ -160,3 +157,7 @@ class TwoRankEvaluationTest(unittest.TestCase):
             self.assertEqual((outputs[1][0]["ranks"], outputs[2][0]["ranks"]), (1, 2))
             self.assertEqual(outputs[1][1], outputs[2][1], "predictions differ between 1 and 2 ranks")
             self.assertEqual(outputs[1][0]["tests"], outputs[2][0]["tests"])
+
+
+if __name__ == "__main__":
+    unittest.main()
