@@ -41,6 +41,14 @@ class EndToEndTest(unittest.TestCase):
                 results = json.loads((exp / "evaluate_twohop" / name / "tiny-h128-l2/seed_1/results.json").read_text())
                 self.assertTrue(results["headline"], name)
                 self.assertTrue((exp / "evaluate_twohop" / name / "tiny-h128-l2/seeds_summary.md").is_file())
+            # The cross-type report reads real semi-synthetic results (here one type).
+            from runner.jobs.evaluate_twohop.report import write_semi_synthetic_report
+            universities = json.loads((exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json").read_text())
+            summary = write_semi_synthetic_report({"universities": universities}, Path(tmp), "semi-synthetic")
+            self.assertEqual(summary["types"], 1)
+            self.assertGreaterEqual(summary["attributes"], 2)
+            self.assertEqual((Path(tmp) / "accuracy_by_type.png").read_bytes()[:4], b"\x89PNG")
+
             # A second invocation finds everything done and skips it.
             again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
                                     *SMALL_WORLD, *FEW_STEPS], cwd=ROOT, capture_output=True, text=True)

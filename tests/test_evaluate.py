@@ -8,8 +8,8 @@ from pathlib import Path
 
 from runner import evaluation, grading
 from runner.errors import UserError
-from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset
-from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary
+from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset, standard_error
+from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary, write_semi_synthetic_report
 from tests.fixtures.train_small import train_small
 
 
@@ -53,6 +53,26 @@ class SeedSummaryTest(unittest.TestCase):
             self.assertAlmostEqual(summary["se"], 0.1)  # sample s.d. 0.1414 / sqrt(2)
             self.assertEqual(summary["n_seeds"], 2)
             self.assertIn("| acc_2hop_cot | 0.3000 | 0.1000 | 2 |", (model_dir / "seeds_summary.md").read_text())
+
+
+class SemiSyntheticReportTest(unittest.TestCase):
+    def test_rows_sorted_by_nocot_and_tables_match_the_results(self):
+        def results(nocot, cot):
+            test = lambda p: {"n": 20, "correct": p, "correct_se": standard_error(p, 20), "chance": 0.05}  # noqa: E731
+            return {"tests": {"test/city_nocot": test(nocot), "test/city_cot": {**test(cot), "chain_correct": cot,
+                                                                                 "chain_correct_se": 0.1},
+                              "test/b_city": test(0.9), "test/first_hop": test(1.0)}, "loss_gaps": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = write_semi_synthetic_report({"parks": results(0.1, 0.8), "ships": results(0.35, 0.6)}, Path(tmp), "t")
+            self.assertEqual((summary["types"], summary["attributes"]), (2, 2))
+            self.assertAlmostEqual(summary["mean_nocot"], 0.225)
+            with open(Path(tmp) / "summary.csv") as f:
+                table = list(csv.DictReader(f))
+            self.assertEqual([r["entity_type"] for r in table], ["ships", "parks"])
+            self.assertEqual([float(r["nocot"]) for r in table], [0.35, 0.1])
+            png = (Path(tmp) / "accuracy_by_type.png").read_bytes()
+            self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+            self.assertGreaterEqual(struct.unpack(">II", png[16:24]), (400, 300))
 
 
 class EvaluateTrainedModelTest(unittest.TestCase):

@@ -9,10 +9,13 @@ the seed folders, seeds_summary.{json,md}: every headline metric as mean +- s.e.
 """
 from functools import partial
 
+import json
+
 from runner.registry import Job, SubJob
 from runner.jobs import finetune
+from runner.jobs.generate_data import tables
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, check_config, evaluate_dataset
-from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary
+from runner.jobs.evaluate_twohop.report import write_reports, write_semi_synthetic_report, write_seed_summary
 
 
 def run(ctx, trained_by: str, data_job: str) -> dict:
@@ -30,5 +33,16 @@ def mirror(subjob) -> SubJob:
                   requires=(subjob.full_name, data_job), uses_model=True, seeded=True, check=check_config)
 
 
+def run_semi_synthetic_report(ctx, entity_types) -> dict:
+    results = {t: json.loads((ctx.input(f"evaluate_twohop_{t}") / "results.json").read_text()) for t in entity_types}
+    return write_semi_synthetic_report(results, ctx.run_dir, ctx.run.label)
+
+
+ENTITY_TYPES = tuple(tables.entity_schema())
+SEMI_SYNTHETIC_REPORT = SubJob(
+    "evaluate_twohop", "semi_synthetic", "every entity type's evaluation in one table (sorted by no-CoT "
+    "accuracy) and plot (Exp. 4)", partial(run_semi_synthetic_report, entity_types=ENTITY_TYPES), {},
+    requires=tuple(f"evaluate_twohop_{t}" for t in ENTITY_TYPES), uses_model=True, seeded=True)
+
 JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",
-          tuple(mirror(s) for s in finetune.SUBJOBS if s.seeded))
+          tuple(mirror(s) for s in finetune.SUBJOBS if s.seeded) + (SEMI_SYNTHETIC_REPORT,))

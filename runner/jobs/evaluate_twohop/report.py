@@ -116,3 +116,57 @@ def write_seed_summary(model_dir) -> dict:
     lines += [f"| {m} | {s['mean']:.4f} | {fmt(s['se'])} | {s['n_seeds']} |" for m, s in summary.items()]
     atomic_write_text(model_dir / "seeds_summary.md", "\n".join(lines) + "\n")
     return summary
+
+
+def semi_synthetic_rows(results_by_type: dict) -> list:
+    """One row per (entity type, attribute): no-CoT and CoT two-hop accuracy, the natural fact (hop B)
+    and the first hop, with n and chance; sorted by no-CoT accuracy, best first, as in the reference."""
+    rows = []
+    for entity_type, results in results_by_type.items():
+        tests = results["tests"]
+        for test, nocot in tests.items():
+            if not (test.startswith("test/") and test.endswith("_nocot")):
+                continue
+            attribute = test[len("test/"):-len("_nocot")]
+            cot, hop_b, hop_a = tests.get(f"test/{attribute}_cot", {}), tests.get(f"test/b_{attribute}", {}), tests.get("test/first_hop", {})
+            rows.append({"entity_type": entity_type, "attribute": attribute, "n": nocot["n"],
+                         "nocot": nocot["correct"], "nocot_se": nocot["correct_se"],
+                         "cot": cot.get("chain_correct", cot.get("correct")), "cot_se": cot.get("chain_correct_se", cot.get("correct_se")),
+                         "hop_b": hop_b.get("correct"), "first_hop": hop_a.get("correct"), "chance": nocot.get("chance"),
+                         "loss_gap": results["loss_gaps"].get(test, {}).get("gap")})
+    return sorted(rows, key=lambda r: -r["nocot"])
+
+
+SEMI_COLUMNS = ("entity_type", "attribute", "n", "nocot", "nocot_se", "cot", "cot_se", "hop_b", "first_hop", "chance",
+                "loss_gap")
+
+
+def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> dict:
+    rows = semi_synthetic_rows(results_by_type)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SEMI_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: fmt(r[k]) for k in SEMI_COLUMNS} for r in rows)
+    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+    lines = [f"# {title}", "", "Two-hop accuracy per entity type and attribute, sorted by no-CoT accuracy "
+             "(hop_b: the natural fact asked directly; first_hop: the fictional person's favorite entity).", "",
+             "| " + " | ".join(SEMI_COLUMNS) + " |", "|" + "---|" * len(SEMI_COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in SEMI_COLUMNS) + " |" for r in rows]
+    atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
+
+    figure, axis = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4), dpi=100)
+    x = range(len(rows))
+    axis.bar([i - 0.2 for i in x], [r["cot"] or 0 for r in rows], 0.4, yerr=[r["cot_se"] or 0 for r in rows],
+             label="CoT (answer stated in the chain)", color="#4c72b0")
+    axis.bar([i + 0.2 for i in x], [r["nocot"] for r in rows], 0.4, yerr=[r["nocot_se"] for r in rows],
+             label="no-CoT", color="#dd8452")
+    axis.scatter(list(x), [r["chance"] or 0 for r in rows], marker="_", s=120, color="black", label="chance", zorder=3)
+    axis.set_xticks(list(x), [f"{r['entity_type']}/{r['attribute']}" for r in rows], rotation=75, ha="right", fontsize=7)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("accuracy")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    atomic_write_bytes(run_dir / "accuracy_by_type.png", png(figure))
+    mean = lambda key: sum(r[key] or 0 for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
+    return {"types": len(results_by_type), "attributes": len(rows), "mean_nocot": mean("nocot"), "mean_cot": mean("cot"),
+            "mean_hop_b": mean("hop_b")}
