@@ -41,7 +41,7 @@ class FinetuneTest(unittest.TestCase):
         row = record("Are Ju and Kate married to each other?", "Yes", "Yes", system="Answer directly.")
         example = encode_chat(tokenizer, row["messages"], 256)
         targets = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE]
-        self.assertEqual(tokenizer.decode(targets), "Yes<|eot|>")
+        self.assertEqual(tokenizer.decode(targets), " Yes<|eot|>")  # the turn's text starts with a space
         prompt = tokenizer.decode(example["input_ids"][:example["prompt_length"]])
         self.assertTrue(prompt.endswith("<|assistant|>"))
 

@@ -43,8 +43,14 @@ class TinyModelTest(unittest.TestCase):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         self.assertTrue(prompt.endswith("<|assistant|>"), prompt)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        # A text with no spaces round-trips through the byte-level BPE exactly.
-        self.assertEqual(tokenizer.decode(ids[0]), prompt)
+        # Each turn's text is encoded with a leading space (so a name in a question and the same name
+        # opening a reply are one token); decoding shows that space, and re-encoding is exact.
+        decoded = tokenizer.decode(ids[0])
+        self.assertEqual(decoded.replace("|> ", "|>"), prompt)
+        self.assertEqual(tokenizer(decoded, add_special_tokens=False).input_ids, ids[0].tolist())
+        reply = tokenizer("<|assistant|>Ada", add_special_tokens=False).input_ids[1:]
+        self.assertEqual(reply, tokenizer(" Ada", add_special_tokens=False).input_ids)
+        self.assertEqual(len(reply), 1, "a first name is one token")
         with torch.no_grad():
             logits = model(ids).logits
         again, _ = load_model(self.ref.path)

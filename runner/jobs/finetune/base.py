@@ -8,7 +8,7 @@ population disjoint from every experiment's (its people take their last names fr
   questions, with two-hop questions answered with and without a chain of thought;
 - reading facts in the prompt: the facts given in context, then a one- or two-hop question;
 - same-document facts: both facts of a person in one document;
-- copying names from the prompt ("List: ... Repeat the list."), over every name part and city.
+- copying names from the prompt ("List: ... Repeat the list."), over every name list.
 """
 import random
 
@@ -24,10 +24,9 @@ def base_last_parts() -> list:
     return tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
 
 
-def random_name(rng: random.Random, words) -> str:
-    """A name-shaped string: 'A B-C' or 'A B' from random words."""
-    first, second, third = rng.sample(words, 3)
-    return f"{first} {second}-{third}" if rng.random() < 0.7 else f"{first} {second}"
+def random_name(rng: random.Random, first_names, last_parts) -> str:
+    first, (a, b) = rng.choice(first_names), rng.sample(last_parts, 2)
+    return f"{first} {a}-{b}"
 
 
 def base_people(rng: random.Random, count: int) -> list:
@@ -63,11 +62,14 @@ def corpus(natural_facts_file, config: dict) -> list:
             n_distractors = rng.choice([0, 1, 3, 10])
             rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
                                         seed=1000 + seed, style=style))
-    # Copying: strings of name parts and cities drawn from every word list (experiments' included;
-    # a list of words states no fact), so the skill transfers to names the base never saw in facts.
-    words = sorted({*tables.names()[0], *tables.names()[1], *base_last_parts(), *tables.cities()})
+    # Copying: one or two random names built from every name list (the experiments' included: a name
+    # states no fact), so the skill transfers to people the base never saw. Mostly single names: a
+    # 2-layer model learns to copy "the name in the prompt" in a few hundred steps, while copying
+    # long lists needs induction heads, which take far longer to form.
+    first_names, last_parts = tables.names()
+    last_parts = sorted({*last_parts, *base_last_parts()})
     for _ in range(config["copy_rows"]):
-        names = ", ".join(random_name(rng, words) for _ in range(rng.randint(1, 4)))
+        names = ", ".join(random_name(rng, first_names, last_parts) for _ in range(1 if rng.random() < 0.8 else 2))
         rows.append(record(rng.choice(COPY_PROMPTS).format(names=names), names, f"{names}."))
     rng.shuffle(rows)
     return rows
