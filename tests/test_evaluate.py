@@ -115,6 +115,11 @@ class EvaluateTrainedModelTest(unittest.TestCase):
             with self.assertRaisesRegex(UserError, r"over the model's max length 1024"):
                 evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
 
+            config["nocot_max_new_tokens"] = DEFAULTS["nocot_max_new_tokens"]
+            (data / "test/2hop_nocot.jsonl").write_text("")
+            with self.assertRaisesRegex(UserError, r"dataset file .*2hop_nocot.jsonl is empty"):
+                evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
+
 
 
 class LmEvalInteropTest(unittest.TestCase):
