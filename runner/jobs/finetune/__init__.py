@@ -27,7 +27,7 @@ TINY = {"synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 
         "semi_synthetic": {"lr": 3e-3, "epochs": 30, "batch_size": 8, "max_length": 256},
         "base": {"lr": 3e-3, "epochs": 4, "batch_size": 16, "packing": True, "max_length": 384, "warmup_ratio": 0.02}}
 BASE_CORPUS = {"data_seed": 0, "base_people": 300, "base_paraphrases": 10, "in_context_rounds": 4,
-               "in_context_per_round": 150, "copy_rows": 6000}
+               "in_context_per_round": 150, "copy_rows": 12000}
 
 ATOMIC = ["train/a_demoed", "train/a_undemoed", "train/b_demoed", "train/b_undemoed"]
 TWO_HOP = ["train/2hop_cot", "train/2hop_nocot"]
