@@ -7,9 +7,8 @@ loss_over_training.png (true vs shuffled loss from the finetune run's metrics) a
 evaluated test as an lm-eval task; `--set backend=lm_eval` generates through lm-eval itself); next to
 the seed folders, seeds_summary.{json,md}: every headline metric as mean +- s.e. over seeds.
 """
-from functools import partial
-
 import json
+from functools import partial
 
 from runner.registry import Job, SubJob
 from runner.jobs import finetune
