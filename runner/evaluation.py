@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def sharded(function, items: list) -> list:
     """`function(items) -> list` (one result per item), with each rank of a multi-process launch
     computing an interleaved share; every rank gets the full list back, in order."""

@@ -37,6 +37,9 @@ class Workspace:
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--workspace_path {self.root} exists and is not a folder")
+
+    def create(self) -> None:
+        """Make the tree; called once the plan is valid, so bad input leaves nothing behind."""
         for sub in (self.transformers, self.datasets, self.experiments):
             sub.mkdir(parents=True, exist_ok=True)
 

@@ -113,6 +113,7 @@ def main(argv=None, registry=None) -> int:
         if args.dry_run:
             print(describe_plan(plan, executor))
             return 0
+        workspace.create()
         log_path = setup_logging(workspace)
         log.info("invocation log: %s", log_path)
         log.info("%s", describe_plan(plan, executor))

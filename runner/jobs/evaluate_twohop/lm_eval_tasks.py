@@ -10,7 +10,6 @@ grades exactly as our evaluator does, with no project code on the path. All task
 the tag `twohop_<dataset>`.
 """
 import json
-import shutil
 from pathlib import Path
 
 import yaml
@@ -28,7 +27,7 @@ def task_name(dataset: str, test: str) -> str:
 def export_tasks(dataset: str, tests: list, folder: Path) -> None:
     """Write one task per test; `tests` holds (test, rows, prompts, style, candidates, max_new_tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grading.__file__, folder / f"{GRADER_MODULE}.py")
+    atomic_write_text(folder / f"{GRADER_MODULE}.py", Path(grading.__file__).read_text(encoding="utf-8"))
     for test, rows, prompts, style, candidates, max_new_tokens in tests:
         name = task_name(dataset, test)
         data_file = (folder / f"{name}.jsonl").resolve()
