@@ -15,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FEW_STEPS = ["--set", "finetune.max_steps=6", "--set", "finetune.eval_subsample=16",
              "--set", "finetune_base.base_people=20", "--set", "finetune_base.copy_rows=50",
              "--set", "finetune_base.in_context_per_round=10", "--set", "evaluate_twohop.max_rows=8",
-             "--set", "evaluate_twohop.memorisation_rows=4", "--set", "evaluate_twohop.bootstrap=50"]
+             "--set", "evaluate_twohop.memorisation_rows=4", "--set", "evaluate_twohop.bootstrap=50",
+             "--set", "in_context.max_rows=4"]
 
 
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
 class EndToEndTest(unittest.TestCase):
     def test_study_variants_train_and_evaluate_through_the_runner(self):
         jobs = ["finetune_spouses", "evaluate_twohop_spouses", "finetune_aux_logit", "finetune_aux_cosine",
-                "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities"]
+                "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities", "in_context"]
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
             result = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
@@ -48,6 +49,21 @@ class EndToEndTest(unittest.TestCase):
             self.assertEqual(summary["types"], 1)
             self.assertGreaterEqual(summary["attributes"], 2)
             self.assertEqual((Path(tmp) / "accuracy_by_type.png").read_bytes()[:4], b"\x89PNG")
+
+            # in_context: every (style, distractors) setting over three data seeds, table and plot from the results.
+            sweep = exp / "in_context/distractor_sweep/tiny-h128-l2"
+            results = json.loads((sweep / "results.json").read_text())
+            self.assertEqual(sorted(results["settings"]), sorted(f"{s}/{n}" for s in ("cot", "nocot") for n in (0, 1, 3, 10, 30)))
+            predictions = (sweep / "predictions.jsonl").read_text().splitlines()
+            self.assertEqual(len(predictions), 2 * 5 * 3 * 4)
+            summary = (sweep / "summary.md").read_text()
+            for setting in results["settings"].values():
+                per_seed = [s["accuracy"] for s in setting["per_seed"].values()]
+                self.assertAlmostEqual(setting["accuracy"]["mean"], sum(per_seed) / 3)
+                self.assertIn(f"| {setting['n_distractors']} | {setting['n_facts']} | 4 | {setting['accuracy']['mean']:.3f}",
+                              summary)
+            self.assertEqual((sweep / "accuracy_vs_distractors.png").read_bytes()[:4], b"\x89PNG")
+            self.assertTrue((exp / "in_context/nocot/tiny-h128-l2/results.json").is_file())
 
             # A second invocation finds everything done and skips it.
             again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,

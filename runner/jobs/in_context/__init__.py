@@ -1,0 +1,67 @@
+"""in_context: two-hop questions over facts given in the prompt (Experiment 3).
+
+The model is what `finetune_base` produced: the tiny model after its pretraining (which includes
+reading facts in the prompt, with 0-10 distractor triplets), or a real model as it is. Sub-jobs,
+generated from the table below: `nocot` and `cot` (10 distractor triplets, data seeds 1-3, as in the
+reference) and `distractor_sweep` (both styles over 0, 1, 3, 10, 30 distractors). Outputs:
+results.json, predictions.jsonl, summary.md and accuracy_vs_distractors.png.
+"""
+import json
+from functools import partial
+
+from models import load_model
+from runner.errors import UserError
+from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from runner.registry import Job, SubJob
+from runner.jobs.finetune import base_model_path
+from runner.jobs.in_context.evaluate import evaluate_settings, is_main_process
+from runner.jobs.in_context.report import summary_markdown, accuracy_plot
+
+COMMON = {"data_seeds": [1, 2, 3], "max_rows": 0, "batch_size": 32, "nocot_max_new_tokens": 24,
+          "cot_max_new_tokens": 96}
+SETTINGS = {  # sub-job -> (help, styles, default distractor counts)
+    "nocot": ("answer directly from 22 facts in the prompt (10 distractor triplets)", ["nocot"], [10]),
+    "cot": ("answer step by step from 22 facts in the prompt (10 distractor triplets)", ["cot"], [10]),
+    "distractor_sweep": ("no-CoT and CoT accuracy against the number of distractor triplets",
+                         ["nocot", "cot"], [0, 1, 3, 10, 30]),
+}
+
+
+def check_config(config: dict) -> None:
+    counts = config["distractor_counts"]
+    if not counts or not all(isinstance(n, int) and n >= 0 for n in counts):
+        raise UserError(f"distractor_counts {counts!r}: expected a list of whole numbers >= 0, e.g. [0, 1, 3, 10]")
+    if not config["data_seeds"] or not all(isinstance(s, int) for s in config["data_seeds"]):
+        raise UserError(f"data_seeds {config['data_seeds']!r}: expected a list of integers, e.g. [1, 2, 3]")
+    if set(config["styles"]) - {"nocot", "cot"} or not config["styles"]:
+        raise UserError(f"styles {config['styles']!r}: expected a list of 'nocot' and/or 'cot'")
+
+
+def run(ctx) -> dict:
+    world = json.loads((ctx.input("generate_data_spouses") / "data" / "world.json").read_text())
+    most = max(ctx.config["distractor_counts"])
+    if most > len(world["demoed"]) + len(world["undemoed"]) - 1:
+        raise UserError(f"distractor_counts: {most} distractors need more triplets than the world has "
+                        f"({len(world['demoed']) + len(world['undemoed'])}); lower it or raise generate_data's n_triplets")
+    model_path = base_model_path(ctx)
+    model, tokenizer = load_model(model_path)
+    settings = [(style, n) for style in ctx.config["styles"] for n in ctx.config["distractor_counts"]]
+    results, predictions = evaluate_settings(model, tokenizer, world, settings, ctx.config, ctx.log)
+    report = {"model": str(model_path), "data_seeds": ctx.config["data_seeds"], "candidates": len(world["cities"]),
+              "settings": results}
+    if is_main_process():
+        atomic_write_jsonl(ctx.run_dir / "predictions.jsonl", predictions)
+        atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(report, ctx.run.label))
+        atomic_write_bytes(ctx.run_dir / "accuracy_vs_distractors.png", accuracy_plot(report, ctx.run.label))
+        atomic_write_json(ctx.run_dir / "results.json", report)
+    return {f"accuracy_{s['style']}_{s['n_distractors']}": s["accuracy"]["mean"] for s in results.values()}
+
+
+SUBJOBS = [
+    SubJob("in_context", name, help, run, {**COMMON, "styles": styles, "distractor_counts": counts},
+           requires=("finetune_base", "generate_data_spouses"), uses_model=True, check=check_config,
+           project_data=("datasets",))
+    for name, (help, styles, counts) in SETTINGS.items()
+]
+
+JOB = Job("in_context", "two-hop questions over facts given in the prompt (Exp. 3)", tuple(SUBJOBS))
