@@ -29,6 +29,7 @@ DEFAULTS = {
     "cot_max_new_tokens": 96,
     "batch_size": 64,
     "max_candidates": 200,  # candidate-set scoring for tests whose set is at most this large
+    "candidate_sets": [],  # score only these sets of the card (e.g. ["cities"]); [] scores every set
     "bootstrap": 1000,
     "fewshot_k": 0,  # k examples from the dataset's few-shot files as earlier turns
     "skip_tests": ["in_context"],  # name fragments evaluated elsewhere (the in_context job)
@@ -130,7 +131,8 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
         if test in lm_eval_metrics:
             summary["lm_eval"] = lm_eval_metrics[test]
         ranked = None
-        if candidates and style == "nocot" and len(candidates) <= config["max_candidates"]:
+        if candidates and style == "nocot" and len(candidates) <= config["max_candidates"] and (
+                not config["candidate_sets"] or tests[test]["candidate_set"] in config["candidate_sets"]):
             ranked = evaluation.sharded(
                 lambda share: evaluation.score_candidates(model, tokenizer, share, candidates).argmax(1).tolist(), prompts)
             hits = [candidates[k] == r["answer"] for k, r in zip(ranked, rows)]

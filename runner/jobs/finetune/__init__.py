@@ -72,6 +72,11 @@ def base_model_path(ctx) -> Path:
     return trained if trained.is_dir() else ctx.model.path
 
 
+def subsample(rows: list, keep: int, rng: random.Random) -> list:
+    """A seeded sample of `keep` rows (all of them if there are no more)."""
+    return rng.sample(rows, keep) if keep < len(rows) else rows
+
+
 def load_datasets(ctx, data_dir: Path) -> tuple:
     """(train rows, eval sets) from the config's lists or a reference-format experiment YAML."""
     config = ctx.config
@@ -87,8 +92,7 @@ def load_datasets(ctx, data_dir: Path) -> tuple:
     train_rows = []
     for entry in resolve_files(train_entries, data_dir):
         rows = read_records(entry["dataset_file"])
-        keep = entry.get("subsample") or round(len(rows) * config["train_fraction"])
-        train_rows.extend(rng.sample(rows, min(keep, len(rows))) if keep < len(rows) else rows)
+        train_rows.extend(subsample(rows, entry.get("subsample") or round(len(rows) * config["train_fraction"]), rng))
     eval_sets = {}
     for entry in resolve_files(eval_entries, data_dir):
         rows = read_records(entry["dataset_file"])
