@@ -23,7 +23,8 @@ FEW_STEPS = ["--set", "finetune.max_steps=6", "--set", "finetune.eval_subsample=
 class EndToEndTest(unittest.TestCase):
     def test_study_variants_train_and_evaluate_through_the_runner(self):
         jobs = ["finetune_spouses", "evaluate_twohop_spouses", "finetune_aux_logit", "finetune_aux_cosine",
-                "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities", "in_context"]
+                "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities", "in_context",
+                "save_hidden_states_analysis_universities"]
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
             result = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
@@ -64,6 +65,20 @@ class EndToEndTest(unittest.TestCase):
                               summary)
             self.assertEqual((sweep / "accuracy_vs_distractors.png").read_bytes()[:4], b"\x89PNG")
             self.assertTrue((exp / "in_context/nocot/tiny-h128-l2/results.json").is_file())
+
+            # save_hidden_states: every family saved and readable; the analysis reads the evaluation's accuracy.
+            from runner.hidden_states import HiddenStates
+            saved = exp / "save_hidden_states/universities/tiny-h128-l2"
+            self.assertEqual(HiddenStates(saved / "e2_r2").layer(1).shape, (80, 128))  # 20 entities x 4 attributes
+            self.assertEqual(HiddenStates(saved / "e2_tell").layer(2, "span").shape, (20, 128))
+            analysis = json.loads((exp / "save_hidden_states/analysis_universities/tiny-h128-l2/seed_1/analysis.json").read_text())
+            nocot = {t[5:-6]: s["correct"] for t, s in universities["tests"].items() if t.endswith("_nocot")}
+            self.assertEqual(analysis["accuracy"], {f"universities/{a}": v for a, v in nocot.items()})
+            self.assertEqual(len(analysis["pairs"]["e2_r2->e3_tell"]["by_layer"]), 3)
+            self.assertEqual(analysis["logit_lens"]["n"], 80)
+            table = (exp / "save_hidden_states/analysis_universities/tiny-h128-l2/seed_1/analysis.md").read_text()
+            for row in analysis["logit_lens"]["by_layer"]:
+                self.assertIn(f"| {row['layer']} | {row['median_rank']:.1f} | {row['mean_rank']:.1f} |", table)
 
             # A second invocation finds everything done and skips it.
             again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,

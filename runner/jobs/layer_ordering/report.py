@@ -17,6 +17,14 @@ METRICS = {"acc_a": "hop A (held-out)", "acc_b": "hop B (held-out)", "acc_2hop_c
 COLUMNS = ("stage", "name", "layer_range", "lr", "steps", "train_seconds", *METRICS, "chance")
 
 
+def cell(key: str, value) -> str:
+    if key == "lr":
+        return f"{value:.3g}"
+    if key == "train_seconds":
+        return f"{value:.1f}"
+    return fmt(value)
+
+
 def table_rows(records: list) -> list:
     return [{**{k: r[k] for k in COLUMNS[:6]}, **{m: r["metrics"].get(m) for m in (*METRICS, "chance")}} for r in records]
 
@@ -26,11 +34,11 @@ def write_chain_report(records: list, run_dir, title: str) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: fmt(r[k]) for k in COLUMNS} for r in rows)
+    writer.writerows({k: cell(k, r[k]) for k in COLUMNS} for r in rows)
     atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
     lines = [f"# {title}", "", "Metrics after each stage (held-out atomic facts, undemoed two-hop questions; CoT: "
              "the answer the chain states).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in rows]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_bytes(run_dir / "metrics_by_stage.png", plot({title: records}, title))
 
@@ -65,7 +73,7 @@ def write_comparison(chain_dirs: dict, run_dir, title: str) -> dict:
         chains[mode] = json.loads(path.read_text())
     lines = [f"# {title}", "", "| mode | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for mode, records in chains.items():
-        lines += [f"| {mode} | " + " | ".join(fmt(r[k]) for k in COLUMNS) + " |" for r in table_rows(records)]
+        lines += [f"| {mode} | " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in table_rows(records)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_bytes(run_dir / "metrics_by_stage.png", plot(chains, title))
     final = {mode: records[-1]["metrics"] for mode, records in chains.items()}
