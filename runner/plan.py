@@ -101,12 +101,12 @@ def _assign(config: dict, dotted: str, value):
 
 
 def config_keys(config: dict, prefix: str = "") -> list:
+    """Every settable key: each top-level or nested key, a mapping as a whole and each key inside it."""
     keys = []
     for key, value in config.items():
-        if isinstance(value, dict) and value:
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
             keys.extend(config_keys(value, f"{prefix}{key}."))
-        else:
-            keys.append(f"{prefix}{key}")
     return keys
 
 

@@ -16,7 +16,7 @@ FEW_STEPS = ["--set", "finetune.max_steps=6", "--set", "finetune.eval_subsample=
              "--set", "finetune_base.base_people=20", "--set", "finetune_base.copy_rows=50",
              "--set", "finetune_base.in_context_per_round=10", "--set", "evaluate_twohop.max_rows=8",
              "--set", "evaluate_twohop.memorisation_rows=4", "--set", "evaluate_twohop.bootstrap=50",
-             "--set", "in_context.max_rows=4"]
+             "--set", "in_context.max_rows=4", "--set", "frontier_eval.max_chains=3"]
 
 
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
@@ -24,7 +24,7 @@ class EndToEndTest(unittest.TestCase):
     def test_study_variants_train_and_evaluate_through_the_runner(self):
         jobs = ["finetune_spouses", "evaluate_twohop_spouses", "finetune_aux_logit", "finetune_aux_cosine",
                 "finetune_samedoc", "finetune_universities", "evaluate_twohop_universities", "in_context",
-                "save_hidden_states_analysis_universities"]
+                "save_hidden_states_analysis_universities", "frontier_eval_local"]
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
             result = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,
@@ -79,6 +79,13 @@ class EndToEndTest(unittest.TestCase):
             table = (exp / "save_hidden_states/analysis_universities/tiny-h128-l2/seed_1/analysis.md").read_text()
             for row in analysis["logit_lens"]["by_layer"]:
                 self.assertIn(f"| {row['layer']} | {row['median_rank']:.1f} | {row['mean_rank']:.1f} |", table)
+
+            # frontier_eval_local: the tiny model answers all seven tasks of every chain; the table has its row.
+            local = exp / "frontier_eval/local/tiny-h128-l2"
+            results = json.loads((local / "local_tiny/results.json").read_text())
+            self.assertEqual((results["chains"], results["requests"], results["failed"]), (3, 21, 0))
+            self.assertIn("| local:tiny | 3 |", (local / "summary.md").read_text())
+            self.assertEqual((local / "cot_vs_nocot.png").read_bytes()[:4], b"\x89PNG")
 
             # A second invocation finds everything done and skips it.
             again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,

@@ -162,7 +162,12 @@ class RunnerTest(unittest.TestCase):
         code, _, err = self.cli("--jobs", "alpha_make", "--set", "colour=red")
         self.assertEqual(code, 2)
         self.assertIn("colour", err)
-        self.assertIn("valid keys: nested.depth, repeat, text", err)
+        self.assertIn("valid keys: nested, nested.depth, repeat, text", err)
+
+        # A mapping can be set as a whole (YAML), and a key it then holds is not mistaken for unknown.
+        self.assertEqual(self.cli("--jobs", "alpha_make", "--set", "nested={depth: 7, extra: 1}", "--force")[0], 0)
+        config = json.loads((self.exp / "alpha" / "make" / "config.json").read_text())["config"]
+        self.assertEqual(config["nested"], {"depth": 7, "extra": 1})
 
         code, _, err = self.cli("--jobs", "alpha_make", "--set", "repeat=many")
         self.assertEqual(code, 2)
