@@ -17,9 +17,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 elif str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from runner import slurm  # noqa: E402
 from runner.errors import UserError  # noqa: E402
 from runner.execute import Executor, Workspace, summary_table  # noqa: E402
 from runner.plan import build_plan, parse_overrides  # noqa: E402
+from runner.slurm import split_slurm_overrides  # noqa: E402
 
 log = logging.getLogger("twohop")
 
@@ -53,6 +55,13 @@ def parse_args(argv):
                              "nested keys with dots); KEY applies to every planned sub-job that has it, "
                              "<job>.KEY or <sub-job>.KEY (e.g. finetune_spouses.epochs=8) to that one only; "
                              "repeatable")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: run the plan in this process; slurm: submit each run as an sbatch job "
+                             "with afterok dependencies (resources: --set [<job>.]slurm.KEY=V, KEY one of "
+                             "partition, time, mem, account, gpus, cpus_per_task, extra, setup)")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --launcher slurm: wait until the submitted jobs leave the queue, report each "
+                             "job's final state and exit non-zero unless all completed")
     args = parser.parse_args(argv)
     if not args.list and (args.workspace_path is None or not args.jobs):
         parser.error("--workspace_path and --jobs are required (or use --list)")
@@ -100,7 +109,9 @@ def main(argv=None, registry=None) -> int:
             print(registry.describe())
             return 0
         requested = registry.resolve(args.jobs)
-        overrides = parse_overrides(args.overrides)
+        overrides, slurm_overrides = split_slurm_overrides(parse_overrides(args.overrides))
+        if slurm_overrides and args.launcher != "slurm":
+            raise UserError("--set slurm.*: SLURM resources apply only with --launcher slurm")
         workspace = Workspace(args.workspace_path)
         from models import DEFAULT_MODEL, resolve_model
         model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
@@ -110,13 +121,26 @@ def main(argv=None, registry=None) -> int:
         executor = Executor(workspace, force=args.force, command=command)
         if args.no_deps:
             executor.check_prerequisites_done(plan)
+        scopes = {*registry.jobs, *registry.subjobs}
         if args.dry_run:
             print(describe_plan(plan, executor))
+            if args.launcher == "slurm":
+                slurm.submit(plan, executor, overrides, slurm_overrides, scopes, True, log)
             return 0
         workspace.create()
         log_path = setup_logging(workspace)
         log.info("invocation log: %s", log_path)
         log.info("%s", describe_plan(plan, executor))
+        if args.launcher == "slurm":
+            submitted = slurm.submit(plan, executor, overrides, slurm_overrides, scopes, False, log)
+            if not args.wait:
+                return 0
+            states = slurm.wait_for(submitted, poll_s=2.0, log=log)
+            unfinished = [label for label, state in states.items() if state != "COMPLETED"]
+            if unfinished:
+                log.error("%d of %d SLURM jobs did not complete: %s (logs in %s)", len(unfinished), len(states),
+                          ", ".join(unfinished), workspace.runner_logs)
+            return 1 if unfinished else 0
         for planned in plan:
             executor.execute(planned)
     except UserError as error:

@@ -59,7 +59,7 @@ def corpus(natural_facts_file, config: dict) -> list:
     for seed in range(config["in_context_rounds"]):
         for style in ("nocot", "cot"):
             targets = rng.sample(people, min(len(people), config["in_context_per_round"]))
-            n_distractors = rng.choice([0, 1, 3, 10])
+            n_distractors = min(rng.choice([0, 1, 3, 10]), len(people) - 1)  # a small test corpus has few people
             rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
                                         seed=1000 + seed, style=style))
     # Copying: one or two random names built from every name list (the experiments' included: a name
