@@ -11,7 +11,6 @@ Resources: `--set slurm.KEY=V` (or `<job>.slurm.KEY=V`, `<sub-job>.slurm.KEY=V`)
 RESOURCES; they are not part of a run's config, so changing them never invalidates finished work.
 """
 import datetime as dt
-import json
 import shlex
 import shutil
 import subprocess

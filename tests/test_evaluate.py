@@ -6,7 +6,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from runner import evaluation, grading
+from runner import grading
 from runner.errors import UserError
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset, standard_error
 from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary, write_semi_synthetic_report

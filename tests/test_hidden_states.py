@@ -1,7 +1,6 @@
 """Hidden states: capture against the model's own outputs, shard/sidecar round trip in row order,
 resume after a real kill, the reader's filters, and the analysis maths on hand-made cases."""
 import json
-import os
 import subprocess
 import sys
 import tempfile

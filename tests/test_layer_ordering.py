@@ -3,7 +3,6 @@
 A 4-layer tiny model (so "upper half" is layers 2-3 and the end-exclusive boundary is visible)
 trains a few real steps per stage on the small spouses world.
 """
-import json
 import logging
 import tempfile
 import unittest

@@ -18,18 +18,25 @@ def fmt(value) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def write_csv(path, columns, rows, cell=lambda key, value: fmt(value)) -> None:
+    """`rows` (dicts) as a CSV of `columns`, each value written by `cell(column, value)`."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: cell(k, row.get(k)) for k in columns} for row in rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def markdown_table(columns, rows, cell=lambda key, value: fmt(value)) -> list:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(k, row.get(k)) for k in columns) + " |" for row in rows])
+
+
 def write_reports(report: dict, run_dir, title: str, training_metrics=None) -> None:
     """summary.csv, summary.md, accuracy.png and, given the finetune run's metrics.jsonl, loss_over_training.png."""
     rows = [{"test": test, **summary} for test, summary in report["tests"].items()]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: fmt(row.get(k)) for k in COLUMNS} for row in rows)
-    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
-
-    lines = [f"# {title}", "", f"Model: `{report['model']}`", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(row.get(k)) for k in COLUMNS) + " |" for row in rows]
+    write_csv(run_dir / "summary.csv", COLUMNS, rows)
+    lines = [f"# {title}", "", f"Model: `{report['model']}`", "", *markdown_table(COLUMNS, rows)]
     if report["loss_gaps"]:
         lines += ["", "Loss gap (shuffled minus true answers; > 0 means the no-CoT output carries information):", "",
                   "| test | loss true | loss shuffled | gap | 95% CI | n |", "|---|---|---|---|---|---|"]
@@ -143,15 +150,10 @@ SEMI_COLUMNS = ("entity_type", "attribute", "n", "nocot", "nocot_se", "cot", "co
 
 def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> dict:
     rows = semi_synthetic_rows(results_by_type)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SEMI_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: fmt(r[k]) for k in SEMI_COLUMNS} for r in rows)
-    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+    write_csv(run_dir / "summary.csv", SEMI_COLUMNS, rows)
     lines = [f"# {title}", "", "Two-hop accuracy per entity type and attribute, sorted by no-CoT accuracy "
              "(hop_b: the natural fact asked directly; first_hop: the fictional person's favorite entity).", "",
-             "| " + " | ".join(SEMI_COLUMNS) + " |", "|" + "---|" * len(SEMI_COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in SEMI_COLUMNS) + " |" for r in rows]
+             *markdown_table(SEMI_COLUMNS, rows)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
     figure, axis = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4), dpi=100)

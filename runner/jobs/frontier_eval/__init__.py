@@ -10,7 +10,6 @@ failure reason); across the sub-job's models: summary.md, summary.csv and cot_vs
 Replies (and model-grader verdicts) are cached in `W/experiments/frontier_eval/cache/`, so a rerun
 or a resumed crash sends only what has not been answered.
 """
-import json
 import re
 
 from runner.errors import UserError

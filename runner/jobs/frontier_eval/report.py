@@ -1,14 +1,11 @@
 """The summary across models: a table and the paper's figure (CoT vs no-CoT per model, sorted)."""
-import csv
-import io
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from runner.files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from runner.jobs.evaluate_twohop.report import fmt, png  # noqa: E402
+from runner.jobs.evaluate_twohop.report import markdown_table, png, write_csv  # noqa: E402
 
 COLUMNS = ("model", "chains", "filtered_n", "nocot", "nocot_se", "cot", "cot_se", "facts_in_context",
            "facts_in_context_se", "nocot_all", "cot_all", "hop_a", "hop_b", "shortcut_e1", "shortcut_no_e1",
@@ -30,16 +27,11 @@ def table_row(model: str, s: dict) -> dict:
 
 def write_summary(summaries: dict, run_dir, title: str) -> None:
     rows = [table_row(model, s) for model, s in summaries.items()]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: fmt(r[k]) for k in COLUMNS} for r in rows)
-    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+    write_csv(run_dir / "summary.csv", COLUMNS, rows)
     lines = [f"# {title}", "", "nocot / cot / facts_in_context: accuracy on the chains whose two hops are both "
              "answered right and whose two shortcuts both fail (filtered_n of them), with standard errors; "
              "`_all`: on every chain. Tokens and cost count the requests sent in this run (cached replies are free).",
-             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in COLUMNS) + " |" for r in rows]
+             "", *markdown_table(COLUMNS, rows)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
     rows.sort(key=lambda r: -1 if r["cot"] is None else -r["cot"])

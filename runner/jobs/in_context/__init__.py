@@ -7,7 +7,6 @@ reference) and `distractor_sweep` (both styles over 0, 1, 3, 10, 30 distractors)
 results.json, predictions.jsonl, summary.md and accuracy_vs_distractors.png.
 """
 import json
-from functools import partial
 
 from models import load_model
 from runner.errors import UserError

@@ -1,6 +1,4 @@
 """Tables and plots of a stage chain: each metric by stage, per chain and both chains side by side."""
-import csv
-import io
 import json
 
 import matplotlib
@@ -10,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from runner.errors import UserError  # noqa: E402
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
-from runner.jobs.evaluate_twohop.report import fmt, png  # noqa: E402
+from runner.jobs.evaluate_twohop.report import fmt, markdown_table, png, write_csv  # noqa: E402
 
 METRICS = {"acc_a": "hop A (held-out)", "acc_b": "hop B (held-out)", "acc_2hop_cot_chain": "two-hop CoT",
            "acc_2hop_nocot": "two-hop no-CoT", "loss_gap": "loss gap (shuffled - true)"}
@@ -31,14 +29,9 @@ def table_rows(records: list) -> list:
 
 def write_chain_report(records: list, run_dir, title: str) -> None:
     rows = table_rows(records)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: cell(k, r[k]) for k in COLUMNS} for r in rows)
-    atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
+    write_csv(run_dir / "summary.csv", COLUMNS, rows, cell)
     lines = [f"# {title}", "", "Metrics after each stage (held-out atomic facts, undemoed two-hop questions; CoT: "
-             "the answer the chain states).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in rows]
+             "the answer the chain states).", "", *markdown_table(COLUMNS, rows, cell)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_bytes(run_dir / "metrics_by_stage.png", plot({title: records}, title))
 
@@ -71,9 +64,8 @@ def write_comparison(chain_dirs: dict, run_dir, title: str) -> dict:
         if not path.is_file():
             raise UserError(f"{path} is missing: run layer_ordering_{mode} first")
         chains[mode] = json.loads(path.read_text())
-    lines = [f"# {title}", "", "| mode | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    for mode, records in chains.items():
-        lines += [f"| {mode} | " + " | ".join(cell(k, r[k]) for k in COLUMNS) + " |" for r in table_rows(records)]
+    rows = [{"mode": mode, **row} for mode, records in chains.items() for row in table_rows(records)]
+    lines = [f"# {title}", "", *markdown_table(("mode", *COLUMNS), rows, cell)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_bytes(run_dir / "metrics_by_stage.png", plot(chains, title))
     final = {mode: records[-1]["metrics"] for mode, records in chains.items()}
