@@ -155,6 +155,7 @@ class FrontierEvalTest(unittest.TestCase):
                 self.assertEqual(rerun["tokens"]["input"], 0)  # nothing answered was paid for again
                 self.assertEqual(rerun["headline"], gpt["headline"])
             server.shutdown()
+            server.server_close()
 
             # The key is in no file the runs wrote (configs, logs, questions, cache).
             for path in w.rglob("*"):

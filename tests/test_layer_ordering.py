@@ -112,6 +112,8 @@ class LayerOrderingTest(unittest.TestCase):
             layer_range("upper", 4, 4)
         with self.assertRaisesRegex(UserError, r"stages\[1\].layers 'middle'"):
             check_config({**self.config, "stages": [STAGES[0], {**STAGES[1], "layers": "middle"}]})
+        with self.assertRaisesRegex(UserError, r"split_layer 0: expected -1"):
+            check_config({**self.config, "split_layer": 0})
         with self.assertRaisesRegex(UserError, r"stages\[0\]: expected exactly the keys"):
             check_config({**self.config, "stages": [{"name": "x", "train": ["train/b_demoed"]}]})
 

@@ -10,6 +10,7 @@ nothing). `compare` puts both chains' metrics by stage side by side.
 """
 from functools import partial
 
+from runner.errors import UserError
 from runner.files import atomic_write_json
 from runner.registry import Job, SubJob
 from runner.jobs.evaluate_twohop.evaluate import DEFAULTS as EVALUATION_DEFAULTS
@@ -44,6 +45,8 @@ def check_config(config: dict) -> None:
     from runner.jobs.finetune import check_training_config
     check_training_config({**config, "layer_range": ""})
     check_stages(config["stages"])
+    if not isinstance(config["split_layer"], int) or config["split_layer"] == 0 or config["split_layer"] < -1:
+        raise UserError(f"split_layer {config['split_layer']!r}: expected -1 (half the layers) or a layer index >= 1")
 
 
 def run(ctx, selective: bool) -> dict:
