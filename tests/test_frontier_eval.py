@@ -87,7 +87,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        text = server.answers[(question, ident[3])]
+        if question.startswith("Question: ") and "\nReference answer: " in question:  # the model grader
+            reference = question.split("\nReference answer: ")[1].split("\n")[0].split(" (also:")[0]
+            text = "yes" if reference in question.split("\nResponse: ")[1] else "no"
+        else:
+            text = server.answers[(question, ident[3])]
         if openai:
             data = {"choices": [{"message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": len(question.split()), "completion_tokens": len(text.split())}}
@@ -162,6 +166,33 @@ class FrontierEvalTest(unittest.TestCase):
                 if path.is_file():
                     self.assertNotIn(KEY, path.read_text(errors="replace"), path)
             self.assertTrue(list((w / "experiments/runner").glob("*.log")))
+
+    def test_model_grader_verdicts_are_used_and_cached(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            self.assertEqual(main(["--workspace_path", str(w), "--jobs", "generate_data_real_facts"]), 0)
+            chains = read_records(w / "experiments/generate_data/real_facts/data/chains.jsonl", required=("id",))[:N_CHAINS]
+            server = FakeAPI(chains)
+            server.faults, server.always_failing = {}, None  # no faults here
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+            args = ["--workspace_path", str(w), "--jobs", "frontier_eval_api", "--set", f"max_chains={N_CHAINS}",
+                    "--set", f"endpoints=[{{backend: openai, model: fake-gpt, base_url: '{url}'}}]",
+                    "--set", f"grader={{backend: openai, model: fake-grader, base_url: '{url}'}}"]
+            with mock.patch.dict(os.environ, {"OPENAI_API_KEY": KEY}):
+                self.assertEqual(main(args), 0)
+                graded = Counter({k: v for k, v in server.requests.items() if k[1] == "fake-grader"})
+                rows = read_records(w / "experiments/frontier_eval/api/openai_fake-gpt/questions.jsonl", required=("task",))
+                self.assertEqual(len(rows), N_CHAINS * len(TASKS))
+                self.assertEqual({r["grader_correct"] for r in rows}, {True, False})  # yes and no both parsed
+                self.assertTrue(all(r["grader_correct"] == r["correct"] for r in rows))  # the grader agrees here
+                self.assertGreater(sum(graded.values()), 0)
+                results = json.loads((w / "experiments/frontier_eval/api/openai_fake-gpt/results.json").read_text())
+                self.assertEqual(results["graded_by"], "model grader")
+                self.assertEqual(main(args + ["--force"]), 0)  # verdicts come from the cache
+                self.assertEqual(Counter({k: v for k, v in server.requests.items() if k[1] == "fake-grader"}), graded)
+            server.shutdown()
+            server.server_close()
 
     def test_missing_key_is_one_clear_error_before_any_request(self):
         with tempfile.TemporaryDirectory() as tmp:
