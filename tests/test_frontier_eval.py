@@ -105,14 +105,23 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class FrontierEvalTest(unittest.TestCase):
+    def start_server(self, w: Path, faults: bool = True) -> tuple:
+        """Real-facts data in `w` and a fake API serving its first N_CHAINS chains (closed after the test)."""
+        self.assertEqual(main(["--workspace_path", str(w), "--jobs", "generate_data_real_facts"]), 0)
+        chains = read_records(w / "experiments/generate_data/real_facts/data/chains.jsonl", required=("id",))[:N_CHAINS]
+        server = FakeAPI(chains)
+        if not faults:
+            server.faults, server.always_failing = {}, None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server, chains
+
     def test_faults_retries_cache_and_no_key_on_disk(self):
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
-            self.assertEqual(main(["--workspace_path", str(w), "--jobs", "generate_data_real_facts"]), 0)
-            chains = read_records(w / "experiments/generate_data/real_facts/data/chains.jsonl", required=("id",))[:N_CHAINS]
-            server = FakeAPI(chains)
+            server, chains = self.start_server(w)
             distinct = {(q, style) for c in chains for q, _, _, style in task_prompts(c).values()}
-            threading.Thread(target=server.serve_forever, daemon=True).start()
             port = server.server_address[1]
             endpoints = (f"endpoints=[{{backend: openai, model: fake-gpt, base_url: 'http://127.0.0.1:{port}/v1'}}, "
                          f"{{backend: anthropic, model: fake-claude, base_url: 'http://127.0.0.1:{port}'}}]")
@@ -158,8 +167,6 @@ class FrontierEvalTest(unittest.TestCase):
                 self.assertEqual(rerun["asked_now"], 1)
                 self.assertEqual(rerun["tokens"]["input"], 0)  # nothing answered was paid for again
                 self.assertEqual(rerun["headline"], gpt["headline"])
-            server.shutdown()
-            server.server_close()
 
             # The key is in no file the runs wrote (configs, logs, questions, cache).
             for path in w.rglob("*"):
@@ -170,11 +177,7 @@ class FrontierEvalTest(unittest.TestCase):
     def test_model_grader_verdicts_are_used_and_cached(self):
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
-            self.assertEqual(main(["--workspace_path", str(w), "--jobs", "generate_data_real_facts"]), 0)
-            chains = read_records(w / "experiments/generate_data/real_facts/data/chains.jsonl", required=("id",))[:N_CHAINS]
-            server = FakeAPI(chains)
-            server.faults, server.always_failing = {}, None  # no faults here
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            server, _ = self.start_server(w, faults=False)
             url = f"http://127.0.0.1:{server.server_address[1]}/v1"
             args = ["--workspace_path", str(w), "--jobs", "frontier_eval_api", "--set", f"max_chains={N_CHAINS}",
                     "--set", f"endpoints=[{{backend: openai, model: fake-gpt, base_url: '{url}'}}]",
@@ -191,8 +194,6 @@ class FrontierEvalTest(unittest.TestCase):
                 self.assertEqual(results["graded_by"], "model grader")
                 self.assertEqual(main(args + ["--force"]), 0)  # verdicts come from the cache
                 self.assertEqual(Counter({k: v for k, v in server.requests.items() if k[1] == "fake-grader"}), graded)
-            server.shutdown()
-            server.server_close()
 
     def test_missing_key_is_one_clear_error_before_any_request(self):
         with tempfile.TemporaryDirectory() as tmp:

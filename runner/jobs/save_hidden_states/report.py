@@ -39,6 +39,15 @@ def analysis_markdown(analysis: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finish_layer_plot(axis, figure, layers, ylabel: str, title: str, legend_size: int) -> bytes:
+    axis.set_xticks(layers)
+    axis.set_xlabel("layer (0 = embeddings)")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=legend_size)
+    return png(figure)
+
+
 def similarity_plot(analysis: dict, title: str) -> bytes:
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     for (pair, result), color in zip(analysis["pairs"].items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
@@ -46,12 +55,7 @@ def similarity_plot(analysis: dict, title: str) -> bytes:
         axis.plot(layers, [r["matched"] for r in result["by_layer"]], marker="o", color=color, label=f"{pair}: true pairs")
         axis.plot(layers, [r["mismatched"] for r in result["by_layer"]], linestyle="--", color=color,
                   label=f"{pair}: mismatched")
-    axis.set_xticks(layers)
-    axis.set_xlabel("layer (0 = embeddings)")
-    axis.set_ylabel("cosine similarity")
-    axis.set_title(title)
-    axis.legend(fontsize=6)
-    return png(figure)
+    return finish_layer_plot(axis, figure, layers, "cosine similarity", title, 6)
 
 
 def scatter_plot(analysis: dict, title: str) -> bytes:
@@ -79,9 +83,4 @@ def logit_lens_plot(ranks: np.ndarray, title: str) -> bytes:
     axis.plot(layers, median + 1, marker="o", label="median")
     axis.fill_between(layers, low + 1, high + 1, alpha=0.3, label="25-75th percentile")
     axis.set_yscale("log")
-    axis.set_xticks(layers)
-    axis.set_xlabel("layer (0 = embeddings)")
-    axis.set_ylabel("rank of the bridge token + 1")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
-    return png(figure)
+    return finish_layer_plot(axis, figure, layers, "rank of the bridge token + 1", title, 8)
