@@ -71,6 +71,11 @@ def row_states(model, tokenizer, rows: list, positions, batch_size: int) -> dict
     Prompts of all the rows are run together, sorted by length (right padding: causal attention
     keeps padding out of every real token's state), and put back in row order.
     """
+    if "span" in positions:
+        missing = next((row for row in rows if not row.get("span")), None)
+        if missing is not None:
+            raise UserError(f"row {missing.get('id', missing.get('row'))!r} has no span; the 'span' position needs one "
+                            "per row (or save positions=['last'] only)")
     prompts = [(r, *token_positions(tokenizer, text, row.get("span", "") if "span" in positions else ""))
                for r, row in enumerate(rows) for text in row["prompts"]]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][1]))

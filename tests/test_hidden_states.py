@@ -98,6 +98,9 @@ class HiddenStatesTest(unittest.TestCase):
             states.layer(3)
         with self.assertRaisesRegex(UserError, "position 'span'"):
             states.layer(0, "span")
+        with self.assertRaisesRegex(UserError, "row 4 has no span"):
+            save_hidden_states(self.model, self.tokenizer, [{**r, "span": "" if r["id"] == 4 else r["span"]} for r in rows],
+                               Path(self.tmp.name) / "no_span", ("last", "span"))
 
     def test_killed_save_resumes_after_the_last_complete_shard(self):
         out = Path(self.tmp.name) / "killed"

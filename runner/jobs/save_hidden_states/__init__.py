@@ -30,7 +30,7 @@ from runner.jobs.save_hidden_states.prompts import FAMILIES, family_rows
 SAVING = {"positions": ["last", "span"], "batch_size": 32, "shard_rows": 512, "dtype": "float32"}
 SAVE_DEFAULTS = {**SAVING, "families": list(FAMILIES), "fewshot_prompts": 10, "fewshot_shots": 10,
                  "e3_output_phrasings": 3}
-PROMPTS_DEFAULTS = {**SAVING, "prompts_file": "", "span_field": ""}
+PROMPTS_DEFAULTS = {**SAVING, "positions": ["last"], "prompts_file": "", "span_field": ""}  # "span" needs span_field
 ANALYSIS_DEFAULTS = {"pairs": [["e2_r2", "e3_tell"], ["e2_r2", "e3_output"], ["e2_tell", "e3_tell"]],
                      "permutations": 10000, "scatter_layer": -1, "batch_size": 32}
 
@@ -43,6 +43,14 @@ def check_saving(config: dict) -> None:
     unknown = set(config.get("families", [])) - set(FAMILIES)
     if unknown:
         raise UserError(f"families {sorted(unknown)}: unknown; choose from {', '.join(FAMILIES)}")
+
+
+def check_prompts(config: dict) -> None:
+    check_saving(config)
+    if not config["prompts_file"]:
+        raise UserError("prompts_file: set it to a JSONL of rows with 'messages' or 'prompt', e.g. --set prompts_file=p.jsonl")
+    if not Path(config["prompts_file"]).expanduser().is_file():
+        raise UserError(f"prompts_file {config['prompts_file']}: no such file")
 
 
 def progress_bar(label: str):
@@ -72,8 +80,6 @@ def run_save(ctx, entity_type: str) -> dict:
 
 
 def run_prompts(ctx) -> dict:
-    if not ctx.config["prompts_file"]:
-        raise UserError("save_hidden_states_prompts: set prompts_file=<a JSONL of rows with 'messages' or 'prompt'>")
     path = Path(ctx.config["prompts_file"]).expanduser()
     model, tokenizer = load_model(base_model_path(ctx))
     rows = []
@@ -185,4 +191,4 @@ JOB = Job("save_hidden_states", "per-layer hidden states and the 'e2 + r2 = e3' 
        for t in ENTITY_TYPES]
     + [analysis_subjob("analysis_all", ENTITY_TYPES, "the analysis across all entity types, with type means"),
        SubJob("save_hidden_states", "prompts", "hidden states of any prompt file (--set prompts_file=...)",
-              run_prompts, PROMPTS_DEFAULTS, requires=("finetune_base",), uses_model=True, check=check_saving)]))
+              run_prompts, PROMPTS_DEFAULTS, requires=("finetune_base",), uses_model=True, check=check_prompts)]))
