@@ -16,6 +16,7 @@ from runner.errors import UserError
 @dataclass(frozen=True)
 class ModelFamily:
     model_types: tuple
+    body: str  # attribute path of the decoder stack without the LM head
     layers: str  # attribute path of the decoder layer list
     final_norm: str
     embeddings: str
@@ -24,10 +25,10 @@ class ModelFamily:
 
 
 FAMILIES = (
-    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"),
+    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"), body="model",
                 layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
                 unembedding="lm_head", accelerator_dtype=torch.bfloat16),
-    ModelFamily(("gpt2",), layers="transformer.h", final_norm="transformer.ln_f",
+    ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",
                 embeddings="transformer.wte", unembedding="lm_head", accelerator_dtype=torch.float32),
 )
 
@@ -45,6 +46,10 @@ def _get(model, path: str):
     return reduce(getattr, path.split("."), model)
 
 
+def decoder_body(model):
+    return _get(model, family_of(model.config).body)
+
+
 def decoder_layers(model):
     return _get(model, family_of(model.config).layers)
 
@@ -59,6 +64,13 @@ def input_embeddings(model):
 
 def unembedding(model):
     return _get(model, family_of(model.config).unembedding)
+
+
+def unembed(model, hidden_states) -> torch.Tensor:
+    """Logits for the given final hidden states (only those: the LM head is costly over a large vocabulary)."""
+    logits = unembedding(model)(hidden_states)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 caps its logits
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def preferred_dtype(config, device) -> torch.dtype:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from models import load_model
-from models.families import decoder_layers, final_norm, input_embeddings, unembedding
+from models.families import decoder_body, decoder_layers, final_norm, input_embeddings, unembed, unembedding
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_text
 from runner.jobs.finetune import checkpoint
@@ -105,6 +105,27 @@ def auxiliary_loss(model, hidden_states, batch, config) -> torch.Tensor:
     return (1 - F.cosine_similarity(states.float(), embedding.float(), dim=-1)).mean()
 
 
+class ReplyLoss(torch.nn.Module):
+    """The causal-LM loss over reply tokens, projecting onto the vocabulary only where a label is.
+
+    The stock forward computes logits at every position, and prompts are most of each row: this
+    makes a tiny-model step 1.7x faster, and spares an 8B model a [batch, length, 128k] logits
+    tensor. It wraps the model (rather than calling its parts) so DDP/FSDP hooks see one forward.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, output_hidden_states=False):
+        outputs = decoder_body(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                           output_hidden_states=output_hidden_states)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE
+        logits = unembed(self.model, outputs.last_hidden_state[:, :-1][supervised]).float()
+        return F.cross_entropy(logits, targets[supervised]), outputs.hidden_states
+
+
 class MetricsLog:
     """metrics.jsonl, appended line by line; on resume, lines after the checkpoint are dropped."""
 
@@ -171,8 +192,8 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
     if resume_from:
         position = checkpoint.load_checkpoint(resume_from, optimizer, scheduler)
         log.info("resuming from %s (step %d)", resume_from.name, position["step"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    reply_loss, optimizer = accelerator.prepare(ReplyLoss(model), optimizer)
+    unwrapped = accelerator.unwrap_model(reply_loss).model
     metrics = MetricsLog(run_dir / "metrics.jsonl", position["step"] if resume_from else -1) \
         if accelerator.is_main_process else None
     wandb = _maybe_wandb(config, run_dir) if accelerator.is_main_process else None
@@ -208,15 +229,15 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
             aux_fields = {k: torch.tensor([examples[i][k] for i in mine[micro]]) for k in ("aux_position", "aux_target")} \
                 if with_aux else {}
             batch = {k: v.to(accelerator.device) for k, v in {**batch, **aux_fields}.items()}
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], output_hidden_states=with_aux)
-            loss = outputs.loss
+            lm_loss, hidden_states = reply_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                output_hidden_states=with_aux)
+            loss = lm_loss
             if with_aux:
-                aux = auxiliary_loss(unwrapped, outputs.hidden_states, batch, config)
+                aux = auxiliary_loss(unwrapped, hidden_states, batch, config)
                 loss = loss + config["aux_loss_coef"] * aux
                 aux_window.append(aux.item())
             accelerator.backward(loss / accumulation)
-            last_loss = outputs.loss.item()
+            last_loss = lm_loss.item()
             loss_window.append(last_loss)
             position["tokens"] += int(batch["attention_mask"].sum()) * world
             if (micro + 1) % accumulation:
