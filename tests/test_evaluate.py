@@ -186,3 +186,35 @@ class TwoRankEvaluationTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CandidateScoringTest(unittest.TestCase):
+    def test_packed_scores_equal_scoring_each_prompt_and_reply_alone(self):
+        import torch
+        import torch.nn.functional as F
+        from models import ensure_model, load_model, resolve_model
+        from runner import evaluation
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = resolve_model("tiny", Path(tmp))
+            ensure_model(ref)
+            model, tokenizer = load_model(ref.path)
+        torch.manual_seed(0)
+        for parameter in model.parameters():  # a random model, so the scores differ between candidates
+            parameter.data.normal_(0, 0.2)
+        prompts = [evaluation.prompt_text(tokenizer, [{"role": "user", "content": q}])
+                   for q in ("Where was Ju born?", "Who is the spouse of Kate Hughes-Marsjanska, born in Oslo?")]
+        candidates = ["Oslo", "Sao Paulo", "Kate Hughes-Marsjanska", "Lima", "1984"]
+        replies = evaluation.reply_ids(tokenizer, candidates)
+        expected = torch.zeros(len(prompts), len(candidates))
+        for p, prompt in enumerate(prompts):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for c, reply in enumerate(replies):
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([prompt_ids + reply])).logits[0].float()
+                logprobs = F.log_softmax(logits[len(prompt_ids) - 1:-1], -1)
+                expected[p, c] = logprobs[torch.arange(len(reply)), torch.tensor(reply)].sum()
+        self.assertGreater(len({len(r) for r in replies}), 1)  # replies of different lengths
+        for pack_tokens in (512, 30):  # everything in one pack per prompt; several packs per prompt
+            scores = evaluation.score_candidates(model, tokenizer, prompts, candidates, pack_tokens=pack_tokens,
+                                                 batch_size=3)
+            torch.testing.assert_close(scores, expected, atol=2e-4, rtol=0)

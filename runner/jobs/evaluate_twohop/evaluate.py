@@ -28,7 +28,8 @@ DEFAULTS = {
     "nocot_max_new_tokens": 24,
     "cot_max_new_tokens": 96,
     "batch_size": 64,
-    "max_candidates": 200,  # candidate-set scoring for tests whose set is at most this large
+    "max_candidates": 64,  # candidate-set scoring for tests whose set is at most this large (cities: 50;
+                           # 200 spouses costs 200 forward passes per question: --set max_candidates=200)
     "candidate_sets": [],  # score only these sets of the card (e.g. ["cities"]); [] scores every set
     "bootstrap": 1000,
     "fewshot_k": 0,  # k examples from the dataset's few-shot files as earlier turns
