@@ -56,7 +56,7 @@ class RunContext:
     config: dict
     run_dir: Path
     workspace: Workspace
-    inputs: dict  # prerequisite full name -> its run folder
+    inputs: dict  # (prerequisite full name, seed) -> its run folder
     resuming: bool
     log: logging.Logger
 
@@ -68,8 +68,12 @@ class RunContext:
     def model(self):
         return self.run.model
 
-    def input(self, name: str) -> Path:
-        return self.inputs[name]
+    def input(self, name: str, seed: int = None) -> Path:
+        """The run folder of prerequisite `name`; `seed` picks one of several (a sub-job reading many seeds)."""
+        found = [path for (n, s), path in self.inputs.items() if n == name and seed in (None, s)]
+        if len(found) != 1:
+            raise KeyError(f"{self.run.name} has {len(found)} inputs named {name} (seed {seed})")
+        return found[0]
 
 
 @dataclass
@@ -157,7 +161,7 @@ class Executor:
         log.addHandler(handler)
         log.info("run %s -> %s%s", run.label, run_dir, " (resuming)" if resuming else "")
         ctx = RunContext(run, planned.config, run_dir, self.workspace,
-                         {req.name: req.run_dir(self.workspace) for req in planned.prerequisites},
+                         {(req.name, req.seed): req.run_dir(self.workspace) for req in planned.prerequisites},
                          resuming, logging.getLogger(f"twohop.{run.name}"))
         state, message = "failed", "interrupted"  # what a KeyboardInterrupt leaves behind
         try:
@@ -197,7 +201,7 @@ class Executor:
             "model": {"name": run.model.name, "path": str(run.model.path)} if run.model else None,
             "seed": run.seed,
             "config": planned.config,
-            "inputs": {req.name: str(req.run_dir(self.workspace)) for req in planned.prerequisites},
+            "inputs": {req.label: str(req.run_dir(self.workspace)) for req in planned.prerequisites},
             "project_revision": project_revision(),
             "packages": package_versions(),
             "python": platform.python_version(),

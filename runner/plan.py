@@ -110,11 +110,6 @@ def config_keys(config: dict, prefix: str = "") -> list:
     return keys
 
 
-def defaults_for(subjob, model) -> dict:
-    """A sub-job's defaults: a mapping, or a function of the model (e.g. tiny vs. 8B recipes)."""
-    return dict(subjob.defaults(model) if callable(subjob.defaults) else subjob.defaults)
-
-
 def resolve_config(defaults: dict, overrides: dict) -> dict:
     """The defaults with every override that names one of their keys applied."""
     config = copy.deepcopy(defaults)
@@ -168,8 +163,13 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
     def instance(subjob, seed):
         return Run(subjob, model if subjob.uses_model else None, seed if subjob.seeded else None)
 
-    def prerequisites_of(run):
-        return [instance(registry.subjobs[r], run.seed) for r in run.subjob.requires]
+    def prerequisites_of(run, config):
+        runs = []
+        for name, seeds in run.subjob.requirements(config):
+            if name not in registry.subjobs:
+                raise UserError(f"{run.name}: its config asks for unknown sub-job {name!r}; see --list")
+            runs.extend(instance(registry.subjobs[name], seed) for seed in (seeds or [run.seed]))
+        return runs
 
     scopes = {*registry.jobs, *registry.subjobs}
     wanted = [instance(s, seed) for s in requested for seed in (seeds if s.seeded else [None])]
@@ -179,11 +179,12 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
         if run in seen:
             return
         seen.add(run)
+        config = resolve_config(run.subjob.default_config(run.model), scoped_overrides(overrides, run, scopes))
+        prerequisites = prerequisites_of(run, config)
         if with_prerequisites:
-            for req in prerequisites_of(run):
+            for req in prerequisites:
                 visit(req, req in wanted)
-        config = resolve_config(defaults_for(run.subjob, run.model), scoped_overrides(overrides, run, scopes))
-        ordered.append(PlannedRun(run, config, is_requested, prerequisites_of(run)))
+        ordered.append(PlannedRun(run, config, is_requested, prerequisites))
 
     for run in wanted:
         visit(run, True)

@@ -20,7 +20,10 @@ class SubJob:
     help: str
     run: Callable  # run(ctx: RunContext) -> dict of headline metrics, or None
     defaults: Mapping = field(default_factory=dict)  # or a function of the resolved model -> dict
-    requires: tuple = ()  # full names of the sub-jobs whose outputs this one reads
+    # Full names of the sub-jobs whose outputs this one reads; or a function of the resolved config
+    # returning them, where a (name, seeds) pair reads a seeded sub-job at those seeds (a sub-job that
+    # aggregates over seeds, e.g. a report). A plain name maps onto the run's own seed.
+    requires: object = ()
     uses_model: bool = False  # one run folder per model; --model is resolved before running
     seeded: bool = False  # one run folder per seed; fans out over --seeds
     project_data: tuple = ()  # project paths it reads (e.g. "datasets"); their content is fingerprinted
@@ -29,6 +32,16 @@ class SubJob:
     @property
     def full_name(self) -> str:
         return f"{self.job}_{self.name}"
+
+    def default_config(self, model) -> dict:
+        """The defaults: a mapping, or a function of the model (e.g. tiny vs. 8B recipes)."""
+        return dict(self.defaults(model) if callable(self.defaults) else self.defaults)
+
+    def requirements(self, config=None) -> list:
+        """[(full name, seeds or None)] for this config (the model-free defaults if none is given)."""
+        names = self.requires(self.default_config(None) if config is None else config) \
+            if callable(self.requires) else self.requires
+        return [(r, None) if isinstance(r, str) else (r[0], tuple(r[1])) for r in names]
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ class Registry:
         if clashes:
             raise ValueError(f"names used both as a job and as a sub-job: {sorted(clashes)}")
         for sub in self.subjobs.values():
-            for req in sub.requires:
+            for req, _ in sub.requirements():
                 if req not in self.subjobs:
                     raise ValueError(f"{sub.full_name} requires unknown sub-job {req!r}")
         self._check_acyclic()
@@ -70,7 +83,7 @@ class Registry:
             if name in visiting:
                 raise ValueError(f"dependency cycle: {' -> '.join(path + [name])}")
             visiting.add(name)
-            for req in self.subjobs[name].requires:
+            for req, _ in self.subjobs[name].requirements():
                 visit(req, path + [name])
             visiting.discard(name)
             done.add(name)
@@ -101,7 +114,7 @@ class Registry:
             lines.append(f"{job.name}: {job.help}")
             for sub in job.subjobs:
                 lines.append(f"  {sub.full_name:<40} {sub.help}")
-                needs = list(sub.requires) + (["a model (--model)"] if sub.uses_model else [])
+                needs = [name for name, _ in sub.requirements()] + (["a model (--model)"] if sub.uses_model else [])
                 if needs:
                     lines.append(f"  {'':<40} requires: {', '.join(needs)}")
         return "\n".join(lines) if lines else "(no jobs registered)"

@@ -85,6 +85,20 @@ class RunnerTest(unittest.TestCase):
         self.assertEqual(status(self.exp / "alpha" / "make")["state"], "done")
         self.assertEqual(err.count("run alpha_make ->"), 1)
 
+    def test_a_sub_job_reads_a_seeded_one_at_the_seeds_its_config_names(self):
+        code, _, err = self.cli("--jobs", "two_words_gather", "--set", "seeds=[1, 3]")
+        self.assertEqual(code, 0, err)
+        self.assertEqual((self.exp / "two_words/gather/gathered.txt").read_text(), "1 0.5 | 3 0.5")
+        self.assertFalse((self.exp / "two_words/x_y/seed_2").exists())
+        self.assertEqual(err.count("run alpha_make ->"), 1)
+        # One progress line per run, with elapsed time; the last one says nothing is left.
+        self.assertIn("[4/4] two_words_gather done in 0m00s | elapsed", err)
+        self.assertRegex(err, r"\[1/4\] alpha_make done in \S+ \| elapsed \S+ \| 3 run\(s\) never timed")
+        # The measured durations make the next plan's estimate.
+        code, _, err = self.cli("--jobs", "two_words_gather", "--set", "seeds=[1, 3, 5]", "--dry_run")
+        self.assertIn("two_words_x_y [seed 5]", err + _)
+        self.assertTrue((self.exp / "runner/durations.json").is_file())
+
     # ---- skipping and forcing ------------------------------------------------------------------
     def test_done_run_is_skipped_force_reruns_and_new_inputs_propagate(self):
         make_dir, use_dir = self.exp / "alpha" / "make", self.exp / "beta" / "use"
