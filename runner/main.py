@@ -21,6 +21,7 @@ from runner import slurm  # noqa: E402
 from runner.errors import UserError  # noqa: E402
 from runner.execute import Executor, Workspace, summary_table  # noqa: E402
 from runner.plan import build_plan, parse_overrides  # noqa: E402
+from runner.progress import Progress  # noqa: E402
 from runner.slurm import split_slurm_overrides  # noqa: E402
 
 log = logging.getLogger("twohop")
@@ -141,8 +142,10 @@ def main(argv=None, registry=None) -> int:
                 log.error("%d of %d SLURM jobs did not complete: %s (logs in %s)", len(unfinished), len(states),
                           ", ".join(unfinished), workspace.runner_logs)
             return 1 if unfinished else 0
-        for planned in plan:
-            executor.execute(planned)
+        progress = Progress(plan, executor, log)
+        for index, planned in enumerate(plan):
+            progress.start(index)
+            progress.finish(index, executor.execute(planned))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
