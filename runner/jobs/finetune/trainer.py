@@ -63,6 +63,22 @@ def encode_rows(tokenizer, rows, config, with_aux=False) -> list:
     return examples
 
 
+def reply_logits(model, input_ids, attention_mask, labels, output_hidden_states=False) -> tuple:
+    """(logits at the positions that predict a reply token, those tokens, the [batch, length - 1]
+    mask of such positions, hidden states if asked).
+
+    The stock forward projects every position onto the vocabulary, and prompts are most of each
+    row: this makes a tiny-model training step 1.4-1.7x faster and spares an 8B model a
+    [batch, length, 128k] logits tensor.
+    """
+    outputs = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                  output_hidden_states=output_hidden_states)
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE
+    logits = unembed(model, outputs.last_hidden_state[:, :-1][supervised]).float()
+    return logits, targets[supervised], supervised, outputs.hidden_states
+
+
 @torch.no_grad()
 def row_losses(model, examples, pad_id, device, batch_size=64) -> tuple:
     """(per-row mean loss over reply tokens, per-row argmax-correct reply), in input order."""
@@ -73,13 +89,13 @@ def row_losses(model, examples, pad_id, device, batch_size=64) -> tuple:
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-        hits = ((logits.argmax(-1) == labels) | ~mask).all(1)
-        for i, loss, hit in zip(chunk, (token_loss.sum(1) / mask.sum(1)).tolist(), hits.tolist()):
-            losses[i], correct[i] = loss, hit
+        logits, targets, supervised, _ = reply_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        rows = supervised.nonzero()[:, 0]  # the batch row of each reply token
+        token_loss = F.cross_entropy(logits, targets, reduction="none")
+        sums = torch.zeros(len(chunk), device=logits.device).index_add_(0, rows, token_loss)
+        misses = torch.zeros(len(chunk), device=logits.device).index_add_(0, rows, (logits.argmax(-1) != targets).float())
+        for i, total, count, miss in zip(chunk, sums.tolist(), supervised.sum(1).tolist(), misses.tolist()):
+            losses[i], correct[i] = total / count, miss == 0
     model.train(was_training)
     return losses, correct
 
@@ -106,24 +122,17 @@ def auxiliary_loss(model, hidden_states, batch, config) -> torch.Tensor:
 
 
 class ReplyLoss(torch.nn.Module):
-    """The causal-LM loss over reply tokens, projecting onto the vocabulary only where a label is.
-
-    The stock forward computes logits at every position, and prompts are most of each row: this
-    makes a tiny-model step 1.7x faster, and spares an 8B model a [batch, length, 128k] logits
-    tensor. It wraps the model (rather than calling its parts) so DDP/FSDP hooks see one forward.
-    """
+    """The mean loss over reply tokens. It wraps the model (rather than calling its parts from the
+    training loop) so DDP/FSDP hooks see one forward."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels, output_hidden_states=False):
-        outputs = decoder_body(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                           output_hidden_states=output_hidden_states)
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE
-        logits = unembed(self.model, outputs.last_hidden_state[:, :-1][supervised]).float()
-        return F.cross_entropy(logits, targets[supervised]), outputs.hidden_states
+        logits, targets, _, hidden_states = reply_logits(self.model, input_ids, attention_mask, labels,
+                                                         output_hidden_states)
+        return F.cross_entropy(logits, targets), hidden_states
 
 
 class MetricsLog:
