@@ -24,7 +24,8 @@ REFERENCE = {"synthetic": {"lr": 1e-5, "epochs": 1, "batch_size": 64},
              "base": {}}
 TINY = {"synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 512, "warmup_ratio": 0.02,
                       "train_fraction": 0.35},
-        "semi_synthetic": {"lr": 3e-3, "epochs": 30, "batch_size": 8, "max_length": 256},
+        "semi_synthetic": {"lr": 3e-3, "epochs": 30, "batch_size": 8, "max_length": 256,
+                           "eval_every_steps": 15},  # 3 steps an epoch: evals every epoch would be most of the time
         "base": {"lr": 3e-3, "epochs": 4, "batch_size": 16, "packing": True, "max_length": 384, "warmup_ratio": 0.02}}
 BASE_CORPUS = {"data_seed": 0, "base_people": 300, "base_paraphrases": 10, "in_context_rounds": 4,
                "in_context_per_round": 150, "copy_rows": 12000}
