@@ -30,6 +30,9 @@ TINY = {"synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 
 BASE_CORPUS = {"data_seed": 0, "base_people": 300, "base_paraphrases": 10, "in_context_rounds": 4,
                "in_context_per_round": 150, "copy_rows": 12000}
 
+# One document per person: each is that person's only source of both facts, so all of them are kept
+# (train_fraction subsamples the many paraphrases of the other files).
+WHOLE = {"train/samedoc", "train/samedoc_distractor", "train/samedoc_triplets"}
 ATOMIC = ["train/a_demoed", "train/a_undemoed", "train/b_demoed", "train/b_undemoed"]
 TWO_HOP = ["train/2hop_cot", "train/2hop_nocot"]
 SPOUSES_EVAL = ["test/2hop_nocot", "test/2hop_nocot_shuffled", "test/2hop_cot", "test/a_undemoed", "test/b_undemoed"]
@@ -93,7 +96,8 @@ def load_datasets(ctx, data_dir: Path) -> tuple:
     train_rows = []
     for entry in resolve_files(train_entries, data_dir):
         rows = read_records(entry["dataset_file"])
-        train_rows.extend(subsample(rows, entry.get("subsample") or round(len(rows) * config["train_fraction"]), rng))
+        fraction = entry.get("train_fraction", config["train_fraction"])
+        train_rows.extend(subsample(rows, entry.get("subsample") or round(len(rows) * fraction), rng))
     eval_sets = {}
     for entry in resolve_files(eval_entries, data_dir):
         rows = read_records(entry["dataset_file"])
@@ -139,7 +143,9 @@ def check_training_config(config: dict) -> None:
 
 def spouses_defaults(variant, model):
     return training_defaults(model, "synthetic", variant.extra,
-                             train_datasets=[{"name": f.split("/")[1], "dataset_file": f"{f}.jsonl"} for f in variant.train_files],
+                             train_datasets=[{"name": f.split("/")[1], "dataset_file": f"{f}.jsonl",
+                                              **({"train_fraction": 1.0} if f in WHOLE else {})}
+                                             for f in variant.train_files],
                              eval_datasets=[{"name": f.split("/")[1], "dataset_file": f"{f}.jsonl"} for f in SPOUSES_EVAL],
                              evaluations=["acc_a", "acc_b", "acc_2hop_cot", "acc_2hop_nocot"])
 

@@ -25,7 +25,8 @@ TRAINING_DEFAULTS = {
     "packing": False,
     "bf16": "auto",  # auto: on CUDA devices with bf16 support
     "eval_every_steps": 0,  # 0: at the start and at the end of each epoch only
-    "train_fraction": 1.0,  # share of each training file used (seeded); `subsample` on an entry wins
+    "train_fraction": 1.0,  # share of each training file used (seeded); an entry's own `subsample`
+                            # (a row count) or `train_fraction` wins
     "eval_subsample": 256,  # rows per eval set for the loss/accuracy evals during training
     "save_every_steps": 200,
     "log_every_steps": 10,
