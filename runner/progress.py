@@ -4,7 +4,7 @@ A run's expected duration is the last one measured for the same sub-job and mode
 (W/experiments/runner/durations.json, updated after every run); failing that, the figure shipped
 for the embedded tiny model on 2 CPU cores (runner/typical_durations.json, a copy of that file
 from a measured run of `--jobs reproduce`), scaled by how this machine's runs so far compare with
-the shipped figures. Runs already done are expected to be skipped.
+the shipped figures. Runs already done with unchanged prerequisites are expected to be skipped.
 """
 import time
 from pathlib import Path
@@ -30,7 +30,21 @@ class Progress:
         self.history = self._load(self.history_path)
         self.typical = self._load(TYPICAL)
         self.started = time.time()
+        self.will_run = set()  # runs expected to execute (not skipped as done)
+        for planned in plan:
+            if not self._will_skip(planned):
+                self.will_run.add(planned.run)
         self.measured, self.typical_of_measured = 0.0, 0.0  # for the machine-speed scale
+
+    def _will_skip(self, planned) -> bool:
+        """Done with the same inputs, and no prerequisite will run again (plans are in dependency order)."""
+        status = self.executor.read_status(planned.run.run_dir(self.executor.workspace))
+        if status.get("state") != "done" or (self.executor.force and planned.requested):
+            return False
+        if set(planned.prerequisites) & self.will_run:
+            return False
+        model = planned.run.model
+        return (model is None or model.path.is_dir()) and status.get("fingerprint") == self.executor.input_fingerprint(planned)
 
     @staticmethod
     def _load(path) -> dict:
@@ -41,7 +55,7 @@ class Progress:
 
     def expected(self, planned):
         """Seconds this run should take (0 if it will be skipped); None if never timed anywhere."""
-        if self.executor.read_status(planned.run.run_dir(self.executor.workspace)).get("state") == "done":
+        if planned.run not in self.will_run:
             return 0.0
         key = duration_key(planned.run)
         if key in self.history:
