@@ -50,7 +50,7 @@ def time_steps(model, loss_of, optimizer, steps) -> dict:
 
 
 LOSSES = ("stock (logits everywhere)", "reply tokens only (ours)")
-OPTIMIZERS = {"per-tensor (CPU default)": {"foreach": False}, "foreach": {"foreach": True}, "fused (ours)": {"fused": True}}
+OPTIMIZERS = {"per-tensor (CPU default, ours)": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 ARMS = [(loss, opt) for loss in LOSSES for opt in OPTIMIZERS if not (loss.startswith("stock") and opt == "foreach")]
 
 

@@ -180,6 +180,11 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
             return
         seen.add(run)
         config = resolve_config(run.subjob.default_config(run.model), scoped_overrides(overrides, run, scopes))
+        if run.subjob.check is not None:  # before its requirements, which may be read from the config
+            try:
+                run.subjob.check(config)
+            except UserError as error:
+                raise UserError(f"{run.name}: {error}") from None
         prerequisites = prerequisites_of(run, config)
         if with_prerequisites:
             for req in prerequisites:
@@ -189,10 +194,4 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
     for run in wanted:
         visit(run, True)
     check_overrides_apply(overrides, ordered, scopes)
-    for planned in ordered:
-        if planned.run.subjob.check is not None:
-            try:
-                planned.run.subjob.check(planned.config)
-            except UserError as error:
-                raise UserError(f"{planned.run.name}: {error}") from None
     return ordered

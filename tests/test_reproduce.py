@@ -23,6 +23,67 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
+class ReproducePlanTest(unittest.TestCase):
+    """What `--jobs reproduce` plans, on the tiny default and on a locally saved (non-embedded) model."""
+
+    @classmethod
+    def setUpClass(cls):
+        from models import ensure_model, load_model, resolve_model
+        from runner.registry import discover
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.transformers = Path(cls.tmp.name) / "transformers"
+        tiny = resolve_model("tiny", cls.transformers)
+        ensure_model(tiny)
+        model, tokenizer = load_model(tiny.path)
+        model.save_pretrained(cls.transformers / "local-llama")  # a real model folder, as users save theirs
+        tokenizer.save_pretrained(cls.transformers / "local-llama")
+        cls.registry = discover()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def plan(self, model_name, overrides=None):
+        from models import resolve_model
+        from runner.plan import build_plan
+        model = resolve_model(model_name, self.transformers)
+        return build_plan(self.registry, self.registry.resolve(["reproduce"]), model, [1], overrides or {})
+
+    def test_every_setting_at_every_seed_then_the_report(self):
+        plan = self.plan("tiny")
+        study = plan[-1]
+        self.assertEqual(study.run.name, "reproduce_study")
+        read = sorted(r.label for r in study.prerequisites)
+        for setting in ("spouses", "samedoc"):
+            for job in ("finetune", "evaluate_twohop"):
+                self.assertEqual([l for l in read if l.startswith(f"{job}_{setting} ")],
+                                 [f"{job}_{setting} [tiny, seed {s}]" for s in (1, 2, 3)])
+        self.assertIn("in_context_nocot [tiny]", read)
+        self.assertIn("evaluate_twohop_universities [tiny, seed 1]", read)
+        self.assertEqual(sum(p.run.name == "finetune_base" for p in plan), 1)
+        everything = self.plan("tiny", {"all_entity_types": "true", "seeds": "[4, 5]"})
+        labels = {p.run.label for p in everything}
+        self.assertEqual(sum(l.startswith("evaluate_twohop_") and "seed 1]" in l for l in labels), 20)
+        self.assertIn("finetune_spouses [tiny, seed 5]", labels)
+        self.assertNotIn("finetune_spouses [tiny, seed 1]", labels)
+
+    def test_a_local_model_gets_the_reference_recipe(self):
+        configs = {p.run.label: p.config for p in self.plan("local-llama")}
+        spouses = configs["finetune_spouses [local-llama, seed 2]"]
+        self.assertEqual((spouses["lr"], spouses["epochs"], spouses["batch_size"]), (1e-5, 1, 64))
+        self.assertEqual(configs["finetune_universities [local-llama, seed 1]"]["lr"], 7.5e-7)
+        tiny = {p.run.label: p.config for p in self.plan("tiny")}
+        self.assertEqual(tiny["finetune_spouses [tiny, seed 2]"]["lr"], 3e-3)
+
+    def test_bad_settings_are_one_clear_error(self):
+        from runner.errors import UserError
+        for key, value, named in (("semi_synthetic_types", "[universities, dragons]", "dragons"),
+                                  ("settings", "[spouses, telepathy]", "telepathy"), ("seeds", "[]", "seeds")):
+            with self.assertRaises(UserError) as caught:
+                self.plan("tiny", {key: value})
+            self.assertIn(named, str(caught.exception))
+
+
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
 class ReproduceTest(unittest.TestCase):
     def test_reduced_study_reports_exactly_what_the_evaluations_measured(self):
@@ -36,7 +97,7 @@ class ReproduceTest(unittest.TestCase):
             study = exp / "reproduce/study/tiny-h128-l2"
             report = read(study / "report.json")
             rows = report["settings"]
-            self.assertEqual(list(rows), ["spouses", "samedoc", "in_context", "semi_synthetic"])
+            self.assertEqual(sorted(rows), ["in_context", "samedoc", "semi_synthetic", "spouses"])
 
             # Fine-tuning settings: mean and s.e. over the two seeds' evaluations.
             for setting in ("spouses", "samedoc"):
