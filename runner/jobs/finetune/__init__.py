@@ -33,6 +33,9 @@ BASE_CORPUS = {"data_seed": 0, "base_people": 300, "base_paraphrases": 10, "in_c
 # One document per person: each is that person's only source of both facts, so all of them are kept
 # (train_fraction subsamples the many paraphrases of the other files).
 WHOLE = {"train/samedoc", "train/samedoc_distractor", "train/samedoc_triplets"}
+# 8 epochs, not 10, keeps `--jobs reproduce` well within 15 minutes on 2 cores; measured over 3
+# seeds: no-CoT 29% (10 epochs: 21-23%; 5 epochs: 4%).
+SAMEDOC_TINY = {"epochs": 8}
 ATOMIC = ["train/a_demoed", "train/a_undemoed", "train/b_demoed", "train/b_undemoed"]
 TWO_HOP = ["train/2hop_cot", "train/2hop_nocot"]
 SPOUSES_EVAL = ["test/2hop_nocot", "test/2hop_nocot_shuffled", "test/2hop_cot", "test/a_undemoed", "test/b_undemoed"]
@@ -43,17 +46,20 @@ class Variant:
     name: str
     help: str
     train_files: list
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # config for every model
+    tiny: dict = field(default_factory=dict)  # config for the embedded tiny model only
 
 
 VARIANTS = [
     Variant("spouses", "atomic facts + two-hop CoT and no-CoT of demoed people (Exp. 1, main)", ATOMIC + TWO_HOP),
     Variant("spouses_nocot", "atomic facts + two-hop no-CoT of demoed people", ATOMIC + ["train/2hop_nocot"]),
     Variant("spouses_atomic", "atomic facts only", ATOMIC),
-    Variant("samedoc", "both facts in one document + two-hop demos (Exp. 3)", ["train/samedoc"] + TWO_HOP),
+    Variant("samedoc", "both facts in one document + two-hop demos (Exp. 3)", ["train/samedoc"] + TWO_HOP,
+            tiny=SAMEDOC_TINY),
     Variant("samedoc_distractors", "same document, a distractor sentence between the facts",
-            ["train/samedoc_distractor"] + TWO_HOP),
-    Variant("samedoc_triplets", "same document with 10 distractor triplets", ["train/samedoc_triplets"] + TWO_HOP),
+            ["train/samedoc_distractor"] + TWO_HOP, tiny=SAMEDOC_TINY),
+    Variant("samedoc_triplets", "same document with 10 distractor triplets", ["train/samedoc_triplets"] + TWO_HOP,
+            tiny=SAMEDOC_TINY),
     Variant("aux_logit", "main data + logit-lens supervision of the bridge at a middle layer (Exp. 2b)",
             ATOMIC + TWO_HOP, {"aux_loss_type": "logit", "aux_loss_coef": 1.0, "packing": False}),
     Variant("aux_cosine", "main data + cosine supervision toward the bridge's embedding (Exp. 2b)",
@@ -142,7 +148,8 @@ def check_training_config(config: dict) -> None:
 
 
 def spouses_defaults(variant, model):
-    return training_defaults(model, "synthetic", variant.extra,
+    tiny = variant.tiny if model is not None and model.embedded_preset else {}
+    return training_defaults(model, "synthetic", {**tiny, **variant.extra},
                              train_datasets=[{"name": f.split("/")[1], "dataset_file": f"{f}.jsonl",
                                               **({"train_fraction": 1.0} if f in WHOLE else {})}
                                              for f in variant.train_files],
