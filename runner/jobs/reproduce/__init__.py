@@ -14,11 +14,10 @@ With `--model` naming a real model, the same prerequisites run with the referenc
 """
 from runner.errors import UserError
 from runner.registry import Job, SubJob
+from runner.jobs.evaluate_twohop import ENTITY_TYPES
 from runner.jobs.finetune import VARIANTS
-from runner.jobs.generate_data import tables
 from runner.jobs.reproduce.report import write_report
 
-ENTITY_TYPES = tuple(tables.entity_schema())
 DEFAULTS = {"seeds": [1, 2, 3], "settings": ["spouses", "samedoc"], "semi_synthetic_types": ["universities"],
             "all_entity_types": False, "semi_synthetic_seed": 1}
 
