@@ -61,7 +61,8 @@ class Progress:
         if key in self.history:
             return self.history[key]
         if key in self.typical:
-            scale = self.measured / self.typical_of_measured if self.typical_of_measured else 1.0
+            # seconds-long runs say little about the machine: scale once a minute of shipped time is measured
+            scale = self.measured / self.typical_of_measured if self.typical_of_measured >= 60 else 1.0
             return self.typical[key] * scale
         return None
 
