@@ -143,6 +143,8 @@ class FinetuneConfigTest(unittest.TestCase):
             for setting, message in (("aux_loss_type=dot", "aux_loss_type 'dot'"),
                                      ("layer_range=4-2", "layer_range '4-2'"),
                                      ("train_fraction=1.5", "train_fraction 1.5"),
+                                     ("train_datasets=[{name: docs, dataset_file: train/samedoc.jsonl, train_fraction: 2}]",
+                                      "train dataset 'docs': train_fraction 2"),
                                      ("lr=fast", "lr=fast: expected a float")):
                 err = io.StringIO()
                 with contextlib.redirect_stderr(err):

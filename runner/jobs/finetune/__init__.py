@@ -103,6 +103,7 @@ def load_datasets(ctx, data_dir: Path) -> tuple:
     for entry in resolve_files(train_entries, data_dir):
         rows = read_records(entry["dataset_file"])
         fraction = entry.get("train_fraction", config["train_fraction"])
+        check_fraction(fraction, f"train dataset {entry['name']!r}: ")
         train_rows.extend(subsample(rows, entry.get("subsample") or round(len(rows) * fraction), rng))
     eval_sets = {}
     for entry in resolve_files(eval_entries, data_dir):
@@ -136,9 +137,16 @@ def run_base(ctx) -> dict:
             **train({**config, "seed": 0}, ctx.model.path, rows, eval_sets, ctx.run_dir, ctx.log)}
 
 
+def check_fraction(fraction, where: str = "") -> None:
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise UserError(f"{where}train_fraction {fraction!r}: must be in (0, 1]")
+
+
 def check_training_config(config: dict) -> None:
-    if not 0 < config["train_fraction"] <= 1:
-        raise UserError(f"train_fraction {config['train_fraction']}: must be in (0, 1]")
+    check_fraction(config["train_fraction"])
+    for entry in config.get("train_datasets", []):
+        if "train_fraction" in entry:
+            check_fraction(entry["train_fraction"], f"train dataset {entry.get('name')!r}: ")
     if config["aux_loss_type"] not in ("", "logit", "cosine"):
         raise UserError(f"aux_loss_type {config['aux_loss_type']!r}: expected '', 'logit' or 'cosine'")
     if config["aux_loss_type"] and config["packing"]:
