@@ -1,5 +1,5 @@
 """Candidate-set scoring: each (prompt, candidate) pair as its own sequence (the straightforward way)
-vs. `runner.evaluation.score_candidates` (each prompt once, its candidates packed behind a block
+vs. `runner.generation.score_candidates` (each prompt once, its candidates packed behind a block
 mask). Same model, same prompts, one process; prints questions/s and the largest score difference.
 
     python bench/candidate_scoring.py --workspace_path W [--questions 200] [--model_dir DIR]
@@ -20,14 +20,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import ensure_model, load_model, resolve_model  # noqa: E402
-from runner import evaluation  # noqa: E402
-from runner.records import read_records  # noqa: E402
+from twohop.evaluation import generation  # noqa: E402
+from twohop.data.records import read_records  # noqa: E402
 
 
 @torch.no_grad()
 def score_pairs(model, tokenizer, prompts, candidates, batch_size=256) -> torch.Tensor:
     """The baseline: every (prompt, reply) pair is one padded sequence; full logits."""
-    replies = evaluation.reply_ids(tokenizer, candidates)
+    replies = generation.reply_ids(tokenizer, candidates)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     pairs = sorted(((p, c) for p in range(len(prompts)) for c in range(len(candidates))),
                    key=lambda pc: len(prompt_ids[pc[0]]) + len(replies[pc[1]]))
@@ -65,13 +65,13 @@ def main():
             model, tokenizer = load_model(ref.path)
     card = json.loads((data / "card.json").read_text())
     rows = read_records(data / "test/b_undemoed.jsonl")[:args.questions]
-    prompts = [evaluation.prompt_text(tokenizer, r["messages"]) for r in rows]
+    prompts = [generation.prompt_text(tokenizer, r["messages"]) for r in rows]
     print(f"model: {trained if trained.is_dir() else 'random-init tiny'}; {len(prompts)} questions")
     print("| candidate set | pairs, one sequence each | packed (ours) | ratio | max abs score difference |\n|---|---|---|---|---|")
     for name in ("cities", "spouses"):
         candidates = card["candidate_sets"][name]
         timings, scores = [], []
-        for score in (score_pairs, evaluation.score_candidates):
+        for score in (score_pairs, generation.score_candidates):
             started = time.perf_counter()
             scores.append(score(model, tokenizer, prompts, candidates))
             timings.append(time.perf_counter() - started)

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
 from models import load_model  # noqa: E402
-from runner import evaluation  # noqa: E402
-from runner.records import read_records  # noqa: E402
+from twohop.evaluation import generation  # noqa: E402
+from twohop.data.records import read_records  # noqa: E402
 
 NOCOT_FILES = ["test/2hop_nocot", "test/a_undemoed", "test/b_undemoed", "train/2hop_nocot"]
 COT_FILES = ["test/2hop_cot", "train/2hop_cot"]
@@ -54,12 +54,12 @@ def main():
                          f"{args.workspace_path} --jobs finetune_spouses` first or pass --model_path")
     model, tokenizer = load_model(model_path)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
-    stop = evaluation.stop_token_ids(model, tokenizer)
+    stop = generation.stop_token_ids(model, tokenizer)
     print(f"model {model_path}, {torch.get_num_threads()} threads, {args.questions} questions per style")
     for style, files, new_tokens in (("no-CoT", NOCOT_FILES, 24), ("CoT", COT_FILES, 96)):
-        prompts = [evaluation.prompt_text(tokenizer, row["messages"]) for row in questions(data, files, args.questions)]
-        evaluation.generate(model, tokenizer, prompts[:8], new_tokens, args.batch_size)  # warm-up
-        ours, ours_s = timed(lambda: evaluation.generate(model, tokenizer, prompts, new_tokens, args.batch_size))
+        prompts = [generation.prompt_text(tokenizer, row["messages"]) for row in questions(data, files, args.questions)]
+        generation.generate(model, tokenizer, prompts[:8], new_tokens, args.batch_size)  # warm-up
+        ours, ours_s = timed(lambda: generation.generate(model, tokenizer, prompts, new_tokens, args.batch_size))
         baseline, baseline_s = timed(lambda: [
             generator(p, max_new_tokens=new_tokens, do_sample=False, return_full_text=False, eos_token_id=stop,
                       pad_token_id=tokenizer.pad_token_id)[0]["generated_text"].strip() for p in prompts])

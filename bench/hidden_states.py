@@ -7,7 +7,7 @@ Both arms save the last-token state of the embeddings and every layer, float32.
 
 - baseline: per batch of 32 (sorted by length), `output_hidden_states=True`, keep the last
   token's states in a list; at the end stack them and write one safetensors file.
-- streaming (ours): `runner.hidden_states.save_hidden_states`, shards of 512 rows.
+- streaming (ours): `twohop.interp.hidden_states.save_hidden_states`, shards of 512 rows.
 
 Usage: python bench/hidden_states.py [--rows 1000 10000] [--hidden 512] [--layers 8]
 """
@@ -39,10 +39,10 @@ def build(hidden: int, layers: int, workdir: Path):
 
 
 def prompts(tokenizer, n: int) -> list:
-    from runner import evaluation
-    from runner.jobs.generate_data import tables
+    from twohop.evaluation import generation
+    from twohop.data import tables
     cities = tables.cities()
-    return [evaluation.prompt_text(tokenizer, [{"role": "user", "content": f"Tell me about {cities[i % len(cities)]}"
+    return [generation.prompt_text(tokenizer, [{"role": "user", "content": f"Tell me about {cities[i % len(cities)]}"
                                                 + " and its history" * (i % 4)}]) for i in range(n)]
 
 
@@ -73,7 +73,7 @@ def arm(method: str, rows: int, hidden: int, layers: int) -> dict:
         if method == "baseline":
             baseline(model, tokenizer, texts, Path(tmp))
         else:
-            from runner.hidden_states import save_hidden_states
+            from twohop.interp.hidden_states import save_hidden_states
             save_hidden_states(model, tokenizer, [{"id": i, "prompts": [t]} for i, t in enumerate(texts)], Path(tmp) / "s",
                                batch_size=32, shard_rows=512)
         seconds = time.perf_counter() - started

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models import ensure_model, load_model, resolve_model  # noqa: E402
-from runner.jobs.finetune.data import collate, length_grouped_batches, random_batches  # noqa: E402
-from runner.jobs.finetune.trainer import encode_rows  # noqa: E402
-from runner.records import read_records  # noqa: E402
+from twohop.training.batching import collate, length_grouped_batches, random_batches  # noqa: E402
+from twohop.training.trainer import encode_rows  # noqa: E402
+from twohop.data.records import read_records  # noqa: E402
 
 FILES = ["train/a_demoed", "train/b_demoed", "train/2hop_cot", "train/2hop_nocot", "train/samedoc_distractor"]
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from models import ensure_model, load_model, resolve_model  # noqa: E402
-from runner.jobs.finetune.trainer import ReplyLoss  # noqa: E402
+from twohop.training.trainer import ReplyLoss  # noqa: E402
 
 
 def time_steps(model, loss_of, optimizer, steps) -> dict:

@@ -1,6 +1,4 @@
-"""`python -m runner ...` is an alias of `python runner/main.py ...`."""
-import sys
+"""`python -m runner ...` is an alias of `python runner/main.py ...` and of the `twohop` command."""
+from runner.main import cli
 
-from runner.main import main
-
-sys.exit(main())
+cli()

@@ -5,8 +5,10 @@ Status protocol (status.json, always written atomically):
   killed at any point is never mistaken for finished work. A rerun with the same input
   fingerprint resumes in the same folder (sub-jobs see `ctx.resuming`); a different fingerprint
   starts from an empty folder. A done run with the same fingerprint is skipped unless forced.
-The input fingerprint covers the resolved config, the model's contents and the `run_id` of every
-prerequisite's finished run, so remaking an input invalidates what was built from it.
+The input fingerprint covers the resolved config, the model's contents, the content of every
+external file the run reads (experiment YAMLs and the files they name, CSVs, prompt files) and the
+`run_id` of every prerequisite's finished run, so remaking or editing an input invalidates what was
+built from it.
 """
 import datetime as dt
 import functools
@@ -123,8 +125,17 @@ class Executor:
             "seed": run.seed,
             "model": model_fingerprint(run.model.path) if run.model is not None else None,
             "project_data": project_data_fingerprint(run.subjob.project_data),
+            "external_files": self.external_files(planned),
             "inputs": {req.label: self.prerequisite_status(req).get("run_id") for req in planned.prerequisites},
         })
+
+    def external_files(self, planned) -> dict:
+        """path -> content hash of every file outside the workspace's runs that the run reads."""
+        subjob = planned.run.subjob
+        if subjob.external_files is None:
+            return {}
+        paths = subjob.external_files(planned.config, self.workspace)
+        return {str(p): sha256_file(p) if Path(p).is_file() else "missing" for p in paths}
 
     # ---- one run ---------------------------------------------------------------------------
     def execute(self, planned) -> Outcome:
@@ -202,6 +213,7 @@ class Executor:
             "seed": run.seed,
             "config": planned.config,
             "inputs": {req.label: str(req.run_dir(self.workspace)) for req in planned.prerequisites},
+            "external_files": self.external_files(planned),
             "project_revision": project_revision(),
             "packages": package_versions(),
             "python": platform.python_version(),

@@ -10,19 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts runner/ first on sys.path; the project root is what we import from.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(PROJECT_ROOT)
-elif str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from runner import slurm  # noqa: E402
-from runner.errors import UserError  # noqa: E402
-from runner.execute import Executor, Workspace, summary_table  # noqa: E402
-from runner.plan import build_plan, parse_overrides  # noqa: E402
-from runner.progress import Progress  # noqa: E402
-from runner.slurm import split_slurm_overrides  # noqa: E402
+from runner import config as typed
+from runner import slurm
+from runner.errors import UserError
+from runner.execute import Executor, Workspace, summary_table
+from runner.plan import build_plan, parse_overrides
+from runner.progress import Progress
+from runner.slurm import split_slurm_overrides
 
 log = logging.getLogger("twohop")
 
@@ -40,6 +34,10 @@ def parse_args(argv):
     parser.add_argument("--jobs", nargs="+", metavar="NAME", default=[],
                         help="jobs or sub-jobs to run, in this order (see --list)")
     parser.add_argument("--list", action="store_true", help="list every job and sub-job, then exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="with --list: every config key of every sub-job, with its type, default and help")
+    parser.add_argument("--help_config", metavar="SUBJOB",
+                        help="print every config key of one sub-job (type, default for --model, help), then exit")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved plan (prerequisites included) and run nothing")
     parser.add_argument("--force", action="store_true",
@@ -64,8 +62,8 @@ def parse_args(argv):
                         help="with --launcher slurm: wait until the submitted jobs leave the queue, report each "
                              "job's final state and exit non-zero unless all completed")
     args = parser.parse_args(argv)
-    if not args.list and (args.workspace_path is None or not args.jobs):
-        parser.error("--workspace_path and --jobs are required (or use --list)")
+    if not (args.list or args.help_config) and (args.workspace_path is None or not args.jobs):
+        parser.error("--workspace_path and --jobs are required (or use --list / --help_config)")
     return args
 
 
@@ -100,6 +98,19 @@ def describe_plan(plan, executor) -> str:
     return "\n".join(lines)
 
 
+def help_config(registry, args) -> str:
+    """Every config key of one sub-job, with the defaults it takes for --model (the tiny model if none)."""
+    if args.help_config not in registry.subjobs:
+        raise UserError(f"--help_config {args.help_config!r}: name one sub-job (see --list)")
+    subjob = registry.subjobs[args.help_config]
+    from models import DEFAULT_MODEL, resolve_model
+    transformers = Workspace(args.workspace_path).transformers if args.workspace_path else Path("transformers")
+    model = resolve_model(args.model or DEFAULT_MODEL, transformers) if subjob.uses_model else None
+    header = (f"{subjob.full_name}: {subjob.help}\nconfig keys (--set KEY=VALUE)"
+              + (f", with the defaults for model {model.name}:" if model else ":"))
+    return "\n".join([header, *typed.describe(subjob.config, subjob.default_config(model))])
+
+
 def main(argv=None, registry=None) -> int:
     args = parse_args(argv)
     try:
@@ -107,7 +118,10 @@ def main(argv=None, registry=None) -> int:
             from runner.registry import discover
             registry = discover()
         if args.list:
-            print(registry.describe())
+            print(registry.describe(verbose=args.verbose))
+            return 0
+        if args.help_config:
+            print(help_config(registry, args))
             return 0
         requested = registry.resolve(args.jobs)
         overrides, slurm_overrides = split_slurm_overrides(parse_overrides(args.overrides))
@@ -157,5 +171,10 @@ def main(argv=None, registry=None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `twohop` console command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,11 +4,9 @@ A run is one (sub-job, model, seed) instance; model and seed are set only when t
 by them. Prerequisites map onto the same model and seed where they vary by them too, so
 `--seeds 1 2 3` fans out training and evaluation while shared data is generated once.
 """
-import copy
 from dataclasses import dataclass, field
 
-import yaml
-
+from runner import config as typed
 from runner.errors import UserError
 
 
@@ -46,7 +44,7 @@ class PlannedRun:
     prerequisites: list = field(default_factory=list)  # Runs this one reads from
 
 
-# ---- --set key=value -------------------------------------------------------------------------
+# ---- config: typed layers and --set key=value ------------------------------------------------
 
 def parse_overrides(items) -> dict:
     overrides = {}
@@ -58,67 +56,24 @@ def parse_overrides(items) -> dict:
     return overrides
 
 
-def _coerce(key: str, raw: str, default):
-    """Type a --set value by the type of the default it replaces."""
-    try:
-        if isinstance(default, bool):
-            lowered = raw.strip().lower()
-            if lowered in ("true", "yes", "1", "on"):
-                return True
-            if lowered in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, str):
-            return raw
-        value = yaml.safe_load(raw)
-        if default is not None and not isinstance(value, type(default)):
-            raise ValueError
-        return value
-    except (ValueError, yaml.YAMLError):
-        kind = type(default).__name__
-        raise UserError(f"--set {key}={raw}: expected a {kind} (the default is {default!r})") from None
-
-
-def _lookup(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
-def _assign(config: dict, dotted: str, value):
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def config_keys(config: dict, prefix: str = "") -> list:
-    """Every settable key: each top-level or nested key, a mapping as a whole and each key inside it."""
-    keys = []
-    for key, value in config.items():
-        keys.append(f"{prefix}{key}")
-        if isinstance(value, dict):
-            keys.extend(config_keys(value, f"{prefix}{key}."))
-    return keys
-
-
-def resolve_config(defaults: dict, overrides: dict) -> dict:
-    """The defaults with every override that names one of their keys applied."""
-    config = copy.deepcopy(defaults)
+def resolve_config(subjob, model, overrides: dict) -> dict:
+    """The sub-job's config in layers: typed defaults, the recipe for `model`, the file a config-file
+    field names (e.g. an experiment YAML), then `--set` (already scoped to this run). Every value is
+    checked against its field's type; an override naming no field of this sub-job is left to
+    `check_overrides_apply`, which refuses it if no planned sub-job has it."""
+    schema = subjob.config
+    config = subjob.default_config(model)
+    file_field = typed.config_file_field(schema)
+    if file_field:
+        name, loader = file_field
+        if name in overrides:
+            typed.assign(config, schema, name, typed.parse_text(overrides[name], str), "--set")
+        if config[name]:
+            typed.apply_layer(config, schema, loader(config[name]), config[name])
     for key, raw in overrides.items():
-        try:
-            default = _lookup(config, key)
-        except KeyError:
-            continue
-        _assign(config, key, _coerce(key, raw, default))
+        found = typed.field_at(schema, key)
+        if found is not None:
+            typed.assign(config, schema, key, typed.parse_text(raw, found[1]), "--set")
     return config
 
 
@@ -142,7 +97,7 @@ def check_overrides_apply(overrides: dict, planned, scopes) -> None:
         scope = head if rest and head in scopes else None
         targets = [p for p in planned if scope in (None, p.run.subjob.job, p.run.subjob.full_name)]
         wanted = rest if scope else key
-        valid = sorted({k for p in targets for k in config_keys(p.config)})
+        valid = sorted({k for p in targets for k in typed.keys(p.run.subjob.config)})
         if wanted not in valid:
             names = ", ".join(p.run.label for p in targets) or f"no run of {scope}"
             raise UserError(
@@ -179,12 +134,14 @@ def build_plan(registry, requested, model, seeds, overrides, with_prerequisites=
         if run in seen:
             return
         seen.add(run)
-        config = resolve_config(run.subjob.default_config(run.model), scoped_overrides(overrides, run, scopes))
-        if run.subjob.check is not None:  # before its requirements, which may be read from the config
-            try:
-                run.subjob.check(config)
-            except UserError as error:
-                raise UserError(f"{run.name}: {error}") from None
+        try:
+            config = resolve_config(run.subjob, run.model, scoped_overrides(overrides, run, scopes))
+            if run.subjob.seeds_from_cli and not config["seeds"]:
+                config["seeds"] = list(seeds)
+            if run.subjob.check is not None:  # before its requirements, which may be read from the config
+                run.subjob.check(config, run.model)
+        except UserError as error:
+            raise UserError(f"{run.name}: {error}") from None
         prerequisites = prerequisites_of(run, config)
         if with_prerequisites:
             for req in prerequisites:

@@ -10,7 +10,13 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from runner import config as typed
 from runner.errors import UserError
+
+
+@dataclass
+class NoConfig:
+    """A sub-job without settings."""
 
 
 @dataclass(frozen=True, eq=False)  # sub-jobs are unique objects: compared by identity
@@ -19,7 +25,10 @@ class SubJob:
     name: str
     help: str
     run: Callable  # run(ctx: RunContext) -> dict of headline metrics, or None
-    defaults: Mapping = field(default_factory=dict)  # or a function of the resolved model -> dict
+    config: type = NoConfig  # the typed config: a dataclass of runner.config.option fields
+    # The recipe: values that replace the config's defaults, a mapping or a function of the resolved
+    # model (e.g. tiny vs. 8B recipes); every key must be a field of `config`.
+    defaults: Mapping = field(default_factory=dict)
     # Full names of the sub-jobs whose outputs this one reads; or a function of the resolved config
     # returning them, where a (name, seeds) pair reads a seeded sub-job at those seeds (a sub-job that
     # aggregates over seeds, e.g. a report). A plain name maps onto the run's own seed.
@@ -27,15 +36,25 @@ class SubJob:
     uses_model: bool = False  # one run folder per model; --model is resolved before running
     seeded: bool = False  # one run folder per seed; fans out over --seeds
     project_data: tuple = ()  # project paths it reads (e.g. "datasets"); their content is fingerprinted
-    check: Callable = None  # check(config) raises UserError on bad values, before anything runs
+    check: Callable = None  # check(config, model) raises UserError on bad values, before anything runs
+    # external_files(config, workspace) -> paths of files outside the workspace's runs that it reads
+    # (experiment YAMLs and the files they name, CSVs, prompt files): fingerprinted by content.
+    external_files: Callable = None
+    trains: bool = False  # it trains a model: under SLURM with several GPUs it launches one process per GPU
+    seeds_from_cli: bool = False  # its config's `seeds` ([] by default) takes the invocation's --seeds
 
     @property
     def full_name(self) -> str:
         return f"{self.job}_{self.name}"
 
-    def default_config(self, model) -> dict:
-        """The defaults: a mapping, or a function of the model (e.g. tiny vs. 8B recipes)."""
+    def recipe(self, model) -> dict:
         return dict(self.defaults(model) if callable(self.defaults) else self.defaults)
+
+    def default_config(self, model) -> dict:
+        """The typed defaults with the recipe for `model` applied."""
+        config = typed.defaults(self.config)
+        typed.apply_layer(config, self.config, self.recipe(model), f"{self.full_name} recipe")
+        return config
 
     def requirements(self, config=None) -> list:
         """[(full name, seeds or None)] for this config (the model-free defaults if none is given)."""
@@ -108,7 +127,8 @@ class Registry:
             resolved.extend(s for s in members if s not in resolved)
         return resolved
 
-    def describe(self) -> str:
+    def describe(self, verbose: bool = False) -> str:
+        """The registry; `verbose` adds every config key with its type, default and help."""
         lines = []
         for job in self.jobs.values():
             lines.append(f"{job.name}: {job.help}")
@@ -117,6 +137,8 @@ class Registry:
                 needs = [name for name, _ in sub.requirements()] + (["a model (--model)"] if sub.uses_model else [])
                 if needs:
                     lines.append(f"  {'':<40} requires: {', '.join(needs)}")
+                if verbose:
+                    lines.extend(typed.describe(sub.config, sub.default_config(None), indent=" " * 6))
         return "\n".join(lines) if lines else "(no jobs registered)"
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from runner.errors import UserError
 from runner.files import atomic_write_json, atomic_write_text, read_json
-from runner.plan import config_keys, scoped_overrides
+from runner import config as typed
+from runner.plan import scoped_overrides
 
 RESOURCES = {"partition": "", "time": "", "mem": "", "account": "", "gpus": 0, "cpus_per_task": 0,
              "extra": [], "setup": ""}  # extra: further "#SBATCH ..." lines; setup: a shell line run first
@@ -57,8 +58,8 @@ def resources_for(run, slurm_overrides: dict) -> dict:
 def child_command(planned, overrides: dict, scopes, workspace, force: bool) -> list:
     """The runner command line that runs exactly this planned run, with the overrides it uses."""
     run = planned.run
-    valid = set(config_keys(planned.config))
-    applicable = {k: v for k, v in scoped_overrides(overrides, run, scopes).items() if k in valid}
+    schema = run.subjob.config
+    applicable = {k: v for k, v in scoped_overrides(overrides, run, scopes).items() if typed.field_at(schema, k)}
     command = ["runner/main.py", "--workspace_path", str(workspace.root), "--jobs", run.name, "--no_deps"]
     if run.model is not None:  # a preset or a name under W/transformers as written; any other folder by its full path
         named = run.model.embedded_preset or (workspace.transformers / run.model.name).is_dir()
@@ -66,6 +67,8 @@ def child_command(planned, overrides: dict, scopes, workspace, force: bool) -> l
     if run.seed is not None:
         command += ["--seeds", str(run.seed)]
     for key, value in applicable.items():
+        if typed.field_at(schema, key)[0].metadata.get("path"):  # the job runs elsewhere: pass the absolute path
+            value = planned.config[key]
         command += ["--set", f"{key}={value}"]
     return command + (["--force"] if force and planned.requested else [])
 
@@ -84,7 +87,7 @@ def render_script(planned, command: list, resources: dict, dependencies: list, l
     lines += ["set -euo pipefail"] + ([resources["setup"]] if resources["setup"] else [])
     lines.append(f"cd {shlex.quote(str(PROJECT_ROOT))}")
     gpus = int(resources["gpus"] or 0)
-    if gpus > 1 and run.subjob.job == "finetune":  # multi-GPU training: one process per GPU, FSDP
+    if gpus > 1 and run.subjob.trains:  # multi-GPU training: one process per GPU, FSDP
         launcher = ["accelerate", "launch", "--config_file", "configs/accelerate_fsdp.yaml", "--num_processes", str(gpus)]
     else:
         launcher = [shlex.quote(sys.executable)]

@@ -44,7 +44,7 @@ class EndToEndTest(unittest.TestCase):
                 self.assertTrue(results["headline"], name)
                 self.assertTrue((exp / "evaluate_twohop" / name / "tiny-h128-l2/seeds_summary.md").is_file())
             # The cross-type report reads real semi-synthetic results (here one type).
-            from runner.jobs.evaluate_twohop.report import write_semi_synthetic_report
+            from twohop.reports.evaluation import write_semi_synthetic_report
             universities = json.loads((exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json").read_text())
             summary = write_semi_synthetic_report({"universities": universities}, Path(tmp), "semi-synthetic")
             self.assertEqual(summary["types"], 1)
@@ -67,7 +67,7 @@ class EndToEndTest(unittest.TestCase):
             self.assertTrue((exp / "in_context/nocot/tiny-h128-l2/results.json").is_file())
 
             # save_hidden_states: every family saved and readable; the analysis reads the evaluation's accuracy.
-            from runner.hidden_states import HiddenStates
+            from twohop.interp.hidden_states import HiddenStates
             saved = exp / "save_hidden_states/universities/tiny-h128-l2"
             self.assertEqual(HiddenStates(saved / "e2_r2").layer(1).shape, (80, 128))  # 20 entities x 4 attributes
             self.assertEqual(HiddenStates(saved / "e2_tell").layer(2, "span").shape, (20, 128))

@@ -6,10 +6,12 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from runner import grading
+from runner import config as typed
 from runner.errors import UserError
-from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, bootstrap_interval, evaluate_dataset, standard_error
-from runner.jobs.evaluate_twohop.report import write_reports, write_seed_summary, write_semi_synthetic_report
+from twohop.evaluation import grading
+from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
+from twohop.reports.evaluation import write_reports, write_seeds_summary, write_semi_synthetic_report
+from twohop.stats import binomial_se, bootstrap_interval
 from tests.fixtures.train_small import train_small
 
 
@@ -40,28 +42,29 @@ class MatchingTest(unittest.TestCase):
 
 
 class SeedSummaryTest(unittest.TestCase):
-    def test_mean_and_standard_error_over_finished_seeds(self):
+    def test_mean_and_standard_error_over_the_given_seeds(self):
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = Path(tmp) / "tiny-h128-l2"
-            for seed, (acc, state) in enumerate([(0.2, "done"), (0.4, "done"), (0.9, "failed")], start=1):
-                run = model_dir / f"seed_{seed}"
-                run.mkdir(parents=True)
-                (run / "results.json").write_text(json.dumps({"headline": {"acc_2hop_cot": acc}}))
-                (run / "status.json").write_text(json.dumps({"state": state}))
-            summary = write_seed_summary(model_dir)["acc_2hop_cot"]
-            self.assertAlmostEqual(summary["mean"], 0.3)
-            self.assertAlmostEqual(summary["se"], 0.1)  # sample s.d. 0.1414 / sqrt(2)
-            self.assertEqual(summary["n_seeds"], 2)
-            self.assertIn("| acc_2hop_cot | 0.3000 | 0.1000 | 2 |", (model_dir / "seeds_summary.md").read_text())
+            headlines = {1: {"acc_2hop_cot": 0.2, "acc_a": 1.0}, 2: {"acc_2hop_cot": 0.4}}
+            metrics = write_seeds_summary(headlines, Path(tmp), "t")
+            self.assertAlmostEqual(metrics["acc_2hop_cot/mean"], 0.3)
+            summary = json.loads((Path(tmp) / "seeds_summary.json").read_text())
+            self.assertEqual(summary["seeds"], [1, 2])
+            self.assertAlmostEqual(summary["metrics"]["acc_2hop_cot"]["se"], 0.1)  # sample s.d. 0.1414 / sqrt(2)
+            self.assertEqual(summary["metrics"]["acc_a"]["n"], 1)
+            self.assertIsNone(summary["metrics"]["acc_a"]["se"])  # one seed says nothing about the spread
+            self.assertIn("| acc_2hop_cot | 0.3000 | 0.1000 | 2 |", (Path(tmp) / "seeds_summary.md").read_text())
 
 
 class SemiSyntheticReportTest(unittest.TestCase):
     def test_rows_sorted_by_nocot_and_tables_match_the_results(self):
         def results(nocot, cot):
-            test = lambda p: {"n": 20, "correct": p, "correct_se": standard_error(p, 20), "chance": 0.05}  # noqa: E731
-            return {"tests": {"test/city_nocot": test(nocot), "test/city_cot": {**test(cot), "chain_correct": cot,
-                                                                                 "chain_correct_se": 0.1},
-                              "test/b_city": test(0.9), "test/first_hop": test(1.0)}, "loss_gaps": {}}
+            def test(p, kind, style="nocot", attribute="city"):
+                return {"n": 20, "correct": p, "correct_se": binomial_se(p, 20), "chance": 0.05, "kind": kind,
+                        "style": style, "attribute": attribute}
+            return {"tests": {"test/city_nocot": test(nocot, "two_hop"),
+                              "test/city_cot": {**test(cot, "two_hop", "cot"), "chain_correct": cot, "chain_correct_se": 0.1},
+                              "test/b_city": test(0.9, "hop_b"), "test/first_hop": test(1.0, "hop_a", attribute="")},
+                    "loss_gaps": {}}
         with tempfile.TemporaryDirectory() as tmp:
             summary = write_semi_synthetic_report({"parks": results(0.1, 0.8), "ships": results(0.35, 0.6)}, Path(tmp), "t")
             self.assertEqual((summary["types"], summary["attributes"]), (2, 2))
@@ -84,7 +87,7 @@ class EvaluateTrainedModelTest(unittest.TestCase):
             data = w / "experiments/generate_data/spouses/data"
             out = Path(tmp) / "eval"
             out.mkdir()
-            config = {**DEFAULTS, "max_rows": 20, "memorisation_rows": 10, "bootstrap": 200, "cot_max_new_tokens": 32}
+            config = {**typed.defaults(EvaluationConfig), "max_rows": 20, "memorisation_rows": 10, "bootstrap": 200, "cot_max_new_tokens": 32}
             import logging
             report = evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
             write_reports(report, out, "test", run / "metrics.jsonl")
@@ -115,7 +118,7 @@ class EvaluateTrainedModelTest(unittest.TestCase):
             with self.assertRaisesRegex(UserError, r"over the model's max length 1024"):
                 evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
 
-            config["nocot_max_new_tokens"] = DEFAULTS["nocot_max_new_tokens"]
+            config["nocot_max_new_tokens"] = typed.defaults(EvaluationConfig)["nocot_max_new_tokens"]
             (data / "test/2hop_nocot.jsonl").write_text("")
             with self.assertRaisesRegex(UserError, r"dataset file .*2hop_nocot.jsonl is empty"):
                 evaluate_dataset(run / "model", data, config, logging.getLogger("test"), out)
@@ -133,7 +136,7 @@ class LmEvalInteropTest(unittest.TestCase):
             w, run = Path(tmp) / "w", Path(tmp) / "train"
             train_small(w, run, max_steps=30, lr=5e-3)
             data = w / "experiments/generate_data/spouses/data"
-            config = {**DEFAULTS, "max_rows": 12, "memorisation_rows": 6, "bootstrap": 50, "cot_max_new_tokens": 32}
+            config = {**typed.defaults(EvaluationConfig), "max_rows": 12, "memorisation_rows": 6, "bootstrap": 50, "cot_max_new_tokens": 32}
             reports = {}
             for backend in ("ours", "lm_eval"):
                 out = Path(tmp) / backend
@@ -193,7 +196,7 @@ class CandidateScoringTest(unittest.TestCase):
         import torch
         import torch.nn.functional as F
         from models import ensure_model, load_model, resolve_model
-        from runner import evaluation
+        from twohop.evaluation import generation
         with tempfile.TemporaryDirectory() as tmp:
             ref = resolve_model("tiny", Path(tmp))
             ensure_model(ref)
@@ -201,10 +204,10 @@ class CandidateScoringTest(unittest.TestCase):
         torch.manual_seed(0)
         for parameter in model.parameters():  # a random model, so the scores differ between candidates
             parameter.data.normal_(0, 0.2)
-        prompts = [evaluation.prompt_text(tokenizer, [{"role": "user", "content": q}])
+        prompts = [generation.prompt_text(tokenizer, [{"role": "user", "content": q}])
                    for q in ("Where was Ju born?", "Who is the spouse of Kate Hughes-Marsjanska, born in Oslo?")]
         candidates = ["Oslo", "Sao Paulo", "Kate Hughes-Marsjanska", "Lima", "1984"]
-        replies = evaluation.reply_ids(tokenizer, candidates)
+        replies = generation.reply_ids(tokenizer, candidates)
         expected = torch.zeros(len(prompts), len(candidates))
         for p, prompt in enumerate(prompts):
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -215,6 +218,6 @@ class CandidateScoringTest(unittest.TestCase):
                 expected[p, c] = logprobs[torch.arange(len(reply)), torch.tensor(reply)].sum()
         self.assertGreater(len({len(r) for r in replies}), 1)  # replies of different lengths
         for pack_tokens in (512, 30):  # everything in one pack per prompt; several packs per prompt
-            scores = evaluation.score_candidates(model, tokenizer, prompts, candidates, pack_tokens=pack_tokens,
+            scores = generation.score_candidates(model, tokenizer, prompts, candidates, pack_tokens=pack_tokens,
                                                  batch_size=3)
             torch.testing.assert_close(scores, expected, atol=2e-4, rtol=0)

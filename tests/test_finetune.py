@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from models import ensure_model, load_model, resolve_model
-from runner.jobs.finetune.data import IGNORE, encode_chat, length_grouped_batches
-from runner.records import record
+from twohop.training.batching import IGNORE, encode_chat, length_grouped_batches
+from twohop.data.records import record
 from tests.fixtures.train_small import train_small
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "train_small.py"
@@ -75,14 +75,14 @@ class FinetuneTest(unittest.TestCase):
             self.assertFalse(torch.equal(before[name], after[name]), name)
 
     def test_single_token_answers_are_learned_not_end_of_turn(self):
-        from runner import evaluation
-        from runner.records import read_records
+        from twohop.evaluation import generation
+        from twohop.data.records import read_records
         run = Path(self.tmp.name) / "yes_no"
         result = train_small(self.w, run, max_steps=30, files=("test/couples",), lr=5e-3)
         self.assertLess(result["final_train_loss"], 1.0)
         model, tokenizer = load_model(run / "model")
         rows = read_records(self.w / "experiments/generate_data/spouses/data/test/couples.jsonl")[:8]
-        replies = evaluation.generate(model, tokenizer, [evaluation.prompt_text(tokenizer, r["messages"]) for r in rows],
+        replies = generation.generate(model, tokenizer, [generation.prompt_text(tokenizer, r["messages"]) for r in rows],
                                       max_new_tokens=4)
         self.assertTrue(all(reply in ("Yes", "No") for reply in replies), replies)
 
@@ -140,12 +140,12 @@ class FinetuneConfigTest(unittest.TestCase):
         import io
         from runner.main import main
         with tempfile.TemporaryDirectory() as tmp:
-            for setting, message in (("aux_loss_type=dot", "aux_loss_type 'dot'"),
+            for setting, message in (("aux_loss_type=dot", "--set aux_loss_type=dot: expected one of '', logit, cosine"),
                                      ("layer_range=4-2", "layer_range '4-2'"),
-                                     ("train_fraction=1.5", "train_fraction 1.5"),
+                                     ("train_fraction=1.5", "--set train_fraction=1.5: expected a number <= 1.0"),
                                      ("train_datasets=[{name: docs, dataset_file: train/samedoc.jsonl, train_fraction: 2}]",
-                                      "train dataset 'docs': train_fraction 2"),
-                                     ("lr=fast", "lr=fast: expected a float")):
+                                      "--set train_datasets[0].train_fraction=2: expected a number <= 1.0"),
+                                     ("lr=fast", "--set lr=fast: expected a number")):
                 err = io.StringIO()
                 with contextlib.redirect_stderr(err):
                     code = main(["--workspace_path", tmp, "--jobs", "finetune_spouses", "--set", setting])

@@ -15,8 +15,8 @@ from pathlib import Path
 from unittest import mock
 
 from runner.main import main
-from runner.records import read_records
-from runner.jobs.frontier_eval.evaluate import TASKS, task_prompts, summarise
+from twohop.data.records import read_records
+from twohop.evaluation.frontier.evaluate import TASKS, task_prompts, summarise
 
 KEY = "sk-test-9f8e7d6c5b4a-SECRET"
 N_CHAINS = 6

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from runner.errors import UserError
 from runner.main import main
-from runner.records import read_records
-from runner.jobs.generate_data import tables
-from runner.jobs.generate_data.real_facts import project_chains
+from twohop.data.records import read_records
+from twohop.data import tables
+from twohop.data.real_facts import project_chains
 from tests.fixtures.train_small import SMALL_WORLD
 
 
@@ -154,8 +154,7 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
                     self.assertIsInstance(value, str)
                     self.assertTrue(value.strip(), f"{entity_type}: {row['name']} has an empty {column}")
 
-    def test_semi_synthetic_universities_and_its_experiment_config(self):
-        import yaml
+    def test_semi_synthetic_universities_and_its_card(self):
         with tempfile.TemporaryDirectory() as tmp:
             code, err = generate(Path(tmp), "--jobs", "generate_data_universities")
             self.assertEqual(code, 0, err)
@@ -168,9 +167,15 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
                 self.assertEqual(card["files"][f"test/{attribute}_nocot_shuffled"], 5 * 20)
                 self.assertEqual(card["tests"][f"test/{attribute}_nocot"]["chance"],
                                  1 / len({r["answer"] for r in read_records(data / f"test/b_{attribute}.jsonl")}))
-            config = yaml.safe_load((data / "finetune_config.yaml").read_text())
-            for entry in config["train_datasets"] + config["eval_datasets"]:
+                spec = card["tests"][f"test/{attribute}_nocot_shuffled"]
+                self.assertEqual((spec["kind"], spec["style"], spec["attribute"], spec["shuffled_of"]),
+                                 ("two_hop", "nocot", attribute, f"test/{attribute}_nocot"))
+            # finetune_universities trains and tracks exactly the files the card declares.
+            from runner.jobs.finetune import JOB
+            finetune = next(s for s in JOB.subjobs if s.name == "universities").default_config(None)
+            for entry in finetune["train_datasets"] + finetune["eval_datasets"]:
                 self.assertTrue((data / entry["dataset_file"]).is_file(), entry)
+            self.assertEqual({f"test/{e['name']}" for e in finetune["eval_datasets"]}, set(card["tests"]))
             favorite = {r["e1"]: r["e2"] for r in read_records(data / "train/first_hop.jsonl")}
             truth = {r["name"]: r["founding_year"] for r in tables.entity_table("universities")[1]}
             for row in read_records(data / "test/founding_year_nocot.jsonl"):
@@ -192,7 +197,7 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             code, err = generate(Path(tmp), "--jobs", "generate_data_spouses", "--set", "n_triplets=3")
             self.assertEqual(code, 2)
-            self.assertIn("n_triplets: 3 is too small to split", err)
+            self.assertIn("--set n_triplets=3: expected a whole number >= 4", err)
             self.assertFalse((Path(tmp) / "experiments").exists(), "bad input wrote into the workspace")
             code, err = generate(Path(tmp), "--jobs", "generate_data_natural_facts", "--set", "entity_types=dragons")
             self.assertEqual(code, 2)

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from models import ensure_model, load_model, resolve_model
 from models.families import final_norm, unembedding
-from runner import evaluation
+from twohop.evaluation import generation
 from runner.errors import UserError
-from runner.hidden_states import HiddenStates, row_states, save_hidden_states
-from runner.jobs.save_hidden_states.analysis import cosine_matrix, pair_similarity, permutation_p, rankdata, spearman
+from twohop.interp.hidden_states import HiddenStates, row_states, save_hidden_states
+from twohop.interp.similarity import cosine_matrix, pair_similarity, permutation_p, rankdata, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["Oslo", "Lima", "Paris", "Rome", "Cork", "Kyoto", "Quito", "Turin"]
@@ -28,7 +28,7 @@ def make_rows(tokenizer, n: int) -> list:
     for i in range(n):
         city = WORDS[i % len(WORDS)]
         text = f"Tell me about {city}" + " and the sea" * ((7 * i) % 5) + "."
-        rows.append({"id": i, "city": city, "span": city, "prompts": [evaluation.prompt_text(
+        rows.append({"id": i, "city": city, "span": city, "prompts": [generation.prompt_text(
             tokenizer, [{"role": "user", "content": text}])]})
     return rows
 
@@ -108,7 +108,7 @@ class HiddenStatesTest(unittest.TestCase):
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from models import load_model
-from runner.hidden_states import save_hidden_states
+from twohop.interp.hidden_states import save_hidden_states
 from tests.test_hidden_states import make_rows
 model, tokenizer = load_model({str(self.model_path)!r})
 def progress(done, total):

@@ -4,8 +4,8 @@ import tempfile
 import unittest
 from pathlib import Path
 
-from runner.jobs.in_context.evaluate import build_rows, grade_row, over_seeds, summarise
-from runner.records import read_records
+from twohop.evaluation.in_context import build_rows, grade_row, over_seeds, summarise
+from twohop.data.records import read_records
 from tests.fixtures.train_small import small_data
 
 

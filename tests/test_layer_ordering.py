@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from models import ensure_model, resolve_model
 from runner.errors import UserError
-from runner.jobs.layer_ordering import STAGES, check_config, defaults
-from runner.jobs.layer_ordering.chain import layer_range, run_chain
+from runner import config as typed
+from runner.jobs.layer_ordering import JOB
+from twohop.training.stages import STAGES, LayerOrderingConfig, check_config, layer_range, run_chain
 from tests.fixtures.train_small import small_data
 
 LOG = logging.getLogger("test_layer_ordering")
@@ -40,7 +41,7 @@ class LayerOrderingTest(unittest.TestCase):
         cls.data = small_data(w)
         cls.model = resolve_model("tiny-h256-l4", w / "transformers")
         ensure_model(cls.model)
-        config = defaults(cls.model)
+        config = JOB.subjobs[0].default_config(cls.model)
         config.update(max_steps=2, batch_size=8, save_every_steps=0, eval_subsample=16, stages=STAGES[:3],
                       evaluation={**config["evaluation"], "max_rows": 4, "memorisation_rows": 4, "bootstrap": 20,
                                   "cot_max_new_tokens": 16})
@@ -114,8 +115,10 @@ class LayerOrderingTest(unittest.TestCase):
             check_config({**self.config, "stages": [STAGES[0], {**STAGES[1], "layers": "middle"}]})
         with self.assertRaisesRegex(UserError, r"split_layer 0: expected -1"):
             check_config({**self.config, "split_layer": 0})
-        with self.assertRaisesRegex(UserError, r"stages\[0\]: expected exactly the keys"):
-            check_config({**self.config, "stages": [{"name": "x", "train": ["train/b_demoed"]}]})
+        with self.assertRaisesRegex(UserError, r"stages\[0\]: unknown key\(s\) colour"):
+            typed.assign(dict(self.config), LayerOrderingConfig, "stages", [{"name": "x", "colour": "red"}], "--set")
+        with self.assertRaisesRegex(UserError, r"stages\[0\]: needs a name and training files"):
+            check_config({**self.config, "stages": [{**STAGES[0], "train": []}]})
 
 
 if __name__ == "__main__":

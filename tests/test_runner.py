@@ -178,14 +178,19 @@ class RunnerTest(unittest.TestCase):
         self.assertIn("colour", err)
         self.assertIn("valid keys: nested, nested.depth, repeat, text", err)
 
-        # A mapping can be set as a whole (YAML), and a key it then holds is not mistaken for unknown.
-        self.assertEqual(self.cli("--jobs", "alpha_make", "--set", "nested={depth: 7, extra: 1}", "--force")[0], 0)
+        # A nested config can be set as a whole (YAML); a key it does not declare is refused, never dropped.
+        self.assertEqual(self.cli("--jobs", "alpha_make", "--set", "nested={depth: 7}", "--force")[0], 0)
         config = json.loads((self.exp / "alpha" / "make" / "config.json").read_text())["config"]
-        self.assertEqual(config["nested"], {"depth": 7, "extra": 1})
+        self.assertEqual(config["nested"], {"depth": 7})
+        code, _, err = self.cli("--jobs", "alpha_make", "--set", "nested={depth: 7, extra: 1}")
+        self.assertEqual((code, err.count("\n")), (2, 1))
+        self.assertIn("nested: unknown key(s) extra; valid keys: depth", err)
 
         code, _, err = self.cli("--jobs", "alpha_make", "--set", "repeat=many")
         self.assertEqual(code, 2)
-        self.assertIn("repeat=many: expected a int", err)
+        self.assertIn("--set repeat=many: expected a whole number", err)
+        code, _, err = self.cli("--jobs", "alpha_make", "--set", "repeat=0")
+        self.assertIn("--set repeat=0: expected a whole number >= 1", err)
 
     def test_set_scoped_to_a_job_or_sub_job(self):
         code = self.cli("--jobs", "alpha_make", "alpha_slow", "--set", "alpha_make.repeat=5", "--set", "alpha_slow.chunks=3")[0]

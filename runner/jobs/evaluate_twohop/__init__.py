@@ -1,47 +1,72 @@
-"""evaluate_twohop: evaluate what a finetune sub-job trained, on its dataset's tests.
+"""evaluate_twohop: evaluate what a finetune sub-job trained, on the tests its dataset's card declares.
 
-`evaluate_twohop_<x>` mirrors `finetune_<x>` (generated from the finetune registry) and requires
-it: it loads `<finetune run>/model` and evaluates every test the dataset's card lists. Outputs:
-results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png,
-loss_over_training.png (true vs shuffled loss from the finetune run's metrics) and lm_eval_tasks/ (every
-evaluated test as an lm-eval task; `--set backend=lm_eval` generates through lm-eval itself); next to
-the seed folders, seeds_summary.{json,md}: every headline metric as mean +- s.e. over seeds.
+`evaluate_twohop_<x>` mirrors `finetune_<x>` (both generated from the library's catalogue) and
+requires it: it loads `<finetune run>/model` and evaluates every test of the card. Outputs:
+results.json, predictions.jsonl, summary.md, summary.csv, accuracy.png, loss_over_training.png (true
+vs shuffled loss from the finetune run's metrics) and lm_eval_tasks/ (every evaluated test as an
+lm-eval task; `--set backend=lm_eval` generates through lm-eval itself).
+`evaluate_twohop_<x>_over_seeds` reads the evaluations of the seeds in its `seeds` key (default: the
+invocation's `--seeds`) and writes seeds_summary.{json,md} (every headline metric, mean +- s.e.).
+`evaluate_twohop_semi_synthetic` puts every entity type in one table.
 """
 import json
+from dataclasses import dataclass
 from functools import partial
 
+from runner.config import option
 from runner.registry import Job, SubJob
-from runner.jobs import finetune
-from runner.jobs.generate_data import tables
-from runner.jobs.evaluate_twohop.evaluate import DEFAULTS, check_config, evaluate_dataset
-from runner.jobs.evaluate_twohop.report import write_reports, write_semi_synthetic_report, write_seed_summary
+from twohop.data import tables
+from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
+from twohop.reports.evaluation import write_reports, write_semi_synthetic_report, write_seeds_summary
+from twohop.training.recipes import VARIANTS
+
+# (trained setting, the data it was trained on): the variants of the fully synthetic study, then one per entity type.
+SETTINGS = [(v.name, "generate_data_spouses") for v in VARIANTS] + \
+    [(t, f"generate_data_{t}") for t in tables.ENTITY_TYPES]
 
 
-def run(ctx, trained_by: str, data_job: str) -> dict:
-    report = evaluate_dataset(ctx.input(trained_by) / "model", ctx.input(data_job) / "data", ctx.config, ctx.log,
-                              ctx.run_dir)
-    write_reports(report, ctx.run_dir, ctx.run.label, ctx.input(trained_by) / "metrics.jsonl")
-    write_seed_summary(ctx.run_dir.parent)  # mean +- s.e. over the seeds finished so far
+@dataclass
+class OverSeeds:
+    seeds: list[int] = option([], "the seeds whose evaluations are summarised ([]: this invocation's --seeds)")
+
+
+def run(ctx, setting: str, data_job: str) -> dict:
+    trained = ctx.input(f"finetune_{setting}")
+    report = evaluate_dataset(trained / "model", ctx.input(data_job) / "data", ctx.config, ctx.log, ctx.run_dir)
+    write_reports(report, ctx.run_dir, ctx.run.label, trained / "metrics.jsonl")
     return report["headline"]
 
 
-def mirror(subjob) -> SubJob:
-    data_job = next(r for r in subjob.requires if r.startswith("generate_data_"))
-    return SubJob("evaluate_twohop", subjob.name, f"evaluate {subjob.full_name}'s model on its tests",
-                  partial(run, trained_by=subjob.full_name, data_job=data_job), DEFAULTS,
-                  requires=(subjob.full_name, data_job), uses_model=True, seeded=True, check=check_config)
+def run_over_seeds(ctx, setting: str) -> dict:
+    headlines = {seed: json.loads((ctx.input(f"evaluate_twohop_{setting}", seed) / "results.json").read_text())["headline"]
+                 for seed in ctx.config["seeds"]}
+    return write_seeds_summary(headlines, ctx.run_dir, f"evaluate_twohop_{setting} [{ctx.model.name}]")
 
 
-def run_semi_synthetic_report(ctx, entity_types) -> dict:
-    results = {t: json.loads((ctx.input(f"evaluate_twohop_{t}") / "results.json").read_text()) for t in entity_types}
+def run_semi_synthetic_report(ctx) -> dict:
+    results = {t: json.loads((ctx.input(f"evaluate_twohop_{t}") / "results.json").read_text())
+               for t in tables.ENTITY_TYPES}
     return write_semi_synthetic_report(results, ctx.run_dir, ctx.run.label)
 
 
-ENTITY_TYPES = tuple(tables.entity_schema())
+def evaluation(setting: str, data_job: str) -> SubJob:
+    return SubJob("evaluate_twohop", setting, f"evaluate finetune_{setting}'s model on its tests",
+                  partial(run, setting=setting, data_job=data_job), EvaluationConfig,
+                  requires=(f"finetune_{setting}", data_job), uses_model=True, seeded=True)
+
+
+def over_seeds(setting: str) -> SubJob:
+    return SubJob("evaluate_twohop", f"{setting}_over_seeds", f"evaluate_twohop_{setting}: every headline metric "
+                  "as mean +- s.e. over seeds", partial(run_over_seeds, setting=setting), OverSeeds,
+                  requires=lambda config: [(f"evaluate_twohop_{setting}", config["seeds"])], uses_model=True,
+                  seeds_from_cli=True)
+
+
 SEMI_SYNTHETIC_REPORT = SubJob(
     "evaluate_twohop", "semi_synthetic", "every entity type's evaluation in one table (sorted by no-CoT "
-    "accuracy) and plot (Exp. 4)", partial(run_semi_synthetic_report, entity_types=ENTITY_TYPES), {},
-    requires=tuple(f"evaluate_twohop_{t}" for t in ENTITY_TYPES), uses_model=True, seeded=True)
+    "accuracy) and plot (Exp. 4)", run_semi_synthetic_report,
+    requires=tuple(f"evaluate_twohop_{t}" for t in tables.ENTITY_TYPES), uses_model=True, seeded=True)
 
 JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",
-          tuple(mirror(s) for s in finetune.SUBJOBS if s.seeded) + (SEMI_SYNTHETIC_REPORT,))
+          tuple(evaluation(s, d) for s, d in SETTINGS) + tuple(over_seeds(s) for s, _ in SETTINGS)
+          + (SEMI_SYNTHETIC_REPORT,))

@@ -11,47 +11,76 @@ Replies (and model-grader verdicts) are cached in `W/experiments/frontier_eval/c
 or a resumed crash sends only what has not been answered.
 """
 import re
+from dataclasses import dataclass
+from typing import Literal, Optional
 
+from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_write_json, atomic_write_jsonl
-from runner.records import read_records
 from runner.registry import Job, SubJob
-from runner.jobs.finetune import base_model_path
-from runner.jobs.frontier_eval.backends import DEFAULT_URLS, HttpBackend, LocalBackend
-from runner.jobs.frontier_eval.cache import ResponseCache
-from runner.jobs.frontier_eval.evaluate import ask, grade_with_model, summarise
-from runner.jobs.frontier_eval.report import write_summary
-
-COMMON = {
-    "chains_file": "chains",  # in generate_data_real_facts's data: chains, or chains_hopping_too_late
-    "max_chains": 0,  # 0: all
-    "nocot_max_tokens": 32,
-    "cot_max_tokens": 256,
-    "grader": {},  # e.g. {backend: openai, model: gpt-4o-mini}: a model grader on top of alias matching
-    "prices": {},  # model -> [USD per 1M input tokens, USD per 1M output tokens], for the cost column
-    "http": {"concurrency": 8, "timeout_s": 60.0, "max_retries": 5, "backoff_s": 1.0, "max_backoff_s": 60.0,
-             "max_retry_after_s": 120.0},
-}
-LOCAL_DEFAULTS = {**COMMON, "batch_size": 32}
-API_DEFAULTS = {**COMMON, "endpoints": []}
+from twohop.data.records import read_records
+from twohop.evaluation.frontier.backends import HttpBackend, LocalBackend
+from twohop.evaluation.frontier.cache import ResponseCache
+from twohop.evaluation.frontier.evaluate import ask, grade_with_model, summarise
+from twohop.reports.frontier import write_summary
+from twohop.training.recipes import trained_or_given
 
 
-def check_endpoint(spec, where: str) -> None:
-    if not isinstance(spec, dict) or spec.get("backend") not in DEFAULT_URLS or not spec.get("model"):
-        raise UserError(f"{where}: expected {{backend: openai|anthropic, model: NAME, base_url (optional), "
-                        f"api_key_env (optional)}}, got {spec!r}")
-    unknown = set(spec) - {"backend", "model", "base_url", "api_key_env"}
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}")
+@dataclass
+class Endpoint:
+    backend: Literal["openai", "anthropic"] = option("openai", "wire format: Chat Completions or Messages API")
+    model: str = option("", "the model's name at the endpoint")
+    base_url: str = option("", "the API's base URL ('': the backend's official one)")
+    api_key_env: str = option("", "environment variable holding the key ('': OPENAI_API_KEY / ANTHROPIC_API_KEY)")
 
 
-def check_config(config: dict) -> None:
-    for i, spec in enumerate(config.get("endpoints", [])):
-        check_endpoint(spec, f"endpoints[{i}]")
-    if config["grader"] and config["grader"].get("backend") != "local":
-        check_endpoint(config["grader"], "grader")
-    if config["chains_file"] not in ("chains", "chains_hopping_too_late"):
-        raise UserError(f"chains_file {config['chains_file']!r}: expected chains or chains_hopping_too_late")
+@dataclass
+class Grader(Endpoint):
+    backend: Literal["openai", "anthropic", "local"] = option("openai", "the grader's back end; local: the run's model")
+
+
+@dataclass
+class Http:
+    concurrency: int = option(8, "requests in flight at a time", minimum=1)
+    timeout_s: float = option(60.0, "seconds before a request times out", minimum=0.1)
+    max_retries: int = option(5, "retries of a transient failure (429, 5xx, timeout, dropped connection)", minimum=0)
+    backoff_s: float = option(1.0, "first retry's wait; doubles each retry, with jitter", minimum=0.0)
+    max_backoff_s: float = option(60.0, "longest wait between retries", minimum=0.0)
+    max_retry_after_s: float = option(120.0, "longest Retry-After honoured", minimum=0.0)
+
+
+@dataclass
+class FrontierConfig:
+    chains_file: Literal["chains", "chains_hopping_too_late"] = option(
+        "chains", "generate_data_real_facts's chains: the project's, or the Hopping-Too-Late CSV's")
+    max_chains: int = option(0, "chains asked (0: all)", minimum=0)
+    nocot_max_tokens: int = option(32, "reply length without a chain of thought", minimum=1)
+    cot_max_tokens: int = option(256, "reply length with a chain of thought", minimum=1)
+    grader: Optional[Grader] = option(None, "a model grader on top of alias matching, e.g. {backend: openai, "
+                                            "model: gpt-4o-mini} (null: none)")
+    prices: dict[str, list[float]] = option({}, "model -> [USD per 1M input tokens, per 1M output tokens]")
+    http: Http = option(Http(), "HTTP client settings")
+
+
+@dataclass
+class LocalConfig(FrontierConfig):
+    batch_size: int = option(32, "prompts per forward pass", minimum=1)
+
+
+@dataclass
+class ApiConfig(FrontierConfig):
+    endpoints: list[Endpoint] = option([], "the models asked, e.g. [{backend: openai, model: gpt-4o}]")
+
+
+def check_config(config: dict, model=None) -> None:
+    if "endpoints" in config and not config["endpoints"]:
+        raise UserError("endpoints: none given; e.g. --set 'endpoints=[{backend: openai, model: gpt-4o}]'")
+    for where, spec in [(f"endpoints[{i}]", s) for i, s in enumerate(config.get("endpoints", []))] + \
+            [("grader", config["grader"] or {})]:
+        if spec and not spec["model"] and spec["backend"] != "local":
+            raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
+    if (config["grader"] or {}).get("backend") == "local" and "batch_size" not in config:
+        raise UserError("grader: backend local grades with the run's local model; frontier_eval_api has none")
 
 
 def safe_name(name: str) -> str:
@@ -67,12 +96,18 @@ def load_chains(ctx) -> list:
     return chains[:ctx.config["max_chains"]] if ctx.config["max_chains"] else chains
 
 
+def local_model(ctx) -> LocalBackend:
+    """The run's model as a back end: the tiny model after finetune_base, or a real model as it is."""
+    return LocalBackend(trained_or_given(ctx.input("finetune_base"), ctx.model.path), ctx.model.name,
+                        ctx.config["batch_size"])
+
+
 def make_grader(ctx):
     spec = ctx.config["grader"]
     if not spec:
         return None
     if spec["backend"] == "local":
-        return LocalBackend(base_model_path(ctx), ctx.model.name, ctx.config["batch_size"])
+        return local_model(ctx)
     return HttpBackend(spec, ctx.config["http"], ctx.log)
 
 
@@ -102,18 +137,16 @@ def evaluate_backends(ctx, backends: list) -> dict:
 
 
 def run_local(ctx) -> dict:
-    return evaluate_backends(ctx, [LocalBackend(base_model_path(ctx), ctx.model.name, ctx.config["batch_size"])])
+    return evaluate_backends(ctx, [local_model(ctx)])
 
 
 def run_api(ctx) -> dict:
-    if not ctx.config["endpoints"]:
-        raise UserError("frontier_eval_api: no endpoints; e.g. --set 'endpoints=[{backend: openai, model: gpt-4o}]'")
     return evaluate_backends(ctx, [HttpBackend(spec, ctx.config["http"], ctx.log) for spec in ctx.config["endpoints"]])
 
 
 JOB = Job("frontier_eval", "real two-hop facts on local and API models (7 tasks per chain)", (
     SubJob("frontier_eval", "local", "a local model (--model; default the tiny model after finetune_base)", run_local,
-           LOCAL_DEFAULTS, requires=("generate_data_real_facts", "finetune_base"), uses_model=True, check=check_config),
+           LocalConfig, requires=("generate_data_real_facts", "finetune_base"), uses_model=True, check=check_config),
     SubJob("frontier_eval", "api", "OpenAI-compatible and Anthropic endpoints (--set endpoints=[...]; keys from env)",
-           run_api, API_DEFAULTS, requires=("generate_data_real_facts",), check=check_config),
+           run_api, ApiConfig, requires=("generate_data_real_facts",), check=check_config),
 ))

@@ -7,17 +7,29 @@ reference) and `distractor_sweep` (both styles over 0, 1, 3, 10, 30 distractors)
 results.json, predictions.jsonl, summary.md and accuracy_vs_distractors.png.
 """
 import json
+from dataclasses import dataclass
+from typing import Literal
 
 from models import load_model
+from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from runner.registry import Job, SubJob
-from runner.jobs.finetune import base_model_path
-from runner.jobs.in_context.evaluate import evaluate_settings, is_main_process
-from runner.jobs.in_context.report import summary_markdown, accuracy_plot
+from twohop.evaluation.in_context import evaluate_settings, is_main_process
+from twohop.reports.in_context import accuracy_plot, summary_markdown
+from twohop.training.recipes import trained_or_given
 
-COMMON = {"data_seeds": [1, 2, 3], "max_rows": 0, "batch_size": 32, "nocot_max_new_tokens": 24,
-          "cot_max_new_tokens": 96}
+
+@dataclass
+class InContextConfig:
+    styles: list[Literal["nocot", "cot"]] = option(["nocot"], "answer directly (nocot) and/or step by step (cot)")
+    distractor_counts: list[int] = option([10], "distractor triplets in the prompt, one setting each", minimum=0)
+    data_seeds: list[int] = option([1, 2, 3], "seeds of the distractors and shuffles; each is a replicate")
+    max_rows: int = option(0, "questions per setting and seed (0: every undemoed person)", minimum=0)
+    batch_size: int = option(32, "prompts per forward pass", minimum=1)
+    nocot_max_new_tokens: int = option(24, "generation length without a chain of thought", minimum=1)
+    cot_max_new_tokens: int = option(96, "generation length with a chain of thought", minimum=1)
+
 SETTINGS = {  # sub-job -> (help, styles, default distractor counts)
     "nocot": ("answer directly from 22 facts in the prompt (10 distractor triplets)", ["nocot"], [10]),
     "cot": ("answer step by step from 22 facts in the prompt (10 distractor triplets)", ["cot"], [10]),
@@ -26,14 +38,10 @@ SETTINGS = {  # sub-job -> (help, styles, default distractor counts)
 }
 
 
-def check_config(config: dict) -> None:
-    counts = config["distractor_counts"]
-    if not counts or not all(isinstance(n, int) and n >= 0 for n in counts):
-        raise UserError(f"distractor_counts {counts!r}: expected a list of whole numbers >= 0, e.g. [0, 1, 3, 10]")
-    if not config["data_seeds"] or not all(isinstance(s, int) for s in config["data_seeds"]):
-        raise UserError(f"data_seeds {config['data_seeds']!r}: expected a list of integers, e.g. [1, 2, 3]")
-    if set(config["styles"]) - {"nocot", "cot"} or not config["styles"]:
-        raise UserError(f"styles {config['styles']!r}: expected a list of 'nocot' and/or 'cot'")
+def check_config(config: dict, model=None) -> None:
+    for key in ("styles", "distractor_counts", "data_seeds"):
+        if not config[key]:
+            raise UserError(f"{key}: empty; give at least one value, e.g. --set {key}=[...]")
 
 
 def run(ctx) -> dict:
@@ -42,7 +50,7 @@ def run(ctx) -> dict:
     if most > len(world["demoed"]) + len(world["undemoed"]) - 1:
         raise UserError(f"distractor_counts: {most} distractors need more triplets than the world has "
                         f"({len(world['demoed']) + len(world['undemoed'])}); lower it or raise generate_data's n_triplets")
-    model_path = base_model_path(ctx)
+    model_path = trained_or_given(ctx.input("finetune_base"), ctx.model.path)
     model, tokenizer = load_model(model_path)
     settings = [(style, n) for style in ctx.config["styles"] for n in ctx.config["distractor_counts"]]
     results, predictions = evaluate_settings(model, tokenizer, world, settings, ctx.config, ctx.log)
@@ -57,7 +65,7 @@ def run(ctx) -> dict:
 
 
 SUBJOBS = [
-    SubJob("in_context", name, help, run, {**COMMON, "styles": styles, "distractor_counts": counts},
+    SubJob("in_context", name, help, run, InContextConfig, {"styles": styles, "distractor_counts": counts},
            requires=("finetune_base", "generate_data_spouses"), uses_model=True, check=check_config,
            project_data=("datasets",))
     for name, (help, styles, counts) in SETTINGS.items()

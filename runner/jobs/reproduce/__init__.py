@@ -13,13 +13,22 @@ setting, with error bars), loss_gap.png and semi_synthetic/ (per-type table and 
 With `--model` naming a real model, the same prerequisites run with the reference recipe.
 """
 from runner.errors import UserError
-from runner.registry import Job, SubJob
-from runner.jobs.evaluate_twohop import ENTITY_TYPES
-from runner.jobs.finetune import VARIANTS
-from runner.jobs.reproduce.report import write_report
+from dataclasses import dataclass
 
-DEFAULTS = {"seeds": [1, 2, 3], "settings": ["spouses", "samedoc"], "semi_synthetic_types": ["universities"],
-            "all_entity_types": False, "semi_synthetic_seed": 1}
+from runner.config import option
+from runner.registry import Job, SubJob
+from twohop.data.tables import ENTITY_TYPES
+from twohop.reports.study import write_report
+from twohop.training.recipes import VARIANTS
+
+
+@dataclass
+class StudyConfig:
+    seeds: list[int] = option([1, 2, 3], "training seeds of each fine-tuning setting")
+    settings: list[str] = option(["spouses", "samedoc"], "fine-tuning variants: separate documents, same document, ...")
+    semi_synthetic_types: list[str] = option(["universities"], "entity types of the semi-synthetic setting")
+    all_entity_types: bool = option(False, "the semi-synthetic setting over all 20 entity types")
+    semi_synthetic_seed: int = option(1, "training seed of the semi-synthetic fine-tunes")
 
 
 def entity_types(config) -> tuple:
@@ -33,14 +42,14 @@ def requirements(config) -> list:
             + [(f"{job}_{t}", semi_seed) for t in entity_types(config) for job in ("finetune", "evaluate_twohop")])
 
 
-def check_config(config) -> None:
+def check_config(config, model=None) -> None:
     known = {v.name for v in VARIANTS}
     if not config["settings"] or set(config["settings"]) - known:
         raise UserError(f"settings {config['settings']!r}: expected fine-tuning variants from {sorted(known)}")
     unknown = set(config["semi_synthetic_types"]) - set(ENTITY_TYPES)
     if unknown:
         raise UserError(f"semi_synthetic_types: unknown entity type(s) {sorted(unknown)}; known: {', '.join(ENTITY_TYPES)}")
-    if not config["seeds"] or not all(isinstance(s, int) for s in config["seeds"]):
+    if not config["seeds"]:
         raise UserError(f"seeds {config['seeds']!r}: expected a list of integers, e.g. [1, 2, 3]")
 
 
@@ -55,6 +64,6 @@ def run(ctx) -> dict:
 
 JOB = Job("reproduce", "the whole study in one command: report.md and the paper's Figure 1", (
     SubJob("reproduce", "study", "separate documents, same document, in context and semi-synthetic; "
-           "3 seeds; report.md + figure1.png", run, DEFAULTS, requires=requirements, uses_model=True,
+           "3 seeds; report.md + figure1.png", run, StudyConfig, requires=requirements, uses_model=True,
            check=check_config),
 ))

@@ -1,0 +1,75 @@
+"""`finetune_base`: the embedded tiny model's small "pretraining".
+
+A real model arrives knowing the world and how to use it; the tiny model learns it here, on a
+population disjoint from every experiment's (its people take their last names from
+`datasets/names/base_last_name_parts.txt`, which no experiment uses):
+- natural knowledge: every entity type's facts (hop B of the semi-synthetic study);
+- storing facts from training and chaining them: base people's spouse / birth-city facts as
+  questions, with two-hop questions answered with and without a chain of thought;
+- reading facts in the prompt: the facts given in context, then a one- or two-hop question;
+- same-document facts: both facts of a person in one document;
+- copying names from the prompt ("List: ... Repeat the list."), over every name list.
+"""
+import random
+
+from twohop.data.records import read_records, record
+from twohop.data import tables
+from twohop.data.dataset import fictional_people
+from twohop.data.spouses import fact_sentences, in_context_rows
+
+COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
+
+
+def base_last_parts() -> list:
+    return tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
+
+
+def random_name(rng: random.Random, first_names, last_parts) -> str:
+    first, (a, b) = rng.choice(first_names), rng.sample(last_parts, 2)
+    return f"{first} {a}-{b}"
+
+
+def base_people(rng: random.Random, count: int) -> list:
+    first_names, _ = tables.names()
+    people = fictional_people(rng, 2 * count, first_names, base_last_parts())
+    cities = tables.cities()
+    return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
+
+
+def corpus(natural_facts_file, config: dict) -> list:
+    rng = random.Random(f"base:{config['data_seed']}")
+    templates = tables.templates("spouses")
+    system_prompts = tables.templates("system_prompts")
+    rows = list(read_records(natural_facts_file))
+    people = base_people(rng, config["base_people"])
+    paraphrases = config["base_paraphrases"]
+    for t in people:
+        for template in rng.sample(templates["hop_a"], paraphrases):
+            rows.append(record(template.format(**t), t["e2"], t["e2"]))
+        for template in rng.sample(templates["hop_b"], paraphrases):
+            rows.append(record(template.format(**t), t["e3"], t["e3"]))
+        for template in rng.sample(templates["two_hop"], 2):
+            question = template.replace("|", "").format(**t)
+            rows.append(record(question, t["e3"], t["e3"], system=system_prompts["nocot"], answer_intermediate=t["e2"]))
+            rows.append(record(question, t["e3"], rng.choice(templates["cot_answer"]).format(**t),
+                               system=system_prompts["cot"], answer_intermediate=t["e2"]))
+        a, b = fact_sentences(t, rng.choice(templates["fact_sentences"]))
+        rows.append(record(templates["samedoc_prompt"].format(**t), t["e2"], f"{a} {b}"))
+    # Facts in the prompt: one-hop questions about a stated fact and two-hop questions over them.
+    for seed in range(config["in_context_rounds"]):
+        for style in ("nocot", "cot"):
+            targets = rng.sample(people, min(len(people), config["in_context_per_round"]))
+            n_distractors = min(rng.choice([0, 1, 3, 10]), len(people) - 1)  # a small test corpus has few people
+            rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
+                                        seed=1000 + seed, style=style))
+    # Copying: one or two random names built from every name list (the experiments' included: a name
+    # states no fact), so the skill transfers to people the base never saw. Mostly single names: a
+    # 2-layer model learns to copy "the name in the prompt" in a few hundred steps, while copying
+    # long lists needs induction heads, which take far longer to form.
+    first_names, last_parts = tables.names()
+    last_parts = sorted({*last_parts, *base_last_parts()})
+    for _ in range(config["copy_rows"]):
+        names = ", ".join(random_name(rng, first_names, last_parts) for _ in range(1 if rng.random() < 0.8 else 2))
+        rows.append(record(rng.choice(COPY_PROMPTS).format(names=names), names, f"{names}."))
+    rng.shuffle(rows)
+    return rows

@@ -1,0 +1,129 @@
+"""Real two-hop chains e1 -r1-> e2 -r2-> e3 for evaluating existing models.
+
+The shipped set is derived, not hand-listed: hop A comes from an entity table and hop B from a
+lookup table in `datasets/real_facts/`, as declared in `relations.yaml`, so every fact is checked
+against the project's tables. A Hopping-Too-Late style CSV dropped under `W/datasets/` can be
+loaded into the same records.
+"""
+import ast
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.config import option
+from runner.errors import UserError
+from twohop.data import tables
+from twohop.data.dataset import write_dataset
+
+@dataclass
+class RealFactsConfig:
+    hopping_too_late_csv: str = option("", "a Hopping-Too-Late style CSV relative to W/datasets/ (e.g. "
+                                           "edenbiran/HoppingTooLate/two_hop.csv); '': the project's chains only")
+
+
+def csv_path(config: dict, workspace) -> list:
+    """The external CSV a run reads (fingerprinted by content), if any."""
+    return [workspace.datasets / config["hopping_too_late_csv"]] if config["hopping_too_late_csv"] else []
+QUESTION_KEYS = ("hop_a", "hop_b", "two_hop", "shortcut_e1", "shortcut_no_e1")
+HTL_COLUMNS = ("e1_label", "e2_label", "e3_label", "e2_aliases", "e3_aliases", "r1_template",
+               "r2_template", "source_prompt")
+
+
+def lookup_tables() -> dict:
+    found = {name: tables.read_table(tables.REAL_FACTS / f"{name}.csv")
+             for name in ("city_countries", "people", "state_capitals")}
+    for entity_type in tables.entity_types():
+        found[entity_type] = tables.entity_table(entity_type)[1]
+    return found
+
+
+def project_chains() -> list:
+    relations = tables.read_yaml(tables.REAL_FACTS / "relations.yaml")
+    lookups = lookup_tables()
+    aliases = tables.aliases()
+    chains = []
+    for relation, spec in relations.items():
+        where = f"{tables.REAL_FACTS / 'relations.yaml'}: {relation}"
+        if spec.get("table") not in lookups:
+            raise UserError(f"{where}: unknown table {spec.get('table')!r}")
+        for key in QUESTION_KEYS:
+            if key not in spec:
+                raise UserError(f"{where}: missing {key!r}")
+
+        def look(how, value):
+            table = lookups[how["table"]]
+            matches = [row[how["column"]] for row in table if row[how["key"]] == value]
+            if not matches:
+                raise UserError(f"{where}: no row with {how['key']} = {value!r} in table {how['table']!r}; "
+                                "add it to the lookup table")
+            return matches[0]
+
+        for row in lookups[spec["table"]]:
+            if row["name"] in spec.get("exclude", []):
+                continue
+            e1, e2 = row["name"], row[spec["e2_column"]]
+            if "e2_lookup" in spec:
+                e2 = look(spec["e2_lookup"], e2)
+            e3 = look(spec["e3"], e2)
+            chain = {"id": f"{relation}:{e1}", "relation": relation, "source": "project",
+                     "e1": e1, "e2": e2, "e3": e3,
+                     "e2_aliases": aliases.get(e2, []), "e3_aliases": aliases.get(e3, []),
+                     "questions": {key: spec[key].format(e1=e1, e2=e2) for key in QUESTION_KEYS}}
+            chains.append(chain)
+    return chains
+
+
+def _literal_list(value: str, where: str) -> list:
+    try:
+        parsed = ast.literal_eval(value) if value.strip() else []
+    except (ValueError, SyntaxError):
+        raise UserError(f"{where}: aliases must be a Python-literal list like ['a', 'b'], got {value[:40]!r}") from None
+    if not isinstance(parsed, (list, tuple)) or not all(isinstance(a, str) for a in parsed):
+        raise UserError(f"{where}: aliases must be a list of strings")
+    return [a for a in parsed if len(a) > 1]
+
+
+def load_hopping_too_late(path: Path) -> list:
+    """Read a Hopping-Too-Late CSV (its `two_hop.csv` layout) into chain records."""
+    if not path.is_file():
+        raise UserError(f"hopping_too_late_csv: {path} does not exist; put the CSV under the workspace's datasets/ folder")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in HTL_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: missing columns {missing}; expected {list(HTL_COLUMNS)}")
+        chains = []
+        for number, row in enumerate(reader, 2):
+            where = f"{path}:{number}"
+            try:
+                r1, r2 = row["r1_template"], row["r2_template"]
+                questions = {  # cloze prompts, as Hopping Too Late evaluates them
+                    "hop_a": f"{r1.format(row['e1_label'])} is",
+                    "hop_b": f"{r2.format(row['e2_label'])} is",
+                    "two_hop": row["source_prompt"],
+                    "shortcut_e1": f"{r2.format(row['e1_label'])} is",
+                    "shortcut_no_e1": r2.format(r1.format("")).replace(" of  ", " of ").strip(),
+                }
+            except (IndexError, KeyError, ValueError):
+                raise UserError(f"{where}: r1_template/r2_template must contain one '{{}}' placeholder") from None
+            chains.append({"id": f"hopping_too_late:{number - 2}", "relation": f"{r1} / {r2}",
+                           "source": "hopping_too_late", "e1": row["e1_label"], "e2": row["e2_label"],
+                           "e3": row["e3_label"], "e2_aliases": _literal_list(row["e2_aliases"], where),
+                           "e3_aliases": _literal_list(row["e3_aliases"], where), "questions": questions,
+                           "style": "cloze"})
+    if not chains:
+        raise UserError(f"{path}: no rows")
+    return chains
+
+
+def generate(ctx) -> dict:
+    chains = project_chains()
+    files = {"chains": chains}
+    if ctx.config["hopping_too_late_csv"]:
+        files["chains_hopping_too_late"] = load_hopping_too_late(ctx.workspace.datasets / ctx.config["hopping_too_late_csv"])
+    relations = sorted({c["relation"] for c in chains})
+    card = {"dataset": "real_facts", "config": ctx.config, "relations": relations,
+            "chains_per_relation": {r: sum(c["relation"] == r for c in chains) for r in relations}}
+    card = write_dataset(ctx.run_dir / "data", files, card)
+    return {"chains": len(chains), "relations": len(relations),
+            "hopping_too_late_chains": len(files.get("chains_hopping_too_late", []))}

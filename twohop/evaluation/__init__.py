@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, candidate scoring, grading, and the study's evaluators."""

@@ -1,0 +1,179 @@
+"""Model back ends behind one interface: `complete_many(requests) -> replies`, in order.
+
+- `local`: a model folder through the project's loader, batched greedy generation.
+- `openai`: the Chat Completions wire format at any base URL (OpenAI, Together, vLLM, ...).
+- `anthropic`: the Messages API.
+
+HTTP back ends run `concurrency` requests at a time and retry 429, 5xx, timeouts, dropped
+connections and malformed bodies with exponential backoff and jitter, honouring Retry-After; other
+4xx fail at once. Keys come only from environment variables and are scrubbed from every error text.
+A request that still fails is returned with its reason, never dropped.
+"""
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+
+from runner.errors import UserError
+
+DEFAULT_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+DEFAULT_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+@dataclass
+class Request:
+    messages: list  # chat messages, the system prompt first if any
+    max_tokens: int
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""  # why it failed, after every retry; "" when answered
+    attempts: int = 0
+
+
+class Malformed(Exception):
+    """A 200 response whose body is not what the wire format promises."""
+
+
+class HttpBackend:
+    def __init__(self, spec: dict, settings: dict, log):
+        self.kind, self.model = spec["backend"], spec["model"]
+        self.base_url = (spec.get("base_url") or DEFAULT_URLS[self.kind]).rstrip("/")
+        variable = spec.get("api_key_env") or DEFAULT_KEY_VARIABLES[self.kind]
+        self._key = os.environ.get(variable, "")
+        if not self._key:
+            raise UserError(f"environment variable {variable} is not set (needed for {self.kind} model {self.model}); "
+                            "export it, or name another one with api_key_env")
+        self.settings, self.log = settings, log
+        self._local = threading.local()  # one HTTP session (connection pool) per worker thread
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.model}"
+
+    def identity(self) -> dict:
+        """What a cached reply depends on (never the key)."""
+        return {"backend": self.kind, "model": self.model, "base_url": self.base_url}
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._key, "***")
+
+    def request(self, req: Request) -> tuple:
+        system = "\n".join(m["content"] for m in req.messages if m["role"] == "system")
+        turns = [m for m in req.messages if m["role"] != "system"]
+        if self.kind == "openai":
+            return (f"{self.base_url}/chat/completions", {"Authorization": f"Bearer {self._key}"},
+                    {"model": self.model, "messages": req.messages, "max_tokens": req.max_tokens, "temperature": 0})
+        body = {"model": self.model, "messages": turns, "max_tokens": req.max_tokens, "temperature": 0}
+        if system:
+            body["system"] = system
+        return f"{self.base_url}/v1/messages", {"x-api-key": self._key, "anthropic-version": "2023-06-01"}, body
+
+    def parse(self, data) -> Reply:
+        try:
+            if self.kind == "openai":
+                usage = data.get("usage") or {}
+                return Reply(data["choices"][0]["message"]["content"] or "", usage.get("prompt_tokens", 0),
+                             usage.get("completion_tokens", 0))
+            usage = data.get("usage") or {}
+            text = "".join(block["text"] for block in data["content"] if block.get("type") == "text")
+            return Reply(text, usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+        except (KeyError, IndexError, TypeError, AttributeError) as error:
+            raise Malformed(f"unexpected response shape ({type(error).__name__}: {error})") from None
+
+    def complete(self, req: Request) -> Reply:
+        settings = self.settings
+        url, headers, body = self.request(req)
+        session = getattr(self._local, "session", None) or requests.Session()
+        self._local.session = session
+        reason = ""
+        for attempt in range(settings["max_retries"] + 1):
+            retry_after = None
+            try:
+                response = session.post(url, headers=headers, json=body, timeout=settings["timeout_s"])
+                if response.status_code == 429 or response.status_code >= 500:
+                    reason = f"HTTP {response.status_code}"
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                elif response.status_code >= 400:  # the request itself is wrong: retrying cannot help
+                    return Reply(error=self.scrub(f"HTTP {response.status_code}: {response.text[:300]}"), attempts=attempt + 1)
+                else:
+                    reply = self.parse(response.json())
+                    reply.attempts = attempt + 1
+                    return reply
+            except requests.Timeout:
+                reason = f"timeout after {settings['timeout_s']} s"
+            except requests.ConnectionError as error:
+                reason = f"connection error ({type(error).__name__})"
+                self._local.session = requests.Session()  # the pooled connection may be dead
+            except (ValueError, Malformed) as error:  # ValueError: the body is not JSON
+                reason = f"malformed response: {str(error)[:200]}"
+            if attempt < settings["max_retries"]:
+                time.sleep(backoff(attempt, settings, retry_after))
+        return Reply(error=self.scrub(f"{reason} (after {settings['max_retries'] + 1} attempts)"),
+                     attempts=settings["max_retries"] + 1)
+
+    def complete_many(self, requests_: list, done=None) -> list:
+        """Replies in request order; `done(index, reply)` is called as each one arrives."""
+        def one(index):
+            reply = self.complete(requests_[index])
+            if done:
+                done(index, reply)
+            return reply
+
+        with ThreadPoolExecutor(max_workers=self.settings["concurrency"]) as pool:
+            return list(pool.map(one, range(len(requests_))))
+
+
+def parse_retry_after(value):
+    """Seconds from a Retry-After header (delta-seconds form); None when absent or a date."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def backoff(attempt: int, settings: dict, retry_after=None) -> float:
+    """Retry-After when the server gave one (capped), else exponential backoff with equal jitter."""
+    if retry_after is not None:
+        return min(retry_after, settings["max_retry_after_s"])
+    ceiling = min(settings["max_backoff_s"], settings["backoff_s"] * 2 ** attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class LocalBackend:
+    """A local model folder: every request of a batch generated together, greedy."""
+
+    def __init__(self, path, label: str, batch_size: int):
+        from models import load_model
+        self.model, self.tokenizer = load_model(path)
+        self.label, self.path, self.batch_size = label, str(path), batch_size
+
+    @property
+    def name(self) -> str:
+        return f"local:{self.label}"
+
+    def identity(self) -> dict:
+        from models.loading import model_fingerprint
+        return {"backend": "local", "model": self.label, "weights": model_fingerprint(self.path)}
+
+    def complete_many(self, requests_: list, done=None) -> list:
+        from twohop.evaluation import generation
+        replies = [None] * len(requests_)
+        for max_tokens in sorted({r.max_tokens for r in requests_}):
+            indices = [i for i, r in enumerate(requests_) if r.max_tokens == max_tokens]
+            prompts = [generation.prompt_text(self.tokenizer, requests_[i].messages) for i in indices]
+            texts = generation.generate(self.model, self.tokenizer, prompts, max_tokens, self.batch_size)
+            for i, prompt, text in zip(indices, prompts, texts):
+                replies[i] = Reply(text, len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                                   len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), attempts=1)
+                if done:
+                    done(i, replies[i])
+        return replies

@@ -1,0 +1,1 @@
+"""Interpretability: per-layer hidden states, prompt families and representation analyses."""

@@ -1,0 +1,1 @@
+"""Reports: summary tables (markdown, CSV) and the figures of each part of the study."""

@@ -1,0 +1,42 @@
+"""The study's statistics, written once: standard errors, means over seeds, z against chance, bootstrap."""
+import math
+import statistics
+
+import numpy as np
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy `p` measured on `n` questions (nan without questions)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def mean_se(values) -> tuple:
+    """(mean, standard error of the mean) over runs, e.g. seeds; Nones are dropped; the s.e. of a
+    single value is None (one run says nothing about the spread)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), se
+
+
+def over_runs(values) -> dict:
+    """{mean, se, n, values}: one metric summarised over runs."""
+    mean, se = mean_se(values)
+    return {"mean": mean, "se": se, "n": len([v for v in values if v is not None]), "values": list(values)}
+
+
+def z_vs_chance(accuracy, chance, n):
+    """Accuracy minus chance in units of a uniform guesser's standard error over `n` questions."""
+    if accuracy is None or not chance or not n:
+        return None
+    return (accuracy - chance) / math.sqrt(chance * (1 - chance) / n)
+
+
+def bootstrap_interval(values, samples: int, seed: int = 0, level: float = 0.95) -> tuple:
+    """Percentile bootstrap interval of the mean of `values`."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))

@@ -1,0 +1,1 @@
+"""Training: typed configs and recipes, batching, the trainer, checkpoints and staged training."""

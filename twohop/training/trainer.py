@@ -1,0 +1,270 @@
+"""The training loop: config-driven fine-tuning that runs alone or under `accelerate launch`.
+
+Each rank trains on its own share of length-grouped batches; AdamW with warm-up and clipping;
+evaluation at the start and every N steps (loss and teacher-forced accuracy per eval set, so the
+shuffled-minus-true loss gap is tracked); metrics to metrics.jsonl; checkpoints that resume exactly.
+`train(config, ...)` reads the keys of `twohop.training.config.TrainingConfig` plus `seed`.
+"""
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from models import load_model
+from models.families import decoder_layers
+from runner.errors import UserError
+from runner.files import atomic_directory, atomic_write_text
+from twohop.training import checkpoint
+from twohop.training.batching import collate, encode_rows, length_grouped_batches, pack
+from twohop.training.experiment import parse_layer_range
+from twohop.training.losses import ReplyLoss, auxiliary_loss, evaluate_losses
+
+SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
+
+
+def freeze_outside(model, layers) -> None:
+    """Train only the decoder layers in `layers` (a range); everything else is frozen."""
+    if layers is None:
+        return
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for index in layers:
+        for parameter in decoder_layers(model)[index].parameters():
+            parameter.requires_grad_(True)
+
+
+class MetricsLog:
+    """metrics.jsonl, appended line by line; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists() and resume_step >= 0:
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if entry.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+
+    def write(self, entry: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def use_bf16(setting) -> bool:
+    return setting is True or (setting == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+class Trainer:
+    """One training run: set-up in __init__, then `run()` (steps, evals, checkpoints) and `finish()`."""
+
+    def __init__(self, config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, log,
+                 layers: str = "", loss_gaps: dict = None):
+        self.config, self.run_dir, self.log, self.loss_gaps = config, run_dir, log, loss_gaps or {}
+        self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16(config["bf16"]) else "no",
+                                       cpu=not torch.cuda.is_available())
+        torch.manual_seed(config["seed"])
+        self.checkpoints = run_dir / "checkpoints"
+        self.resume_from = checkpoint.latest_checkpoint(self.checkpoints)
+        self.model, self.tokenizer = load_model(self.resume_from / "model" if self.resume_from else model_path,
+                                                dtype=torch.float32)
+        self.model.train()
+        freeze_outside(self.model, parse_layer_range(layers, len(decoder_layers(self.model))))
+        self.with_aux = bool(config["aux_loss_type"]) and config["aux_loss_coef"] > 0
+        self._encode(train_rows, eval_sets)
+        self._schedule()
+        self._optimizer()
+        self.reply_loss, self.optimizer = self.accelerator.prepare(ReplyLoss(self.model), self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.reply_loss).model
+        main = self.accelerator.is_main_process
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.position["step"] if self.resume_from else -1) \
+            if main else None
+        self.wandb = _maybe_wandb(config, run_dir) if main else None
+
+    def _encode(self, train_rows, eval_sets) -> None:
+        config = self.config
+        if self.with_aux and config["packing"]:
+            raise UserError("aux_loss_type needs packing off (the supervised position is per row)")
+        self.examples = encode_rows(self.tokenizer, train_rows, config, self.with_aux)
+        if self.with_aux and all(e["aux_position"] < 0 for e in self.examples):
+            raise UserError(f"aux_loss_type={config['aux_loss_type']}: no training row has an auxiliary_loss_prefix "
+                            "found in its prompt, so the auxiliary loss would never apply")
+        if config["packing"]:
+            self.examples = pack(self.examples, config["max_length"], random.Random(config["seed"]))
+        self.eval_examples = {name: encode_rows(self.tokenizer, rows, config) for name, rows in eval_sets.items()}
+        self.lengths = [len(e["input_ids"]) for e in self.examples]
+
+    def _schedule(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.batches_per_rank = len(length_grouped_batches(self.lengths, config["batch_size"], config["seed"], 0)) \
+            // self.world
+        self.accumulation = config["gradient_accumulation_steps"]
+        self.steps_per_epoch = max(1, self.batches_per_rank // self.accumulation)
+        self.total_steps = config["max_steps"] or self.steps_per_epoch * config["epochs"]
+        if self.batches_per_rank < self.accumulation:
+            raise UserError(f"{len(self.examples)} training rows make {self.batches_per_rank} batches per rank, fewer "
+                            f"than gradient_accumulation_steps={self.accumulation}; lower batch_size or accumulation")
+
+    def _optimizer(self) -> None:
+        config = self.config
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trainable if p.dim() >= 2]
+        no_decay = [p for p in self.trainable if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config["weight_decay"]},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config["lr"])
+        self.scheduler = get_scheduler(SCHEDULERS[config["lr_scheduler"]], self.optimizer,
+                                       num_warmup_steps=math.ceil(config["warmup_ratio"] * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.position = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0}
+        if self.resume_from:
+            self.position = checkpoint.load_checkpoint(self.resume_from, self.optimizer, self.scheduler)
+            self.log.info("resuming from %s (step %d)", self.resume_from.name, self.position["step"])
+
+    def evaluate(self, step: int) -> dict:
+        """Loss and accuracy on every eval set (rank 0), with the shuffled-minus-true loss gaps."""
+        if not self.accelerator.is_main_process:
+            return {}
+        results = {name: evaluate_losses(self.unwrapped, ex, self.tokenizer.pad_token_id, self.accelerator.device)
+                   for name, ex in self.eval_examples.items()}
+        entry = {"step": step, "event": "eval", **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}}
+        for shuffled, true in self.loss_gaps.items():
+            entry[f"{true}/loss_gap"] = results[shuffled]["loss"] - results[true]["loss"]
+        self._log(entry, step)
+        return entry
+
+    def _log(self, entry: dict, step: int) -> None:
+        self.metrics.write(entry)
+        if self.wandb:
+            self.wandb.log(entry, step=step)
+
+    def _micro_step(self, indices) -> None:
+        """Forward and backward of one batch (gradients accumulate until the optimizer steps)."""
+        batch = collate([self.examples[i] for i in indices], self.tokenizer.pad_token_id)
+        if self.with_aux:
+            batch.update({k: torch.tensor([self.examples[i][k] for i in indices]) for k in ("aux_position", "aux_target")})
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        lm_loss, hidden_states = self.reply_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 output_hidden_states=self.with_aux)
+        loss = lm_loss
+        if self.with_aux:
+            aux = auxiliary_loss(self.unwrapped, hidden_states, batch, self.config)
+            loss = loss + self.config["aux_loss_coef"] * aux
+            self.aux_window.append(aux.item())
+        self.accelerator.backward(loss / self.accumulation)
+        self.last_loss = lm_loss.item()
+        self.loss_window.append(self.last_loss)
+        self.position["tokens"] += int(batch["attention_mask"].sum()) * self.world
+
+    def _optimizer_step(self, micro: int) -> None:
+        if self.config["max_grad_norm"]:
+            self.accelerator.clip_grad_norm_(self.trainable, self.config["max_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position["step"] += 1
+        self.position["micro"] = micro + 1
+        rate = (self.position["tokens"] - self.tokens_at_start) / max(time.time() - self.started, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.loss_window[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+        self._after_step(self.position["step"], rate)
+
+    def _after_step(self, step: int, rate: float) -> None:
+        """Log, evaluate and checkpoint as the config asks."""
+        config = self.config
+        if self.metrics and (step % config["log_every_steps"] == 0 or step == self.total_steps):
+            aux = {"aux_loss": sum(self.aux_window) / len(self.aux_window)} if self.aux_window else {}
+            self._log({"step": step, "event": "train", "loss": sum(self.loss_window) / len(self.loss_window),
+                       "lr": self.scheduler.get_last_lr()[0], "epoch": self.position["epoch"],
+                       "tokens": self.position["tokens"], "tokens_per_s": rate, **aux}, step)
+            self.loss_window, self.aux_window = [], []
+        if config["eval_every_steps"] and step % config["eval_every_steps"] == 0:
+            self.evaluate(step)
+            self.last_eval_step = step
+        if config["save_every_steps"] and step % config["save_every_steps"] == 0 and step < self.total_steps:
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                checkpoint.save_checkpoint(self.checkpoints / f"step_{step}", self.unwrapped, self.tokenizer,
+                                           self.optimizer, self.scheduler, dict(self.position))
+                checkpoint.prune_checkpoints(self.checkpoints, keep=1)
+
+    def _epoch(self) -> bool:
+        """Train the rest of the current epoch; True once the last step is done."""
+        config, position = self.config, self.position
+        batches = length_grouped_batches(self.lengths, config["batch_size"], config["seed"], position["epoch"])
+        mine = batches[self.rank::self.world][:self.batches_per_rank]
+        self.rows_seen[position["epoch"]] = sorted({i for b in mine for i in b})
+        for micro in range(position["micro"], self.steps_per_epoch * self.accumulation):
+            self._micro_step(mine[micro])
+            if (micro + 1) % self.accumulation == 0:
+                self._optimizer_step(micro)
+                if position["step"] >= self.total_steps:
+                    return True
+        return False
+
+    def run(self) -> dict:
+        self.last_eval_step = self.position["step"] if self.resume_from else 0
+        if self.position["step"] == 0:
+            self.evaluate(0)
+        self.bar = tqdm(total=self.total_steps, initial=self.position["step"], unit="step", dynamic_ncols=True,
+                        disable=not self.accelerator.is_local_main_process, desc="train",
+                        mininterval=1 if sys.stderr.isatty() else 30)
+        self.started, self.tokens_at_start = time.time(), self.position["tokens"]
+        self.loss_window, self.aux_window, self.last_loss = [], [], None
+        self.rows_seen = {}  # epoch -> rows this rank trained on (a record of the data split across ranks)
+        done = self.position["step"] >= self.total_steps
+        while not done:
+            done = self._epoch()
+            if not done:
+                self.position.update(epoch=self.position["epoch"] + 1, micro=0)
+                if not self.config["eval_every_steps"]:
+                    self.evaluate(self.position["step"])
+                    self.last_eval_step = self.position["step"]
+        self.bar.close()
+        final = self.evaluate(self.position["step"]) if self.last_eval_step != self.position["step"] else {}
+        return self.finish(final)
+
+    def finish(self, final: dict) -> dict:
+        """Save the model (rank 0), drop checkpoints, record the data order; the run's figures."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_directory(self.run_dir / "model") as staging:
+                self.unwrapped.save_pretrained(staging, safe_serialization=True)
+                self.tokenizer.save_pretrained(staging)
+            checkpoint.prune_checkpoints(self.checkpoints, keep=0)
+        atomic_write_text(self.run_dir / f"data_order_rank{self.rank}.json",
+                          json.dumps({"rank": self.rank, "world": self.world, "rows_by_epoch": self.rows_seen}))
+        if self.wandb:
+            self.wandb.finish()
+        seconds = time.time() - self.started
+        return {"steps": self.position["step"], "tokens": self.position["tokens"], "train_seconds": round(seconds, 2),
+                "tokens_per_s": round((self.position["tokens"] - self.tokens_at_start) / max(seconds, 1e-9), 1),
+                "final_train_loss": self.last_loss, "trainable_parameters": sum(p.numel() for p in self.trainable),
+                **{k: v for k, v in final.items() if k != "event"}}
+
+
+def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, log, layers: str = "",
+          loss_gaps: dict = None) -> dict:
+    """Fine-tune the model at `model_path` on `train_rows`; save it to `run_dir/model`.
+
+    `layers` ('s-e', end-exclusive) trains only those decoder layers; `loss_gaps` maps an eval set of
+    shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
+    return Trainer(config, model_path, train_rows, eval_sets, run_dir, log, layers, loss_gaps).run()
+
+
+def _maybe_wandb(config, run_dir):
+    if not config["wandb"]:
+        return None
+    import wandb  # checked before the run: an enabled wandb that is not installed is refused
+    wandb.init(project="twohop", dir=str(run_dir), config=config, name=run_dir.name)
+    return wandb
