@@ -9,19 +9,16 @@ trained in W if present, else a fresh random-init tiny model.
 """
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import ensure_model, load_model, resolve_model  # noqa: E402
-from twohop.evaluation import generation  # noqa: E402
-from twohop.data.records import read_records  # noqa: E402
+from models import ensure_model, load_model, resolve_model
+from twohop.evaluation import generation
+from twohop.data.records import read_records
 
 
 @torch.no_grad()

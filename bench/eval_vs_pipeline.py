@@ -10,18 +10,15 @@ turn, as a real evaluation does); the questions are the spouses study's no-CoT q
 and training, atomic and two-hop) and its CoT two-hop questions.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import pipeline
 
-import torch  # noqa: E402
-from transformers import pipeline  # noqa: E402
-
-from models import load_model  # noqa: E402
-from twohop.evaluation import generation  # noqa: E402
-from twohop.data.records import read_records  # noqa: E402
+from models import load_model
+from twohop.evaluation import generation
+from twohop.data.records import read_records
 
 NOCOT_FILES = ["test/2hop_nocot", "test/a_undemoed", "test/b_undemoed", "train/2hop_nocot"]
 COT_FILES = ["test/2hop_cot", "train/2hop_cot"]

@@ -8,18 +8,15 @@ tokens per second for both and the ratio. Usage:
 Needs `generate_data_spouses` in W (it is run if missing).
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from models import ensure_model, load_model, resolve_model  # noqa: E402
-from twohop.training.batching import collate, length_grouped_batches, random_batches  # noqa: E402
-from twohop.training.trainer import encode_rows  # noqa: E402
-from twohop.data.records import read_records  # noqa: E402
+from models import ensure_model, load_model, resolve_model
+from twohop.training.batching import collate, length_grouped_batches, random_batches
+from twohop.training.batching import encode_rows
+from twohop.data.records import read_records
 
 FILES = ["train/a_demoed", "train/b_demoed", "train/2hop_cot", "train/2hop_nocot", "train/samedoc_distractor"]
 

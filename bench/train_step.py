@@ -17,12 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from models import ensure_model, load_model, resolve_model  # noqa: E402
-from twohop.training.trainer import ReplyLoss  # noqa: E402
+from models import ensure_model, load_model, resolve_model
+from twohop.training.losses import ReplyLoss
 
 
 def time_steps(model, loss_of, optimizer, steps) -> dict:

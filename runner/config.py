@@ -102,15 +102,16 @@ def parse_text(raw: str, hint):
         return raw
 
 
-def check_value(value, hint, where: str, field=None):
-    """`value` checked (and normalised: ints to floats, nested mappings filled) against `hint`."""
+def check_value(value, hint, where: str, field=None, base=None):
+    """`value` checked (and normalised: ints to floats, nested mappings filled from `base` or the
+    defaults) against `hint`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         others = [a for a in args if a is not type(None)]
         if len(others) == 1:  # Optional[T]: T's own message (with its bounds)
-            return check_value(value, others[0], where, field)
+            return check_value(value, others[0], where, field, base)
         for option_hint in others:
             try:
                 return check_value(value, option_hint, where, field)
@@ -122,7 +123,7 @@ def check_value(value, hint, where: str, field=None):
             return value
         raise _bad(where, value, hint)
     if dataclasses.is_dataclass(hint):
-        return check_mapping(value, hint, where)
+        return check_mapping(value, hint, where, base)
     if origin is list or hint is list:
         if not isinstance(value, list):
             raise _bad(where, value, hint)
@@ -140,6 +141,11 @@ def check_value(value, hint, where: str, field=None):
 
 def _check_scalar(value, hint, where, field):
     given = value
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as text
+            value = float(value)
+        except ValueError:
+            raise _bad(where, value, hint) from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if hint is typing.Any:
@@ -156,19 +162,29 @@ def _check_scalar(value, hint, where, field):
     return value
 
 
-def check_mapping(value, schema, where: str) -> dict:
-    """A mapping for a nested config: unknown keys refused, missing ones take their defaults."""
+def check_mapping(value, schema, where: str, base: dict = None) -> dict:
+    """A mapping for a nested config: unknown keys refused, missing ones keep `base` (or the defaults)."""
     if not isinstance(value, dict):
         raise _bad(where, value, schema)
     fields = schema_fields(schema)
     unknown = sorted(set(value) - set(fields))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(fields)}")
-    result = defaults(schema)
+    result = copy.deepcopy(base) if isinstance(base, dict) else defaults(schema)
     for key, item in value.items():
         field, hint = fields[key]
         result[key] = check_value(item, hint, f"{where}.{key}", field)
     return result
+
+
+def nested_config(hint):
+    """The config dataclass of a nested field (also inside Optional[...]), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def field_at(schema, dotted: str):
@@ -180,7 +196,7 @@ def field_at(schema, dotted: str):
     field, hint = fields[head]
     if not rest:
         return field, hint
-    return field_at(hint, rest) if dataclasses.is_dataclass(hint) else None
+    return field_at(nested_config(hint), rest) if nested_config(hint) else None
 
 
 def keys(schema, prefix: str = "") -> list:
@@ -188,8 +204,8 @@ def keys(schema, prefix: str = "") -> list:
     out = []
     for name, (_, hint) in schema_fields(schema).items():
         out.append(prefix + name)
-        if dataclasses.is_dataclass(hint):
-            out.extend(keys(hint, f"{prefix}{name}."))
+        if nested_config(hint):
+            out.extend(keys(nested_config(hint), f"{prefix}{name}."))
     return out
 
 
@@ -202,9 +218,11 @@ def assign(config: dict, schema, dotted: str, value, source: str) -> None:
     *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
+        if node[part] is None:  # an unset Optional config: its keys start from the defaults
+            node[part] = defaults(nested_config(field_at(schema, part)[1]))
         node = node[part]
     where = f"--set {dotted}" if source == "--set" else f"{source}: {dotted}"
-    node[leaf] = check_value(value, hint, where, field)
+    node[leaf] = check_value(value, hint, where, field, node.get(leaf))
 
 
 def apply_layer(config: dict, schema, layer: dict, source: str) -> None:

@@ -66,6 +66,8 @@ def child_command(planned, overrides: dict, scopes, workspace, force: bool) -> l
         command += ["--model", run.model.name if named else str(run.model.path)]
     if run.seed is not None:
         command += ["--seeds", str(run.seed)]
+    elif run.subjob.seeds_from_cli:  # it reads the seeds of its config, which defaulted to this invocation's --seeds
+        command += ["--seeds", *map(str, planned.config["seeds"])]
     for key, value in applicable.items():
         if typed.field_at(schema, key)[0].metadata.get("path"):  # the job runs elsewhere: pass the absolute path
             value = planned.config[key]

@@ -88,6 +88,22 @@ class TypedSetTest(unittest.TestCase):
         self.assertIn("lr (a number) = 0.003: peak learning rate", out.getvalue())  # the tiny model's recipe
 
 
+class MultiGpuLaunchTest(unittest.TestCase):
+    def test_every_sub_job_that_trains_launches_one_process_per_gpu(self):
+        from models import resolve_model
+        from runner import slurm
+        from runner.plan import build_plan
+        from runner.registry import discover
+        registry = discover()
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = build_plan(registry, registry.resolve(["layer_ordering_selective"]), resolve_model("tiny", Path(tmp)),
+                              [1], {})
+            resources = {**slurm.RESOURCES, "gpus": 4}
+            scripts = {p.run.name: slurm.render_script(p, ["runner/main.py"], resources, [], Path(tmp)) for p in plan}
+        launched = {name for name, script in scripts.items() if "accelerate launch" in script}
+        self.assertEqual(launched, {"finetune_base", "layer_ordering_selective"})
+
+
 class ExperimentYamlTest(unittest.TestCase):
     """A reference-format YAML on a locally saved (non-embedded) model, so finetune_base is a no-op."""
 

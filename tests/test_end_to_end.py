@@ -42,7 +42,6 @@ class EndToEndTest(unittest.TestCase):
             for name in ("spouses", "universities"):
                 results = json.loads((exp / "evaluate_twohop" / name / "tiny-h128-l2/seed_1/results.json").read_text())
                 self.assertTrue(results["headline"], name)
-                self.assertTrue((exp / "evaluate_twohop" / name / "tiny-h128-l2/seeds_summary.md").is_file())
             # The cross-type report reads real semi-synthetic results (here one type).
             from twohop.reports.evaluation import write_semi_synthetic_report
             universities = json.loads((exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json").read_text())
@@ -86,6 +85,26 @@ class EndToEndTest(unittest.TestCase):
             self.assertEqual((results["chains"], results["requests"], results["failed"]), (3, 21, 0))
             self.assertIn("| local:tiny | 3 |", (local / "summary.md").read_text())
             self.assertEqual((local / "cot_vs_nocot.png").read_bytes()[:4], b"\x89PNG")
+
+            # Seeds: a summary over exactly the seeds asked for, inside its own run folder, also after one
+            # seed is rerun with --force.
+            def over_seeds(*extra):
+                run = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--seeds", "1", "2", "3",
+                                      *extra, *SMALL_WORLD, *FEW_STEPS], cwd=ROOT, capture_output=True, text=True)
+                self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+                return json.loads((exp / "evaluate_twohop/spouses_over_seeds/tiny-h128-l2/seeds_summary.json").read_text())
+
+            summary = over_seeds("--jobs", "evaluate_twohop_spouses_over_seeds")
+            values = [json.loads((exp / f"evaluate_twohop/spouses/tiny-h128-l2/seed_{s}/results.json").read_text())
+                      ["headline"]["acc_2hop_nocot"] for s in (1, 2, 3)]
+            self.assertEqual(summary["seeds"], [1, 2, 3])
+            self.assertEqual(summary["metrics"]["acc_2hop_nocot"]["values"], values)
+            forced = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs",
+                                     "evaluate_twohop_spouses", "--seeds", "2", "--force", *SMALL_WORLD, *FEW_STEPS],
+                                    cwd=ROOT, capture_output=True, text=True)
+            self.assertEqual(forced.returncode, 0, forced.stderr[-3000:])
+            summary = over_seeds("--jobs", "evaluate_twohop_spouses_over_seeds")
+            self.assertEqual((summary["seeds"], summary["metrics"]["acc_2hop_nocot"]["n"]), ([1, 2, 3], 3))
 
             # A second invocation finds everything done and skips it.
             again = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(w), "--jobs", *jobs,

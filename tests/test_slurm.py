@@ -91,7 +91,9 @@ class SlurmLauncherTest(unittest.TestCase):
 
     def test_failing_stage_cancels_its_dependents_and_is_reported(self):
         w = Path(self.tmp.name) / "failing_w"
-        result = self.runner(w, *CHAIN, "--set", "finetune_spouses.experiment_config=missing.yaml",
+        # A data file that only the run can look for (it is relative to the generated data folder).
+        result = self.runner(w, *CHAIN, "--set",
+                             "finetune_spouses.train_datasets=[{name: gone, dataset_file: train/missing.jsonl}]",
                              "--launcher", "slurm", "--wait")
         self.assertEqual(result.returncode, 1, result.stderr[-3000:])
         report = result.stderr.split("did not complete")[0]
@@ -100,7 +102,7 @@ class SlurmLauncherTest(unittest.TestCase):
         self.assertIn("2 of 5 SLURM jobs did not complete", result.stderr)
         self.assertFalse((w / "experiments/evaluate_twohop").exists())  # cancelled before it started
         log = next((w / "experiments/runner").glob("slurm-*/finetune_spouses-*.out")).read_text()
-        self.assertIn("missing.yaml does not exist", log)
+        self.assertIn("train/missing.jsonl does not exist", log)
 
     def test_missing_sbatch_and_a_refused_submission_are_clear_errors(self):
         w = Path(self.tmp.name) / "errors_w"

@@ -10,6 +10,7 @@ memorisation files (training questions) are re-asked as a check.
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -160,8 +161,8 @@ def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
 
 def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
     card = json.loads((data_dir / "card.json").read_text())
-    model, tokenizer = load_model(model_path)
     tests = selected_tests(card, config, data_dir)
+    model, tokenizer = load_model(model_path)
     planned = plan_generations(card, tests, data_dir, config, model, tokenizer)
     ranks = PartialState(cpu=not torch.cuda.is_available())  # under `accelerate launch`, each rank evaluates its share
     generations, lm_eval_metrics = generate_all(planned, model, tokenizer, config, ranks, run_dir, card, log)
@@ -210,18 +211,19 @@ def headline(specs: dict, results: dict, loss_gaps: dict) -> dict:
     return out
 
 
-def run_reference_evaluations(model_path, entries: list, log) -> dict:
+def run_reference_evaluations(model_path, entries: list, data_dir, log) -> dict:
     """A reference experiment's `evaluations:` block: per entry, greedy generations graded like ours.
 
     `force_cot` / `force_no_cot` replace the rows' system prompt with the study's CoT / no-CoT one (CoT is
-    graded on its final answer); few-shot rows become earlier turns; `subsample` keeps the first rows."""
+    graded on its final answer); few-shot rows become earlier turns; `subsample` keeps the first rows.
+    Relative paths are read from `data_dir` (the data prerequisite's folder), as training files are."""
     model, tokenizer = load_model(model_path)
     system_prompts, results = tables.templates("system_prompts"), {}
     for entry in entries:
-        rows = read_records(entry["dataset_file"])
+        rows = read_records(Path(data_dir) / entry["dataset_file"])  # an absolute path stays as it is
         rows = rows[:entry["subsample"]] if entry["subsample"] else rows
         style = "cot" if entry["force_cot"] else "nocot"
-        shots = read_records(entry["few_shots_path"]) if entry["few_shots_path"] else []
+        shots = read_records(Path(data_dir) / entry["few_shots_path"]) if entry["few_shots_path"] else []
         chats = [with_fewshot(r, shots) for r in rows]
         if entry["force_cot"] or entry["force_no_cot"]:
             chats = [[{"role": "system", "content": system_prompts[style]}] + [m for m in c if m["role"] != "system"]

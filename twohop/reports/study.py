@@ -46,7 +46,7 @@ def synthetic_row(setting: str, evaluations: dict) -> dict:
     headline = lambda key: [r["headline"].get(key) for r in results.values()]  # noqa: E731
     return row(LABELS.get(setting, setting), f"seeds {', '.join(map(str, results))}",
                headline("acc_2hop_nocot"), headline("acc_2hop_cot"), headline("chance"),
-               sum(r["tests"]["test/2hop_nocot"]["n"] for r in results.values()),
+               sum(s["n"] for r in results.values() for s in two_hop_tests(r, "nocot")),
                [folder / "results.json" for folder in evaluations.values()],
                acc_a=mean_se(headline("acc_a"))[0], acc_b=mean_se(headline("acc_b"))[0],
                loss_gap=mean_se(headline("loss_gap"))[0], variant=setting)
@@ -61,10 +61,17 @@ def in_context_row(folders: dict) -> dict:
                [folders[s] / "results.json" for s in ("nocot", "cot")])
 
 
+def two_hop_tests(results: dict, style: str) -> list:
+    """The summaries of an evaluation's two-hop tests of a style (its card's metadata, not file names)."""
+    return [s for s in results["tests"].values() if s.get("kind") == "two_hop" and s["style"] == style]
+
+
 def semi_synthetic_row(results_by_type: dict, sources) -> dict:
     """The semi-synthetic setting over (entity type, attribute) tests: the final answer's accuracy."""
-    tests = [(r["tests"][t], r["tests"].get(t.replace("_nocot", "_cot"), {})) for r in results_by_type.values()
-             for t in r["tests"] if t.startswith("test/") and t.endswith("_nocot")]
+    tests = []
+    for results in results_by_type.values():
+        cot = {s["attribute"]: s for s in two_hop_tests(results, "cot")}
+        tests += [(nocot, cot.get(nocot["attribute"], {})) for nocot in two_hop_tests(results, "nocot")]
     return row("semi-synthetic (fact B from pretraining)",
                f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, _ in tests],
                [c.get("correct") for _, c in tests], [n["chance"] for n, _ in tests], sum(n["n"] for n, _ in tests),

@@ -41,14 +41,20 @@ class TrainingConfig:
 
 
 @dataclass
-class DatasetEntry:
-    name: str = option("", "the set's name in logs and metrics")
+class TrainEntry:
+    name: str = option("", "the file's name in logs")
     dataset_file: str = option("", "JSONL records: relative to the data prerequisite's folder, or absolute")
-    subsample: int = option(0, "keep this many rows (training: a seeded sample; evaluation: the first ones; 0: all)",
-                            minimum=0)
+    subsample: int = option(0, "train on a seeded sample of this many rows (0: use train_fraction)", minimum=0)
     train_fraction: Optional[float] = option(None, "share of this file's rows trained on (default: the config's)",
                                              minimum=0.0, maximum=1.0)
-    shuffled_of: str = option("", "for an eval set of shuffled answers: the name of the true set, to track the loss gap")
+
+
+@dataclass
+class EvalEntry:
+    name: str = option("", "the set's name in metrics.jsonl")
+    dataset_file: str = option("", "JSONL records: relative to the data prerequisite's folder, or absolute")
+    subsample: int = option(0, "evaluate the first N rows (0: eval_subsample)", minimum=0)
+    shuffled_of: str = option("", "for a set of shuffled answers: the true set's name, to track the loss gap")
 
 
 @dataclass
@@ -71,8 +77,8 @@ class FinetuneConfig(TrainingConfig):
     layer_range: str = option("", "'s-e': train decoder layers s..e-1 only (end-exclusive); '': all parameters")
     model_name_or_path: str = option("", "the model an experiment file was written for: it must name --model's "
                                          "model (its folder name or the last part of a hub name)")
-    train_datasets: list[DatasetEntry] = option([], "the training files")
-    eval_datasets: list[DatasetEntry] = option([], "sets whose loss and accuracy are tracked during training")
+    train_datasets: list[TrainEntry] = option([], "the training files")
+    eval_datasets: list[EvalEntry] = option([], "sets whose loss and accuracy are tracked during training")
     evaluations: list[EvaluationEntry] = option([], "generation evaluations after training (reference format)")
     experiment_config: str = option("", "an experiment YAML in the reference format (path from the working "
                                         "directory): its keys replace the recipe's, --set replaces its",

@@ -36,7 +36,9 @@ def load_experiment_yaml(path) -> dict:
     except FileNotFoundError:
         raise UserError(f"experiment config {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({error})") from None
+        where = getattr(error, "problem_mark", None)
+        raise UserError(f"{path}: not valid YAML" + (f" (line {where.line + 1}, column {where.column + 1})" if where
+                                                      else "")) from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
     for key, fields in FILE_KEYS.items():
@@ -47,13 +49,18 @@ def load_experiment_yaml(path) -> dict:
             for field in fields:
                 if entry.get(field):
                     entry[field] = find_file(entry[field], path)
-    names = {entry.get("name") for entry in config.get("eval_datasets") or []}
+    names = {str(entry.get("name")) for entry in config.get("eval_datasets") or []}
     for entry in config.get("eval_datasets") or []:
-        stem = str(entry.get("name", "")).removesuffix("_shuffled")
-        if entry.get("name", "").endswith("_shuffled") and stem in names and "shuffled_of" not in entry:
-            entry["shuffled_of"] = stem
-    if config.pop("aux_loss", True) is False:
+        name = str(entry.get("name", ""))
+        if name.endswith("_shuffled") and name.removesuffix("_shuffled") in names and "shuffled_of" not in entry:
+            entry["shuffled_of"] = name.removesuffix("_shuffled")
+    switch = config.pop("aux_loss", None)
+    if switch is False:
         config.update(aux_loss_type="", aux_loss_coef=0.0)
+    elif switch is True and not config.get("aux_loss_type"):
+        raise UserError(f"{path}: aux_loss: true needs aux_loss_type (logit or cosine) and aux_loss_coef")
+    elif switch not in (None, True):
+        raise UserError(f"{path}: aux_loss: expected true or false, got {switch!r}")
     if config.get("model_name_or_path") is None:
         config.pop("model_name_or_path", None)
     return config

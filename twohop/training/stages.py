@@ -74,8 +74,11 @@ def check_stages(stages) -> None:
 
 
 def check_config(config: dict, model=None) -> None:
-    from twohop.training.config import check_training
+    from twohop.training.config import check_fraction, check_training
     check_training(config)
+    check_fraction(config["train_fraction"])
+    if config["aux_loss_type"]:  # the atomic stages' rows have no question prefix to supervise
+        raise UserError("aux_loss_type: the layer-ordering stages train without the auxiliary loss; use finetune_aux_*")
     check_stages(config["stages"])
     if config["split_layer"] == 0:
         raise UserError("split_layer 0: expected -1 (half the layers) or a layer index >= 1")

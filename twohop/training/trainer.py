@@ -242,6 +242,7 @@ class Trainer:
                 self.unwrapped.save_pretrained(staging, safe_serialization=True)
                 self.tokenizer.save_pretrained(staging)
             checkpoint.prune_checkpoints(self.checkpoints, keep=0)
+        self.accelerator.wait_for_everyone()  # every rank may read model/ next (evaluation, the next stage)
         atomic_write_text(self.run_dir / f"data_order_rank{self.rank}.json",
                           json.dumps({"rank": self.rank, "world": self.world, "rows_by_epoch": self.rows_seen}))
         if self.wandb:

@@ -10,6 +10,8 @@ block runs after training, into `evaluations.json`.
 from dataclasses import dataclass
 from functools import partial
 
+from accelerate import PartialState
+
 from runner.config import option
 from runner.files import atomic_write_json
 from runner.registry import Job, SubJob
@@ -41,8 +43,9 @@ def run_variant(ctx, data_job: str) -> dict:
     ctx.log.info("training %s on %d rows from %s", ctx.run.label, len(rows), base_path(ctx))
     metrics = train({**ctx.config, "seed": ctx.seed}, base_path(ctx), rows, eval_sets, ctx.run_dir, ctx.log,
                     layers=ctx.config["layer_range"], loss_gaps=gaps)
-    if ctx.config["evaluations"]:
-        results = run_reference_evaluations(ctx.run_dir / "model", ctx.config["evaluations"], ctx.log)
+    if ctx.config["evaluations"] and PartialState().is_main_process:  # one process generates them
+        results = run_reference_evaluations(ctx.run_dir / "model", ctx.config["evaluations"],
+                                            ctx.input(data_job) / "data", ctx.log)
         atomic_write_json(ctx.run_dir / "evaluations.json", results)
         metrics.update({name: r["accuracy"] for name, r in results.items()})
     return metrics

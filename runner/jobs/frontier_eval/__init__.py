@@ -74,13 +74,17 @@ class ApiConfig(FrontierConfig):
 
 def check_config(config: dict, model=None) -> None:
     if "endpoints" in config and not config["endpoints"]:
-        raise UserError("endpoints: none given; e.g. --set 'endpoints=[{backend: openai, model: gpt-4o}]'")
+        raise UserError("endpoints: none given; e.g. --set 'endpoints=[{backend: openai, model: gpt-4o}]' "
+                        "(or --jobs frontier_eval_local for the local model alone)")
     for where, spec in [(f"endpoints[{i}]", s) for i, s in enumerate(config.get("endpoints", []))] + \
             [("grader", config["grader"] or {})]:
         if spec and not spec["model"] and spec["backend"] != "local":
             raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
-    if (config["grader"] or {}).get("backend") == "local" and "batch_size" not in config:
+    grader = config["grader"] or {}
+    if grader.get("backend") == "local" and "batch_size" not in config:
         raise UserError("grader: backend local grades with the run's local model; frontier_eval_api has none")
+    if grader.get("backend") == "local" and (grader["model"] or grader["base_url"] or grader["api_key_env"]):
+        raise UserError("grader: backend local is the run's own model; drop model, base_url and api_key_env")
 
 
 def safe_name(name: str) -> str:

@@ -5,7 +5,6 @@ chain of thought; shortcut 1 (r2 applied to e1, skipping the bridge); shortcut 2
 relation with e1 removed); both facts in the prompt, then the two-hop question. Headline: no-CoT and
 CoT accuracy on the chains whose two hops are both answered right and whose shortcuts both fail.
 """
-import math
 
 from tqdm.auto import tqdm
 
@@ -13,6 +12,7 @@ from twohop.evaluation import grading
 from twohop.evaluation.frontier.backends import Request
 from twohop.evaluation.frontier.cache import cache_key
 from twohop.data import tables
+from twohop.stats import binomial_se
 
 TASKS = ("hop_a", "hop_b", "two_hop_nocot", "two_hop_cot", "shortcut_e1", "shortcut_no_e1", "facts_in_context")
 
@@ -33,7 +33,7 @@ def accuracy(graded: list) -> dict:
     if not graded:
         return {"accuracy": None, "se": None, "n": 0}
     p = sum(graded) / len(graded)
-    return {"accuracy": p, "se": math.sqrt(p * (1 - p) / len(graded)), "n": len(graded)}
+    return {"accuracy": p, "se": binomial_se(p, len(graded)), "n": len(graded)}
 
 
 def ask(backend, cache, chains: list, config: dict, log) -> list:
