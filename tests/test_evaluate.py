@@ -13,6 +13,7 @@ from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
 from twohop.reports.evaluation import write_reports, write_seeds_summary, write_semi_synthetic_report
 from twohop.stats import binomial_se, bootstrap_interval
 from tests.fixtures.train_small import train_small
+from twohop.data.records import read_records
 
 
 class MatchingTest(unittest.TestCase):
@@ -32,6 +33,28 @@ class MatchingTest(unittest.TestCase):
                          (True, False, True, True))
         nocot = grading.grade(row, "Kate Hughes-Marsjanska, so Oslo", "nocot")
         self.assertEqual((nocot["correct"], nocot["strict"], nocot["first_hop"]), (True, False, True))
+
+    def test_an_answer_inside_the_bridge_name_is_not_an_answer(self):
+        # The state of a favourite university that is the University of Texas at Austin.
+        row = {"answer": "Texas", "answer_intermediate": "University of Texas at Austin", "e1": "Ju Hughes-Marsjanska"}
+        cases = {"University of Texas": (False, "answer_inside_name"), "Texas": (True, "answer_stated"),
+                 "It is in Texas.": (True, "answer_stated"), "the state of Texas": (True, "answer_stated"),
+                 "University of Texas at Austin": (False, "answer_inside_name"),
+                 "Rice University": (False, "no_answer")}
+        for generation, (correct, rule) in cases.items():
+            grades = grading.grade(row, generation, "nocot")
+            self.assertEqual((grades["correct"], grades["rule"]), (correct, rule), generation)
+        named = grading.grade({**row, "answer_intermediate": "Rice University"}, "Rice University", "nocot")
+        self.assertEqual((named["correct"], named["first_hop"], named["rule"]), (False, True, "bridge_only"))
+        cot = "Ju's favorite university is the University of Texas at Austin. It is in Texas. So the answer is Texas."
+        grades = grading.grade(row, cot, "cot", ["Texas", "Ohio"])
+        self.assertEqual((grades["correct"], grades["chain_correct"], grades["valid_cot"]), (True, True, True))
+        only_bridge = "Ju's favorite university is the University of Texas at Austin. So the answer is University of Texas."
+        grades = grading.grade(row, only_bridge, "cot", ["Texas", "Ohio"])
+        self.assertEqual((grades["correct"], grades["chain_correct"], grades["rule"]), (False, False, "answer_inside_name"))
+        # lm-eval's hook gets numbers only (the rule is a string).
+        self.assertEqual(grading.process_results({**row, "style": "nocot"}, [" Texas"]),
+                         {"correct": 1.0, "strict": 1.0, "first_hop": 0.0})
 
     def test_bootstrap_interval_brackets_the_mean(self):
         low, high = bootstrap_interval([1.0] * 50 + [0.0] * 50, 2000)
@@ -76,6 +99,41 @@ class SemiSyntheticReportTest(unittest.TestCase):
             png = (Path(tmp) / "accuracy_by_type.png").read_bytes()
             self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
             self.assertGreaterEqual(struct.unpack(">II", png[16:24]), (400, 300))
+
+
+class ShortcutTest(unittest.TestCase):
+    """A semi-synthetic table the test writes: one entity whose name holds its answer, one that does not."""
+
+    def test_flagged_in_the_data_and_left_out_of_the_headline(self):
+        import logging
+        from types import SimpleNamespace
+        from unittest import mock
+        from models import ensure_model, resolve_model
+        from twohop.data import semi_synthetic, tables
+        spec = {"noun": "university", "attributes": {"state": {"question": "In which state is {subject}?",
+                                                               "statement": "{subject} is in {value}."}}}
+        entities = [{"name": "University of Texas at Austin", "state": "Texas"},
+                    {"name": "Rice University", "state": "Ohio"}, {"name": "Yale University", "state": "Connecticut"}]
+        with tempfile.TemporaryDirectory() as tmp, \
+                mock.patch.object(tables, "entity_table", return_value=(spec, entities)):
+            ctx = SimpleNamespace(config=typed.defaults(semi_synthetic.SemiSyntheticConfig), run_dir=Path(tmp))
+            semi_synthetic.generate(ctx, "unis")
+            data = Path(tmp) / "data"
+            card = json.loads((data / "card.json").read_text())
+            self.assertEqual(card["shortcuts"]["test/state_nocot"], 1)
+            self.assertEqual(card["shortcuts"]["test/b_state"], 1)
+            flagged = [r for r in read_records(data / "test/state_nocot.jsonl") if r["shortcut"]]
+            self.assertEqual([r["e2"] for r in flagged], ["University of Texas at Austin"])
+            self.assertIn("'Texas' is in e2's name", flagged[0]["shortcut"])
+
+            model = resolve_model("tiny", Path(tmp) / "transformers")
+            ensure_model(model)
+            config = {**typed.defaults(EvaluationConfig), "bootstrap": 20, "cot_max_new_tokens": 8}
+            report = evaluate_dataset(model.path, data, config, logging.getLogger("test"), Path(tmp))
+            nocot = report["tests"]["test/state_nocot"]
+            self.assertEqual((nocot["n"], nocot["shortcut"]["n"]), (2, 1))
+            self.assertEqual(sum(nocot["rules"].values()), 2)
+            self.assertEqual(report["loss_gaps"]["test/state_nocot"]["n"], 2)
 
 
 class EvaluateTrainedModelTest(unittest.TestCase):

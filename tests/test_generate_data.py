@@ -160,7 +160,14 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             self.assertEqual(code, 0, err)
             data = Path(tmp) / "experiments" / "generate_data" / "universities" / "data"
             card = json.loads((data / "card.json").read_text())
-            self.assertEqual(card["files"]["train/first_hop"], 20)
+            self.assertEqual(card["files"]["train/first_hop"], 20 * 7)  # every training phrasing
+            self.assertEqual(card["files"]["train/natural_facts_replay"], 20 * 4 * 8)  # the natural facts, for replay
+            # Shortcuts: the answer is a word of the entity's name (University of Texas at Austin -> Texas), for 7
+            # of the 20 universities' states; each entity is one person's favorite, so 7 flagged questions.
+            self.assertEqual(card["shortcuts"]["test/state_province_nocot"], 7)
+            flagged = {r["e2"] for r in read_records(data / "test/state_province_nocot.jsonl") if r["shortcut"]}
+            self.assertIn("University of Texas at Austin", flagged)
+            self.assertNotIn("Harvard University", flagged)
             for attribute in ("founding_year", "city", "state_province", "school_color"):
                 nocot = read_records(data / f"test/{attribute}_nocot.jsonl")
                 self.assertEqual(len(nocot), 20)
@@ -180,6 +187,14 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             truth = {r["name"]: r["founding_year"] for r in tables.entity_table("universities")[1]}
             for row in read_records(data / "test/founding_year_nocot.jsonl"):
                 self.assertEqual(row["answer"], truth[favorite[row["e1"]]])
+
+    def test_the_shipped_tables_hold_103_answers_inside_the_entity_name(self):
+        from twohop.data.dataset import shortcut_reason
+        flagged = [(t, e["name"], a) for t in tables.ENTITY_TYPES for e in tables.entity_table(t)[1]
+                   for a in tables.entity_table(t)[0]["attributes"] if shortcut_reason(e[a], e2=e["name"])]
+        self.assertEqual(len(flagged), 103)  # of 1,580 (entity, attribute) pairs
+        self.assertEqual(sum(t == "subway_systems" for t, _, _ in flagged), 19)
+        self.assertIn(("universities", "University of Chicago", "city"), flagged)
 
     def test_bad_table_row_and_unknown_type_are_clear_errors(self):
         with tempfile.TemporaryDirectory() as tmp:

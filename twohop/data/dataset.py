@@ -5,6 +5,7 @@ import random
 
 from runner.errors import UserError
 from runner.files import atomic_directory, to_json
+from twohop.evaluation.grading import mentions
 
 
 def fictional_people(rng: random.Random, count: int, first_names, last_parts, forbidden=()) -> list:
@@ -62,6 +63,17 @@ def require(condition: bool, key: str, message: str) -> None:
         raise UserError(f"config {key}: {message}")
 
 
+def shortcut_reason(answer: str, aliases=(), **names) -> str:
+    """Why an item can be answered without composing: its answer (or an alias) is a word of a name the
+    question or the first hop gives away (`names`: label -> name, e.g. e2="University of Texas at
+    Austin"); "" when there is none."""
+    for label, name in names.items():
+        found = [a for a in (answer, *aliases) if name and a and mentions(name, a)]
+        if found:
+            return f"the answer {found[0]!r} is in {label}'s name {name!r}"
+    return ""
+
+
 # What a card says of each test file, so readers never parse file names.
 TEST_KINDS = ("hop_a", "hop_b", "two_hop", "couples", "in_context")
 TEST_FIELDS = {"kind": "what is asked: " + ", ".join(TEST_KINDS), "style": "nocot or cot",
@@ -108,6 +120,9 @@ def write_dataset(out_dir, files: dict, card: dict, extras=None) -> dict:
     """
     card = dict(card)
     card["files"] = {name: len(rows) for name, rows in sorted(files.items())}
+    # Items answerable without composing (see shortcut_reason): readers report them apart.
+    card["shortcuts"] = {name: n for name, rows in sorted(files.items())
+                         if (n := sum(bool(r.get("shortcut")) for r in rows if isinstance(r, dict)))}
     check_card(card, files)
     for name, test in card.get("tests", {}).items():
         for key, default in OPTIONAL_FIELDS.items():

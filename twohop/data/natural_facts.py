@@ -37,23 +37,32 @@ def check_config(config: dict, model=None) -> None:
     selected_types(config)
 
 
+def fact_rows(entity_type: str) -> tuple:
+    """(training rows, held-out question rows) of one type's e2 -> e3 facts: every attribute asked in the
+    training question forms and stated as a sentence, and asked once in the held-out form."""
+    spec, entities = tables.entity_table(entity_type)
+    train, test = [], []
+    for entity in entities:
+        for attribute, phrasing in spec["attributes"].items():
+            fact = {"e2": entity["name"], "e3": entity[attribute], "attribute": attribute, "entity_type": entity_type}
+            question = phrasing["question"].format(subject=entity["name"])
+            for form in QUESTION_FORMS[:-1]:
+                train.append(record(form.format(q=question), fact["e3"], fact["e3"], form="question", **fact))
+            statement = phrasing["statement"].format(subject=entity["name"], value=entity[attribute])
+            for prompt in STATEMENT_PROMPTS:
+                train.append(record(prompt.format(e2=entity["name"]), fact["e3"], statement, form="statement", **fact))
+            test.append(record(QUESTION_FORMS[-1].format(q=question), fact["e3"], fact["e3"], form="question", **fact))
+    return train, test
+
+
 def generate(ctx) -> dict:
     rng = random.Random(ctx.config["data_seed"])
     train, test = [], []
     types = selected_types(ctx.config)
     for entity_type in types:
-        spec, entities = tables.entity_table(entity_type)
-        for entity in entities:
-            for attribute, phrasing in spec["attributes"].items():
-                fact = {"e2": entity["name"], "e3": entity[attribute], "attribute": attribute,
-                        "entity_type": entity_type}
-                question = phrasing["question"].format(subject=entity["name"])
-                for form in QUESTION_FORMS[:-1]:
-                    train.append(record(form.format(q=question), fact["e3"], fact["e3"], form="question", **fact))
-                statement = phrasing["statement"].format(subject=entity["name"], value=entity[attribute])
-                for prompt in STATEMENT_PROMPTS:
-                    train.append(record(prompt.format(e2=entity["name"]), fact["e3"], statement, form="statement", **fact))
-                test.append(record(QUESTION_FORMS[-1].format(q=question), fact["e3"], fact["e3"], form="question", **fact))
+        type_train, type_test = fact_rows(entity_type)
+        train += type_train
+        test += type_test
     rng.shuffle(train)
     card = {"dataset": "natural_facts", "config": ctx.config, "entity_types": types,
             "templates": {"question_forms": QUESTION_FORMS, "statement_prompts": STATEMENT_PROMPTS},

@@ -13,7 +13,7 @@ from pathlib import Path
 from runner.config import option
 from runner.errors import UserError
 from twohop.data import tables
-from twohop.data.dataset import write_dataset
+from twohop.data.dataset import shortcut_reason, write_dataset
 
 @dataclass
 class RealFactsConfig:
@@ -116,11 +116,21 @@ def load_hopping_too_late(path: Path) -> list:
     return chains
 
 
+def flag_shortcuts(chains: list) -> list:
+    """Mark chains answerable without the bridge: the bridge inside e1's name ("London Underground" ->
+    London), or the answer inside e1's or the bridge's name."""
+    for chain in chains:
+        chain["shortcut"] = (shortcut_reason(chain["e2"], chain["e2_aliases"], e1=chain["e1"])
+                             or shortcut_reason(chain["e3"], chain["e3_aliases"], e1=chain["e1"], e2=chain["e2"]))
+    return chains
+
+
 def generate(ctx) -> dict:
-    chains = project_chains()
+    chains = flag_shortcuts(project_chains())
     files = {"chains": chains}
     if ctx.config["hopping_too_late_csv"]:
-        files["chains_hopping_too_late"] = load_hopping_too_late(ctx.workspace.datasets / ctx.config["hopping_too_late_csv"])
+        files["chains_hopping_too_late"] = flag_shortcuts(
+            load_hopping_too_late(ctx.workspace.datasets / ctx.config["hopping_too_late_csv"]))
     relations = sorted({c["relation"] for c in chains})
     card = {"dataset": "real_facts", "config": ctx.config, "relations": relations,
             "chains_per_relation": {r: sum(c["relation"] == r for c in chains) for r in relations}}

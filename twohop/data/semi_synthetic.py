@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 from runner.config import option
 from twohop.data.records import record
-from twohop.data import tables
-from twohop.data.dataset import fictional_people, require, shuffled_answers, test_spec, write_dataset
+from twohop.data import natural_facts, tables
+from twohop.data.dataset import fictional_people, require, shortcut_reason, shuffled_answers, test_spec, write_dataset
 
 @dataclass
 class SemiSyntheticConfig:
     data_seed: int = option(0, "seed of the fictional people, their favorites and the shuffles")
-    first_hop_paraphrases: int = option(1, "training rows per person (the reference trains 20)", minimum=1)
+    first_hop_paraphrases: int = option(7, "training rows per person, each a different phrasing (the reference "
+                                           "trains 20; 7 is every training template)", minimum=1)
     n_shuffled: int = option(5, "permutations in the shuffled-answer baseline", minimum=1)
 
 
@@ -44,7 +45,8 @@ def two_hop_rows(people, favorites, spec, attribute, style, templates, system_pr
             reply, prefix = templates["cot_answer"].format(noun=noun, statement=statement, **chain), ""
         rows.append(record(question, chain["e3"], reply, system=system_prompts[style],
                            answer_intermediate=chain["e2"], auxiliary_loss_prefix=prefix,
-                           attribute=attribute, entity_type=entity_type, **chain))
+                           attribute=attribute, entity_type=entity_type, **chain,
+                           shortcut=shortcut_reason(chain["e3"], e2=chain["e2"])))
     return rows
 
 
@@ -53,7 +55,8 @@ def attribute_files(attribute, entities, people, favorites, spec, rng, config, e
     templates, system_prompts = tables.templates("semi_synthetic"), tables.templates("system_prompts")
     files = {f"test/b_{attribute}": [
         record(attribute_question(spec, attribute, e["name"]), e[attribute], e[attribute], hop="b",
-               e2=e["name"], e3=e[attribute], attribute=attribute) for e in entities]}
+               e2=e["name"], e3=e[attribute], attribute=attribute,
+               shortcut=shortcut_reason(e[attribute], e2=e["name"])) for e in entities]}
     for style in ("nocot", "cot"):
         files[f"test/{attribute}_{style}"] = two_hop_rows(people, favorites, spec, attribute, style, templates,
                                                           system_prompts, entity_type)
@@ -83,7 +86,10 @@ def generate(ctx, entity_type: str) -> dict:
 
     files = {"train/first_hop": [hop_a_row(p, i) for p in people
                                  for i in rng.sample(range(n_train), config["first_hop_paraphrases"])],
-             "test/first_hop": [hop_a_row(p, i) for p in people for i in range(n_train, len(templates["hop_a"]))]}
+             "test/first_hop": [hop_a_row(p, i) for p in people for i in range(n_train, len(templates["hop_a"]))],
+             # The type's natural facts as the base model learned them: replayed while fine-tuning the
+             # tiny model, so learning the first hop does not erase hop B.
+             "train/natural_facts_replay": natural_facts.fact_rows(entity_type)[0]}
     tests = {"test/first_hop": test_spec("hop_a", "nocot", "entities", metric="acc_a")}
     candidate_sets = {"entities": sorted(e["name"] for e in entities)}
     for attribute in spec["attributes"]:

@@ -9,6 +9,7 @@ memorisation files (training questions) are re-asked as a check.
 """
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,8 @@ class EvaluationConfig:
     skip_tests: list[str] = option([], "card tests not evaluated, by name (e.g. test/couples)")
     backend: Literal["ours", "lm_eval"] = option("ours", "generate with our batched generator, or through "
                                                          "lm_eval.simple_evaluate (the same prompts and grader)")
+    also_before: list[Literal["hop_a", "hop_b", "two_hop", "couples"]] = option(
+        [], "test kinds also graded on the model the fine-tune started from (e.g. hop_b: is the fact still known?)")
 
 
 def with_fewshot(row, shots) -> list:
@@ -120,24 +123,39 @@ def generate_all(planned, model, tokenizer, config, ranks, run_dir, card, log) -
     return generations, {}
 
 
-def score_test(test, spec, rows, prompts, candidates, generations, config, model, tokenizer) -> tuple:
-    """(summary, predictions) of one test: graded generations and, for no-CoT, candidate ranking."""
-    grades = [grading.grade(r, g, spec["style"], candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
-    summary = {"n": len(rows), "style": spec["style"], "kind": spec["kind"], "attribute": spec["attribute"]}
-    for key in grades[0]:
+def rates(grades: list) -> dict:
+    """Each boolean grade's rate with its standard error, and how often each grading rule decided."""
+    summary = {}
+    for key in [k for k, v in grades[0].items() if isinstance(v, bool)] if grades else []:
         summary[key] = sum(g[key] for g in grades) / len(grades)
         summary[f"{key}_se"] = binomial_se(summary[key], len(grades))
+    summary["rules"] = dict(Counter(g["rule"] for g in grades))
+    return summary
+
+
+def score_test(test, spec, rows, prompts, candidates, generations, config, model, tokenizer) -> tuple:
+    """(summary, predictions) of one test: graded generations and, for no-CoT, candidate ranking.
+    Rows flagged as shortcuts (the answer is in a name the question gives away) are scored apart, in
+    `summary["shortcut"]`, and left out of every other figure."""
+    grades = [grading.grade(r, g, spec["style"], candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
+    kept = [i for i, r in enumerate(rows) if not r.get("shortcut")]
+    flagged = [i for i, r in enumerate(rows) if r.get("shortcut")]
+    summary = {"n": len(kept), "style": spec["style"], "kind": spec["kind"], "attribute": spec["attribute"],
+               **rates([grades[i] for i in kept])}
+    if flagged:
+        summary["shortcut"] = {"n": len(flagged), "correct": sum(grades[i]["correct"] for i in flagged) / len(flagged)}
     ranked = None
-    if candidates and spec["style"] == "nocot" and len(candidates) <= config["max_candidates"] and (
+    if candidates and spec["style"] == "nocot" and len(candidates) <= config["max_candidates"] and kept and (
             not config["candidate_sets"] or spec["candidate_set"] in config["candidate_sets"]):
         ranked = generation.sharded(
             lambda share: generation.score_candidates(model, tokenizer, share, candidates).argmax(1).tolist(), prompts)
-        summary["candidate_accuracy"] = sum(candidates[k] == r["answer"] for k, r in zip(ranked, rows)) / len(rows)
-        summary["candidate_accuracy_se"] = binomial_se(summary["candidate_accuracy"], len(rows))
+        summary["candidate_accuracy"] = sum(candidates[ranked[i]] == rows[i]["answer"] for i in kept) / len(kept)
+        summary["candidate_accuracy_se"] = binomial_se(summary["candidate_accuracy"], len(kept))
     if candidates:
         summary["chance"], summary["candidates"] = 1 / len(candidates), len(candidates)
     predictions = [{"test": test, "row": i, "question": row.get("question", ""), "answer": row["answer"],
                     "bridge": row.get("answer_intermediate", ""), "generation": generated, **grade,
+                    **({"shortcut": row["shortcut"]} if row.get("shortcut") else {}),
                     **({"candidate_prediction": candidates[ranked[i]]} if ranked else {})}
                    for i, (row, generated, grade) in enumerate(zip(rows, generations, grades))]
     return summary, predictions
@@ -153,7 +171,10 @@ def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
     by_question = {}
     for row, loss in zip(shuffled_rows, shuffled_loss):
         by_question.setdefault(row["question"], []).append(loss)
-    gaps = [float(np.mean(by_question[row["question"]])) - loss for row, loss in zip(true_rows, true_loss)]
+    gaps = [float(np.mean(by_question[row["question"]])) - loss for row, loss in zip(true_rows, true_loss)
+            if not row.get("shortcut")]  # the answer given away by a name: reported apart, not in the gap
+    if not gaps:
+        return None
     low, high = bootstrap_interval(gaps, samples)
     return {"loss_true": float(np.mean(true_loss)), "loss_shuffled": float(np.mean(shuffled_loss)),
             "gap": float(np.mean(gaps)), "ci95": [low, high], "n": len(gaps)}
@@ -178,6 +199,7 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
     loss_gaps = {spec["shuffled_of"]: loss_gap(data_dir / f"{spec['shuffled_of']}.jsonl", data_dir / f"{test}.jsonl",
                                                model, tokenizer, config["bootstrap"])
                  for test, spec in tests.items() if spec["shuffled_of"]}
+    loss_gaps = {test: gap for test, gap in loss_gaps.items() if gap is not None}
     specs = {**card["tests"], **card.get("memorisation", {})}
     report = {"dataset": card["dataset"], "model": str(model_path), "ranks": ranks.num_processes, "tests": results,
               "loss_gaps": loss_gaps, "headline": headline(specs, results, loss_gaps)}
@@ -189,12 +211,23 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
     return report
 
 
+def evaluate_before(model_path, data_dir, config, log, run_dir) -> dict:
+    """The `also_before` kinds graded on the model a fine-tune started from: its results and headline
+    (each metric suffixed `_before`), in `run_dir`."""
+    kinds = {"hop_a", "hop_b", "two_hop", "couples", "in_context"}
+    before = evaluate_dataset(model_path, data_dir, {**config, "skip_kinds": sorted(kinds - set(config["also_before"])),
+                                                     "memorisation_rows": 0, "fewshot_k": 0}, log, run_dir)
+    return {f"{name}_before": value for name, value in before["headline"].items()}
+
+
 def headline(specs: dict, results: dict, loss_gaps: dict) -> dict:
     """The reference's metric names: a test's declared `metric`, and for two-hop tests the family of
     names `acc_2hop_<style>[_<attribute>]` and its companions."""
     out = {}
     for test, summary in results.items():
         spec = specs[test]
+        if "correct" not in summary:  # every row was a shortcut: nothing to report under the headline
+            continue
         suffix = f"_{spec['attribute']}" if spec["attribute"] else ""
         if spec["metric"]:
             out[spec["metric"]] = summary["correct"]

@@ -1,7 +1,9 @@
 """Answer grading, shared by our evaluator and the lm-eval tasks we export.
 
 Matching normalises case, accents, punctuation and whitespace and then matches whole words (or
-an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Venice".
+an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Venice". An answer
+counts only where it is stated, not inside a mention of the bridge entity or of e1: "University of
+Texas" does not state "Texas", "It is in Texas." does. Each grade says which rule decided it.
 This module uses the standard library only: the lm-eval export copies this file next to the task
 YAMLs (as the `!function` hook), so `lm_eval --include_path` grades exactly as we do.
 """
@@ -24,11 +26,60 @@ def mentions(text: str, answer: str, aliases=()) -> bool:
     return any(f" {normalize(a)} " in haystack for a in (answer, *aliases) if normalize(a))
 
 
-def mention_position(text: str, answer: str):
-    """Character position (in the normalised text) of the first whole-word mention, or None."""
-    haystack = f" {normalize(text)} "
-    index = haystack.find(f" {normalize(answer)} ")
-    return None if index < 0 else index
+# Words that may join an answer to a name without making it part of that name ("the state of Texas").
+LINKING_WORDS = {"of", "the", "a", "an", "in", "at", "on", "de", "la", "le", "du", "and", "for", "to"}
+
+
+def _occurrences(words: list, target: list) -> list:
+    return [i for i in range(len(words) - len(target) + 1) if target and words[i:i + len(target)] == target]
+
+
+def inside_name(words: list, start: int, length: int, name: list) -> bool:
+    """Whether words[start:start+length] is part of a longer mention of `name` (e.g. "Texas" in
+    "University of Texas"): the text around it continues the name by at least one content word."""
+    target = words[start:start + length]
+    for j in _occurrences(name, target):
+        before = 0
+        while start - before > 0 and j - before > 0 and words[start - before - 1] == name[j - before - 1]:
+            before += 1
+        after = 0
+        while (start + length + after < len(words) and j + length + after < len(name)
+               and words[start + length + after] == name[j + length + after]):
+            after += 1
+        extension = words[start - before:start] + words[start + length:start + length + after]
+        if any(word not in LINKING_WORDS for word in extension):
+            return True
+    return False
+
+
+def answer_positions(text: str, answer: str, aliases=(), names=()) -> tuple:
+    """(word positions where the answer or an alias is stated, positions where it only occurs inside a
+    mention of one of `names`, e.g. the bridge entity or e1)."""
+    words = normalize(text).split()
+    name_words = [normalize(n).split() for n in names if n and normalize(n) != normalize(answer)]
+    stated, inside = [], []
+    for target in {normalize(a) for a in (answer, *aliases) if normalize(a)}:
+        length = len(target.split())
+        for i in _occurrences(words, target.split()):
+            (inside if any(inside_name(words, i, length, n) for n in name_words) else stated).append(i)
+    return sorted(stated), sorted(inside)
+
+
+def mention_position(text: str, answer: str, names=()):
+    """Word position (in the normalised text) of the first whole-word mention stated outside `names`, or None."""
+    stated, _ = answer_positions(text, answer, (), names)
+    return stated[0] if stated else None
+
+
+def answer_rule(text: str, answer: str, aliases, bridge: str, names) -> str:
+    """Which rule decides a reply: the answer stated; the answer only inside a name (the bridge's, e1's);
+    the bridge named without the answer; neither."""
+    stated, inside = answer_positions(text, answer, aliases, names)
+    if stated:
+        return "answer_stated"
+    if inside:
+        return "answer_inside_name"
+    return "bridge_only" if bridge and mentions(text, bridge) else "no_answer"
 
 
 def split_cot(generation: str) -> tuple:
@@ -39,30 +90,36 @@ def split_cot(generation: str) -> tuple:
     return generation[:matches[-1].start()], generation[matches[-1].end():]
 
 
-def chain_answer(chain: str, candidates) -> str:
+def chain_answer(chain: str, candidates, names=()) -> str:
     """The candidate the chain states last (e.g. the city in '... Y was born in Z.'), or ''."""
-    found = [(mention_position(chain, c), c) for c in candidates]
+    found = [(mention_position(chain, c, names), c) for c in candidates]
     found = [(p, c) for p, c in found if p is not None]
     return max(found)[1] if found else ""
 
 
 def grade(row: dict, generation: str, style: str, candidates=(), aliases=()) -> dict:
-    """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot."""
+    """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot, and `rule`.
+
+    An answer counts only where it is stated, not where it occurs inside a mention of the bridge
+    entity or of e1 ("University of Texas" does not answer "Texas"); a reply that only names the bridge
+    is a first-hop outcome (`rule` bridge_only or answer_inside_name), never correct."""
     answer, bridge = row["answer"], row.get("answer_intermediate", "")
+    names = [n for n in (bridge, row.get("e1", "")) if isinstance(n, str) and n]
+    first_hop = bool(bridge) and mentions(generation, bridge)
     if style == "cot":
         chain, final = split_cot(generation)
-        stated = chain_answer(chain, candidates) if candidates else ""
-        correct = mentions(final, answer, aliases)
-        answer_at, bridge_at = mention_position(generation, answer), mention_position(generation, bridge) if bridge else None
-        return {"correct": correct, "chain_correct": stated == answer,
-                "first_hop": bool(bridge) and mentions(generation, bridge),
-                "valid_cot": bridge_at is not None and answer_at is not None and bridge_at < answer_at}
-    correct = mentions(generation, answer, aliases)
-    first_hop = bool(bridge) and mentions(generation, bridge)
-    return {"correct": correct, "strict": correct and not first_hop, "first_hop": first_hop}
+        stated = chain_answer(chain, candidates, names) if candidates else ""
+        rule = answer_rule(final, answer, aliases, bridge, names)
+        answer_at = mention_position(generation, answer, names)
+        bridge_at = mention_position(generation, bridge) if bridge else None
+        return {"correct": rule == "answer_stated", "chain_correct": stated == answer, "first_hop": first_hop,
+                "valid_cot": bridge_at is not None and answer_at is not None and bridge_at < answer_at, "rule": rule}
+    rule = answer_rule(generation, answer, aliases, bridge, names)
+    correct = rule == "answer_stated"
+    return {"correct": correct, "strict": correct and not first_hop, "first_hop": first_hop, "rule": rule}
 
 
 def process_results(doc: dict, results: list) -> dict:
     """lm-eval hook: grade one generation of an exported task (the doc carries style and candidates)."""
     grades = grade(doc, results[0].strip(), doc["style"], doc.get("candidates", ()), doc.get("aliases", ()))
-    return {key: float(value) for key, value in grades.items()}
+    return {key: float(value) for key, value in grades.items() if isinstance(value, bool)}

@@ -95,25 +95,42 @@ def semi_synthetic_rows(results_by_type: dict) -> list:
             attribute = nocot["attribute"]
             cot = next((s for s in tests.values() if s.get("kind") == "two_hop" and s["style"] == "cot"
                         and s["attribute"] == attribute), {})
+            hop_b, first_hop = by_kind(tests, "hop_b", attribute).get("correct"), by_kind(tests, "hop_a").get("correct")
             rows.append({"entity_type": entity_type, "attribute": attribute, "n": nocot["n"],
-                         "nocot": nocot["correct"], "nocot_se": nocot["correct_se"],
+                         "nocot": nocot.get("correct"), "nocot_se": nocot.get("correct_se"),
+                         "shortcut_n": nocot.get("shortcut", {}).get("n", 0),
+                         "shortcut_nocot": nocot.get("shortcut", {}).get("correct"),
+                         "premise": premise_holds(hop_b, first_hop),
                          "cot_chain": cot.get("chain_correct"), "cot_chain_se": cot.get("chain_correct_se"),
-                         "hop_b": by_kind(tests, "hop_b", attribute).get("correct"),
-                         "first_hop": by_kind(tests, "hop_a").get("correct"), "chance": nocot.get("chance"),
+                         "hop_b": hop_b, "hop_b_before": results.get("headline", {}).get(f"acc_b_{attribute}_before"),
+                         "first_hop": first_hop, "chance": nocot.get("chance"),
                          "loss_gap": results["loss_gaps"].get(test, {}).get("gap")})
-    return sorted(rows, key=lambda r: -r["nocot"])
+    return sorted(rows, key=lambda r: -(r["nocot"] or 0))
+
+
+# A semi-synthetic test measures composition only where both hops are there to compose.
+HOP_B_KNOWN, FIRST_HOP_LEARNED = 0.5, 0.9
+
+
+def premise_holds(hop_b, first_hop) -> bool:
+    """Hop B is known (>= 50% asked directly) and the first hop learned (>= 90% on held-out phrasings)."""
+    return hop_b is not None and first_hop is not None and hop_b >= HOP_B_KNOWN and first_hop >= FIRST_HOP_LEARNED
 
 
 SEMI_COLUMNS = ("entity_type", "attribute", "n", "nocot", "nocot_se", "cot_chain", "cot_chain_se", "hop_b",
-                "first_hop", "chance", "loss_gap")
+                "hop_b_before", "first_hop", "premise", "chance", "loss_gap", "shortcut_n", "shortcut_nocot")
 
 
 def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> dict:
     rows = semi_synthetic_rows(results_by_type)
     write_csv(run_dir / "summary.csv", SEMI_COLUMNS, rows)
     lines = [f"# {title}", "", "Two-hop accuracy per entity type and attribute, sorted by no-CoT accuracy "
-             "(cot_chain: the answer the chain of thought states; hop_b: the natural fact asked directly; "
-             "first_hop: the fictional person's favorite entity).", "", *markdown_table(SEMI_COLUMNS, rows)]
+             "(cot_chain: the answer the chain of thought states; hop_b: the natural fact asked directly, after "
+             "and (hop_b_before) before the fine-tune; "
+             "first_hop: the fictional person's favorite entity; premise: hop_b >= 50% and first_hop >= 90%, "
+             "without which no-CoT cannot measure composition; n excludes the shortcut_n questions whose "
+             "answer is in the entity's name, scored apart as shortcut_nocot).", "",
+             *markdown_table(SEMI_COLUMNS, rows)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     col = lambda key: [r[key] for r in rows]  # noqa: E731
     atomic_write_bytes(run_dir / "accuracy_by_type.png", cot_nocot_bars(

@@ -17,12 +17,13 @@ from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from twohop.reports.tables import fmt, markdown_table  # noqa: E402
 from twohop.plots import COT_FINAL, cot_nocot_bars, png  # noqa: E402
 from twohop.stats import mean_se, z_vs_chance  # noqa: E402
-from twohop.reports.evaluation import write_semi_synthetic_report  # noqa: E402
+from twohop.reports.evaluation import by_kind, premise_holds, write_semi_synthetic_report  # noqa: E402
 
 LABELS = {"spouses": "separate documents", "spouses_nocot": "separate documents (no-CoT demos)",
           "spouses_atomic": "separate documents (no demos)", "samedoc": "same document",
           "samedoc_distractors": "same document + distractor", "samedoc_triplets": "same document + 10 triplets",
           "aux_logit": "separate documents + logit-lens loss", "aux_cosine": "separate documents + cosine loss"}
+VERDICTS = {True: "yes", False: "**no**", None: "premise fails"}
 COLUMNS = ("setting", "runs", "n", "nocot", "nocot_se", "cot", "cot_se", "chance", "z_vs_chance", "acc_a", "acc_b",
            "loss_gap")
 
@@ -67,15 +68,24 @@ def two_hop_tests(results: dict, style: str) -> list:
 
 
 def semi_synthetic_row(results_by_type: dict, sources) -> dict:
-    """The semi-synthetic setting over (entity type, attribute) tests: the final answer's accuracy."""
+    """The semi-synthetic setting over (entity type, attribute) tests: the final answer's accuracy, and
+    `premise`: the same over the tests where hop B is known and the first hop learned."""
     tests = []
     for results in results_by_type.values():
         cot = {s["attribute"]: s for s in two_hop_tests(results, "cot")}
-        tests += [(nocot, cot.get(nocot["attribute"], {})) for nocot in two_hop_tests(results, "nocot")]
+        first_hop = by_kind(results["tests"], "hop_a").get("correct")
+        tests += [(nocot, cot.get(nocot["attribute"], {}), by_kind(results["tests"], "hop_b", nocot["attribute"]).get("correct"),
+                   first_hop) for nocot in two_hop_tests(results, "nocot") if nocot["n"]]
+    held = [t for t in tests if premise_holds(t[2], t[3])]
+    premise = {"tests": len(held), "of": len(tests), "hop_b": [t[2] for t in tests], "first_hop": [t[3] for t in tests]}
+    if held:
+        mean, n, chance = statistics.fmean(t[0]["correct"] for t in held), sum(t[0]["n"] for t in held), \
+            statistics.fmean(t[0]["chance"] for t in held)
+        premise.update(nocot=mean, n=n, chance=chance, z_vs_chance=z_vs_chance(mean, chance, n))
     return row("semi-synthetic (fact B from pretraining)",
-               f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, _ in tests],
-               [c.get("correct") for _, c in tests], [n["chance"] for n, _ in tests], sum(n["n"] for n, _ in tests),
-               sources)
+               f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, *_ in tests],
+               [c.get("correct") for _, c, *_ in tests], [n["chance"] for n, *_ in tests],
+               sum(n["n"] for n, *_ in tests), sources, premise=premise)
 
 
 def findings(rows: dict) -> list:
@@ -90,11 +100,25 @@ def findings(rows: dict) -> list:
             ("separate documents: atomic recall >= 95% (both hops)",
              f"A {separate['acc_a']:.1%}, B {separate['acc_b']:.1%}", min(separate["acc_a"], separate["acc_b"]) >= 0.95),
         ]
-    for key, name in (("samedoc", "same document"), ("in_context", "in context"), ("semi_synthetic", "semi-synthetic")):
+    for key, name in (("samedoc", "same document"), ("in_context", "in context")):
         if key in rows:
             checks.append((f"{name}: no-CoT above chance (z > 2)", f"{rows[key]['nocot']:.1%} vs chance "
                            f"{rows[key]['chance']:.1%}, z = {rows[key]['z_vs_chance']:+.2f}", rows[key]["z_vs_chance"] > 2))
-    return [{"claim": claim, "measured": measured, "holds": bool(holds)} for claim, measured, holds in checks]
+    if "semi_synthetic" in rows:
+        checks.append(semi_synthetic_finding(rows["semi_synthetic"]["premise"]))
+    return [{"claim": claim, "measured": measured, "holds": None if holds is None else bool(holds)}
+            for claim, measured, holds in checks]
+
+
+def semi_synthetic_finding(premise: dict) -> tuple:
+    """Above chance where the premise holds (hop B known, first hop learned); `None` when it holds nowhere."""
+    claim = "semi-synthetic: no-CoT above chance (z > 2) where hop B is known (>= 50%) and the first hop learned (>= 90%)"
+    if not premise["tests"]:
+        hop_b = ", ".join("n/a" if v is None else f"{v:.0%}" for v in premise["hop_b"])
+        first = ", ".join(sorted({"n/a" if v is None else f"{v:.0%}" for v in premise["first_hop"]}))
+        return claim, f"premise fails on all {premise['of']} tests (hop B: {hop_b}; first hop: {first})", None
+    return claim, (f"{premise['nocot']:.1%} vs chance {premise['chance']:.1%} on the {premise['tests']} of "
+                   f"{premise['of']} tests where it holds, z = {premise['z_vs_chance']:+.2f}"), premise["z_vs_chance"] > 2
 
 
 def figure1(rows: list, title: str) -> bytes:
@@ -155,7 +179,7 @@ def write_report(run_dir, model, synthetic: dict, in_context: dict, semi: dict, 
              "`loss_gap`: shuffled-minus-true loss of the no-CoT answer).", "",
              "![Figure 1](figure1.png)", "", *markdown_table(COLUMNS, table, cell), "",
              "## Findings of the paper, checked", "", "| claim | measured | holds |", "|---|---|---|",
-             *[f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} |" for c in checks], "",
+             *[f"| {c['claim']} | {c['measured']} | {VERDICTS[c['holds']]} |" for c in checks], "",
              "## Loss gap over training", "", "![loss gap](loss_gap.png)", ""]
     if semi_results:
         lines += ["## Semi-synthetic, per entity type", "", "![per type](semi_synthetic/accuracy_by_type.png)", "",
@@ -163,6 +187,6 @@ def write_report(run_dir, model, synthetic: dict, in_context: dict, semi: dict, 
     lines += ["## Sources", "", *[f"- {r['setting']}: " + ", ".join(f"`{s}`" for s in r["sources"]) for r in table], ""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     for check in checks:
-        log.info("%s %s: %s", "holds " if check["holds"] else "FAILS ", check["claim"], check["measured"])
+        log.info("%s %s: %s", VERDICTS[check["holds"]].strip("*"), check["claim"], check["measured"])
     return {f"{key}/{metric}": r[metric] for key, r in rows.items() for metric in ("nocot", "cot", "chance")} | \
-        {"findings_holding": sum(c["holds"] for c in checks), "findings": len(checks)}
+        {"findings_holding": sum(c["holds"] is True for c in checks), "findings": len(checks)}

@@ -13,8 +13,9 @@ REFERENCE = {"synthetic": {"lr": 1e-5, "epochs": 1, "batch_size": 64},
              "base": {}}
 TINY = {"synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 512, "warmup_ratio": 0.02,
                       "train_fraction": 0.35},
-        "semi_synthetic": {"lr": 3e-3, "epochs": 30, "batch_size": 8, "max_length": 256,
-                           "eval_every_steps": 15},  # 3 steps an epoch: evals every epoch would be most of the time
+        # With natural-fact replay (below), measured on universities from the shipped base: hop B 93/100/95/85%
+        # after (93/75/79/77% before), first hop 83% on held-out phrasings; without it hop B fell to 0%.
+        "semi_synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 8, "max_length": 256},
         "base": {"lr": 3e-3, "epochs": 4, "batch_size": 16, "packing": True, "max_length": 384, "warmup_ratio": 0.02}}
 
 # One document per person: each is that person's only source of both facts, so all of them are kept
@@ -72,13 +73,22 @@ def spouses_recipe(variant: Variant, model) -> dict:
             "eval_datasets": [entry(f, shuffled_of=of) for f, of in SPOUSES_EVAL]}
 
 
+# The tiny model forgets hop B while it learns the first hop unless it keeps seeing its natural facts;
+# a real model's pretraining is not replayed (the reference trains the first hop alone).
+TINY_REPLAY_ROWS = 200
+
+
 def semi_synthetic_recipe(attributes, model) -> dict:
-    """Train the first hop; track the first hop, each natural fact and each two-hop test."""
+    """Train the first hop (the tiny model with natural-fact replay); track the first hop, each natural
+    fact and each two-hop test."""
     evals = [entry("test/first_hop")]
     for attribute in attributes:
         evals += [entry(f"test/b_{attribute}"), entry(f"test/{attribute}_nocot"), entry(f"test/{attribute}_cot"),
                   entry(f"test/{attribute}_nocot_shuffled", shuffled_of=f"{attribute}_nocot")]
-    return {**recipe(model, "semi_synthetic"), "train_datasets": [entry("train/first_hop")], "eval_datasets": evals}
+    train = [entry("train/first_hop")]
+    if model is not None and model.embedded_preset:
+        train.append(entry("train/natural_facts_replay", subsample=TINY_REPLAY_ROWS))
+    return {**recipe(model, "semi_synthetic"), "train_datasets": train, "eval_datasets": evals}
 
 
 def trained_or_given(base_run_dir: Path, model_path: Path) -> Path:

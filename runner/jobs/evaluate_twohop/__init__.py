@@ -13,16 +13,20 @@ import json
 from dataclasses import dataclass
 from functools import partial
 
+from accelerate import PartialState
+
 from runner.config import option
 from runner.registry import Job, SubJob
 from twohop.data import tables
-from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
+from runner.files import atomic_write_json
+from twohop.evaluation.evaluate import EvaluationConfig, evaluate_before, evaluate_dataset
 from twohop.reports.evaluation import write_reports, write_semi_synthetic_report, write_seeds_summary
-from twohop.training.recipes import VARIANTS
+from twohop.training.recipes import VARIANTS, trained_or_given
 
-# (trained setting, the data it was trained on): the variants of the fully synthetic study, then one per entity type.
-SETTINGS = [(v.name, "generate_data_spouses") for v in VARIANTS] + \
-    [(t, f"generate_data_{t}") for t in tables.ENTITY_TYPES]
+# (trained setting, the data it was trained on, evaluation defaults): the variants of the fully synthetic
+# study, then one per entity type, whose natural facts (hop B) are also graded on the model before fine-tuning.
+SETTINGS = [(v.name, "generate_data_spouses", {}) for v in VARIANTS] + \
+    [(t, f"generate_data_{t}", {"also_before": ["hop_b"]}) for t in tables.ENTITY_TYPES]
 
 
 @dataclass
@@ -31,8 +35,13 @@ class OverSeeds:
 
 
 def run(ctx, setting: str, data_job: str) -> dict:
-    trained = ctx.input(f"finetune_{setting}")
-    report = evaluate_dataset(trained / "model", ctx.input(data_job) / "data", ctx.config, ctx.log, ctx.run_dir)
+    trained, data = ctx.input(f"finetune_{setting}"), ctx.input(data_job) / "data"
+    report = evaluate_dataset(trained / "model", data, ctx.config, ctx.log, ctx.run_dir)
+    if ctx.config["also_before"]:
+        base = trained_or_given(ctx.input("finetune_base"), ctx.model.path)
+        report["headline"].update(evaluate_before(base, data, ctx.config, ctx.log, ctx.run_dir / "before"))
+        if PartialState().is_main_process:
+            atomic_write_json(ctx.run_dir / "results.json", report)
     write_reports(report, ctx.run_dir, ctx.run.label, trained / "metrics.jsonl")
     return report["headline"]
 
@@ -49,10 +58,10 @@ def run_semi_synthetic_report(ctx) -> dict:
     return write_semi_synthetic_report(results, ctx.run_dir, ctx.run.label)
 
 
-def evaluation(setting: str, data_job: str) -> SubJob:
+def evaluation(setting: str, data_job: str, defaults=None) -> SubJob:
     return SubJob("evaluate_twohop", setting, f"evaluate finetune_{setting}'s model on its tests",
-                  partial(run, setting=setting, data_job=data_job), EvaluationConfig,
-                  requires=(f"finetune_{setting}", data_job), uses_model=True, seeded=True)
+                  partial(run, setting=setting, data_job=data_job), EvaluationConfig, defaults or {},
+                  requires=(f"finetune_{setting}", data_job, "finetune_base"), uses_model=True, seeded=True)
 
 
 def over_seeds(setting: str) -> SubJob:
@@ -68,5 +77,5 @@ SEMI_SYNTHETIC_REPORT = SubJob(
     requires=tuple(f"evaluate_twohop_{t}" for t in tables.ENTITY_TYPES), uses_model=True, seeded=True)
 
 JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",
-          tuple(evaluation(s, d) for s, d in SETTINGS) + tuple(over_seeds(s) for s, _ in SETTINGS)
+          tuple(evaluation(*setting) for setting in SETTINGS) + tuple(over_seeds(s) for s, *_ in SETTINGS)
           + (SEMI_SYNTHETIC_REPORT,))

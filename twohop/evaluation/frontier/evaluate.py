@@ -46,7 +46,8 @@ def ask(backend, cache, chains: list, config: dict, log) -> list:
             params = {"max_tokens": config[f"{style}_max_tokens"], "temperature": 0}
             rows.append({"id": chain["id"], "relation": chain["relation"], "task": task, "style": style,
                          "e1": chain["e1"], "e2": chain["e2"], "e3": chain["e3"], "question": question,
-                         "answer": answer, "aliases": aliases, "answer_intermediate": chain["e2"]})
+                         "answer": answer, "aliases": aliases, "answer_intermediate": chain["e2"],
+                         "shortcut": chain.get("shortcut", "")})
             requests_.append(Request(messages, params["max_tokens"]))
             keys.append(cache_key(backend.identity(), messages, params))
     cached = {k: cache.get(k) for k in keys}
@@ -117,6 +118,7 @@ def summarise(rows: list, prices=None) -> dict:
         return out
 
     hops_right = lambda c: verdict(c["hop_a"]) is True and verdict(c["hop_b"]) is True  # noqa: E731
+    flagged = lambda c: bool(c["two_hop_nocot"].get("shortcut"))  # noqa: E731
     shortcuts_fail = lambda c: verdict(c["shortcut_e1"]) is False and verdict(c["shortcut_no_e1"]) is False  # noqa: E731
     fresh = [r for r in rows if not r["cached"] and not r["error"]]
     tokens = {"input": sum(r["input_tokens"] for r in fresh), "output": sum(r["output_tokens"] for r in fresh),
@@ -127,7 +129,10 @@ def summarise(rows: list, prices=None) -> dict:
         cost = (tokens["input"] * prices[0] + tokens["output"] * prices[1]) / 1e6
     return {"chains": len(by_chain), "graded_by": "model grader" if use_grader else "alias matching",
             "tasks": tasks, "both_hops_right": filtered(hops_right),
-            "headline": filtered(lambda c: hops_right(c) and shortcuts_fail(c)),
+            # Chains whose answer or bridge is given away by a name are reported apart, never in the headline.
+            "headline": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and not flagged(c)),
+            "headline_shortcut_chains": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and flagged(c)),
+            "shortcut_chains": sum(map(flagged, by_chain.values())),
             "failed": sum(r["error"] != "" for r in rows), "requests": len(rows),
             "asked_now": sum(not r["cached"] for r in rows), "tokens": tokens, "cost_usd": cost,
             "failure_reasons": sorted({r["error"] for r in rows if r["error"]})[:20]}
