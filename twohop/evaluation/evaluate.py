@@ -153,6 +153,8 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
         summary["candidate_accuracy_se"] = binomial_se(summary["candidate_accuracy"], len(kept))
     if candidates:
         summary["chance"], summary["candidates"] = 1 / len(candidates), len(candidates)
+    if kept:  # what answering every question with the commonest answer scores: chance for a constant guesser
+        summary["majority"] = max(Counter(rows[i]["answer"] for i in kept).values()) / len(kept)
     predictions = [{"test": test, "row": i, "question": row.get("question", ""), "answer": row["answer"],
                     "bridge": row.get("answer_intermediate", ""), "generation": generated, **grade,
                     **({"shortcut": row["shortcut"]} if row.get("shortcut") else {}),

@@ -103,7 +103,7 @@ def semi_synthetic_rows(results_by_type: dict) -> list:
                          "premise": premise_holds(hop_b, first_hop),
                          "cot_chain": cot.get("chain_correct"), "cot_chain_se": cot.get("chain_correct_se"),
                          "hop_b": hop_b, "hop_b_before": results.get("headline", {}).get(f"acc_b_{attribute}_before"),
-                         "first_hop": first_hop, "chance": nocot.get("chance"),
+                         "first_hop": first_hop, "chance": nocot.get("chance"), "majority": nocot.get("majority"),
                          "loss_gap": results["loss_gaps"].get(test, {}).get("gap")})
     return sorted(rows, key=lambda r: -(r["nocot"] or 0))
 
@@ -118,7 +118,7 @@ def premise_holds(hop_b, first_hop) -> bool:
 
 
 SEMI_COLUMNS = ("entity_type", "attribute", "n", "nocot", "nocot_se", "cot_chain", "cot_chain_se", "hop_b",
-                "hop_b_before", "first_hop", "premise", "chance", "loss_gap", "shortcut_n", "shortcut_nocot")
+                "hop_b_before", "first_hop", "premise", "chance", "majority", "loss_gap", "shortcut_n", "shortcut_nocot")
 
 
 def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> dict:
@@ -127,7 +127,8 @@ def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> d
     lines = [f"# {title}", "", "Two-hop accuracy per entity type and attribute, sorted by no-CoT accuracy "
              "(cot_chain: the answer the chain of thought states; hop_b: the natural fact asked directly, after "
              "and (hop_b_before) before the fine-tune; "
-             "first_hop: the fictional person's favorite entity; premise: hop_b >= 50% and first_hop >= 90%, "
+             "first_hop: the fictional person's favorite entity; chance: 1/|candidates|; majority: the score of "
+             "answering every question with the commonest answer; premise: hop_b >= 50% and first_hop >= 90%, "
              "without which no-CoT cannot measure composition; n excludes the shortcut_n questions whose "
              "answer is in the entity's name, scored apart as shortcut_nocot).", "",
              *markdown_table(SEMI_COLUMNS, rows)]

@@ -78,9 +78,9 @@ def semi_synthetic_row(results_by_type: dict, sources) -> dict:
                    first_hop) for nocot in two_hop_tests(results, "nocot") if nocot["n"]]
     held = [t for t in tests if premise_holds(t[2], t[3])]
     premise = {"tests": len(held), "of": len(tests), "hop_b": [t[2] for t in tests], "first_hop": [t[3] for t in tests]}
-    if held:
+    if held:  # against the better of uniform chance and a constant guess of the commonest answer
         mean, n, chance = statistics.fmean(t[0]["correct"] for t in held), sum(t[0]["n"] for t in held), \
-            statistics.fmean(t[0]["chance"] for t in held)
+            statistics.fmean(max(t[0]["chance"], t[0].get("majority", 0)) for t in held)
         premise.update(nocot=mean, n=n, chance=chance, z_vs_chance=z_vs_chance(mean, chance, n))
     return row("semi-synthetic (fact B from pretraining)",
                f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, *_ in tests],
@@ -112,7 +112,8 @@ def findings(rows: dict) -> list:
 
 def semi_synthetic_finding(premise: dict) -> tuple:
     """Above chance where the premise holds (hop B known, first hop learned); `None` when it holds nowhere."""
-    claim = "semi-synthetic: no-CoT above chance (z > 2) where hop B is known (>= 50%) and the first hop learned (>= 90%)"
+    claim = ("semi-synthetic: no-CoT above chance (z > 2; chance: the better of 1/|candidates| and the commonest "
+             "answer's share) where hop B is known (>= 50%) and the first hop learned (>= 90%)")
     if not premise["tests"]:
         hop_b = ", ".join("n/a" if v is None else f"{v:.0%}" for v in premise["hop_b"])
         first = ", ".join(sorted({"n/a" if v is None else f"{v:.0%}" for v in premise["first_hop"]}))
