@@ -134,6 +134,31 @@ class TwoRankTest(unittest.TestCase):
             self.assertEqual(model.config.num_hidden_layers, 2)
 
 
+class LossGapTest(unittest.TestCase):
+    def test_shuffled_rows_come_in_whole_permutation_blocks_of_the_true_questions(self):
+        from twohop.training.datasets import whole_blocks
+        from twohop.training.losses import question_gaps
+        true = [{"question": f"q{i}"} for i in range(70)]
+        shuffled = [{"question": f"q{i}", "permutation": p} for p in range(20) for i in range(70)]
+        kept = whole_blocks(shuffled, true, 256)  # 3 whole blocks of 70, never 256 rows cutting the 4th
+        self.assertEqual(len(kept), 210)
+        self.assertEqual({r["permutation"] for r in kept}, {0, 1, 2})
+        self.assertEqual(len(whole_blocks(shuffled, true[:10], 256)), 10 * 20)  # fewer questions: more blocks fit
+        self.assertEqual(len(whole_blocks(shuffled, true, 10)), 70)  # at least one block
+        gaps = question_gaps(["a", "b"], [1.0, 2.0], ["a", "a", "b"], [2.0, 4.0, 2.5])
+        self.assertEqual(gaps, [2.0, 0.5])
+
+    def test_the_training_log_carries_the_gap_and_its_interval(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            train_small(Path(tmp) / "w", run, max_steps=2)
+            evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+            for entry in evals:
+                low, high = entry["2hop_nocot/loss_gap_ci95"]
+                self.assertLessEqual(low, high)
+                self.assertIn("2hop_nocot/loss_gap", entry)
+
+
 class FinetuneConfigTest(unittest.TestCase):
     def test_bad_training_values_fail_before_anything_runs(self):
         import contextlib

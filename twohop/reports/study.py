@@ -25,7 +25,7 @@ LABELS = {"spouses": "separate documents", "spouses_nocot": "separate documents 
           "aux_logit": "separate documents + logit-lens loss", "aux_cosine": "separate documents + cosine loss"}
 VERDICTS = {True: "yes", False: "**no**", None: "premise fails"}
 COLUMNS = ("setting", "runs", "n", "nocot", "nocot_se", "cot", "cot_se", "chance", "z_vs_chance", "acc_a", "acc_b",
-           "loss_gap")
+           "loss_gap", "loss_gap_ci95")
 
 
 def read_json(path):
@@ -50,7 +50,9 @@ def synthetic_row(setting: str, evaluations: dict) -> dict:
                sum(s["n"] for r in results.values() for s in two_hop_tests(r, "nocot")),
                [folder / "results.json" for folder in evaluations.values()],
                acc_a=mean_se(headline("acc_a"))[0], acc_b=mean_se(headline("acc_b"))[0],
-               loss_gap=mean_se(headline("loss_gap"))[0], variant=setting)
+               loss_gap=mean_se(headline("loss_gap"))[0], variant=setting,
+               loss_gap_ci95=[r["loss_gaps"][t]["ci95"] for r in results.values() for t in r["loss_gaps"]
+                              if r["tests"].get(t, {}).get("kind") == "two_hop"])
 
 
 def in_context_row(folders: dict) -> dict:
@@ -131,7 +133,8 @@ def figure1(rows: list, title: str) -> bytes:
 
 
 def loss_gap_plot(finetune_runs: dict, title: str) -> bytes:
-    """Shuffled-minus-true loss of no-CoT two-hop answers over training, per setting (thin: seeds)."""
+    """Shuffled-minus-true loss of no-CoT two-hop answers over training, per setting (thin: seeds, with
+    their 95% intervals shaded)."""
     figure, axis = plt.subplots(figsize=(6.5, 4), dpi=110)
     for (setting, runs), color in zip(finetune_runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         curves = []
@@ -139,6 +142,9 @@ def loss_gap_plot(finetune_runs: dict, title: str) -> bytes:
             evals = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
             curves.append([(e["step"], e["2hop_nocot/loss_gap"]) for e in evals if "2hop_nocot/loss_gap" in e])
             axis.plot(*zip(*curves[-1]), color=color, alpha=0.3, linewidth=1)
+            bands = [(e["step"], *e["2hop_nocot/loss_gap_ci95"]) for e in evals if "2hop_nocot/loss_gap_ci95" in e]
+            if bands:  # each run's 95% bootstrap interval over questions
+                axis.fill_between(*zip(*bands), color=color, alpha=0.08, linewidth=0)
         steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
         mean = [statistics.fmean(dict(c)[s] for c in curves) for s in steps]
         axis.plot(steps, mean, color=color, linewidth=2, label=f"{LABELS.get(setting, setting)} (mean of {len(curves)})")
@@ -153,6 +159,8 @@ def loss_gap_plot(finetune_runs: dict, title: str) -> bytes:
 def cell(key, value) -> str:
     if key in ("nocot", "nocot_se", "cot", "cot_se", "chance", "acc_a", "acc_b") and value is not None:
         return f"{100 * value:.1f}%"
+    if key == "loss_gap_ci95" and value:  # each run's 95% bootstrap interval over questions
+        return "; ".join(f"[{low:+.2f}, {high:+.2f}]" for low, high in value)
     return f"{value:+.2f}" if key in ("z_vs_chance", "loss_gap") and value is not None else fmt(value)
 
 
@@ -177,7 +185,8 @@ def write_report(run_dir, model, synthetic: dict, in_context: dict, semi: dict, 
     lines = [f"# Two-hop latent reasoning: the study on `{model.name}`", "",
              "No-CoT and CoT accuracy on two-hop questions about fictional people, per setting (mean ± s.e. over "
              "runs; `z_vs_chance`: no-CoT minus chance in units of a guesser's standard error over all `n` questions; "
-             "`loss_gap`: shuffled-minus-true loss of the no-CoT answer).", "",
+             "`loss_gap`: shuffled-minus-true loss of the no-CoT answer, with each run's 95% bootstrap interval over "
+             "questions in `loss_gap_ci95`: a gap whose interval covers 0 is no evidence of a leak).", "",
              "![Figure 1](figure1.png)", "", *markdown_table(COLUMNS, table, cell), "",
              "## Findings of the paper, checked", "", "| claim | measured | holds |", "|---|---|---|",
              *[f"| {c['claim']} | {c['measured']} | {VERDICTS[c['holds']]} |" for c in checks], "",

@@ -21,17 +21,33 @@ def training_rows(entries, data_dir: Path, default_fraction: float, seed: int) -
     return rows
 
 
+def whole_blocks(shuffled: list, true: list, limit: int) -> list:
+    """The shuffled rows of the true set's questions, in whole permutation blocks (as many as fit in
+    `limit` rows, at least one), so every question has as many shuffled answers as every other and the
+    answer mix matches the true set's. Rows without a `permutation` field: the first `limit` of them."""
+    questions = {row.get("question") for row in true}
+    rows = [row for row in shuffled if row.get("question") in questions]
+    if not rows or not all("permutation" in row for row in rows):
+        return rows[:limit]
+    blocks = max(1, limit // max(1, len(true)))
+    return [row for row in rows if row["permutation"] < blocks]
+
+
 def eval_sets(entries, data_dir: Path, default_rows: int) -> tuple:
-    """({name: first rows}, {shuffled set: its true set}) for the evaluations during training."""
-    sets, gaps = {}, {}
+    """({name: rows}, {shuffled set: its true set}) for the evaluations during training: the first rows of
+    each set, and for a shuffled set whole permutation blocks of its true set's questions."""
+    sets, gaps, files = {}, {}, {}
     for entry in resolve_files(entries, data_dir):
         rows = read_records(entry["dataset_file"])
         sets[entry["name"]] = rows[:min(entry["subsample"] or default_rows, len(rows))]
+        files[entry["name"]] = (rows, entry["subsample"] or default_rows)
         if entry["shuffled_of"]:
             gaps[entry["name"]] = entry["shuffled_of"]
     unknown = {true for true in gaps.values() if true not in sets}
     if unknown:
         raise UserError(f"eval_datasets: shuffled_of names {sorted(unknown)}, which are not eval sets")
+    for shuffled, true in gaps.items():
+        sets[shuffled] = whole_blocks(files[shuffled][0], sets[true], files[shuffled][1])
     return sets, gaps
 
 

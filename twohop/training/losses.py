@@ -43,10 +43,19 @@ def row_losses(model, examples, pad_id, device, batch_size=64) -> tuple:
     return losses, correct
 
 
-def evaluate_losses(model, examples, pad_id, device) -> dict:
-    """Mean loss over reply tokens and the share of rows whose reply is argmax-correct."""
+def evaluate_losses(model, examples, pad_id, device) -> tuple:
+    """({mean loss over reply tokens, share of rows whose reply is argmax-correct, n}, per-row losses)."""
     losses, correct = row_losses(model, examples, pad_id, device)
-    return {"loss": sum(losses) / len(losses), "accuracy": sum(correct) / len(correct), "n": len(losses)}
+    return {"loss": sum(losses) / len(losses), "accuracy": sum(correct) / len(correct), "n": len(losses)}, losses
+
+
+def question_gaps(true_questions, true_losses, shuffled_questions, shuffled_losses) -> list:
+    """Per true row: the mean loss of its question's shuffled answers minus its own loss."""
+    by_question = {}
+    for question, loss in zip(shuffled_questions, shuffled_losses):
+        by_question.setdefault(question, []).append(loss)
+    return [sum(by_question[q]) / len(by_question[q]) - loss for q, loss in zip(true_questions, true_losses)
+            if q in by_question]
 
 
 def auxiliary_loss(model, hidden_states, batch, config) -> torch.Tensor:

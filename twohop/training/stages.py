@@ -19,6 +19,7 @@ from twohop.data.records import read_records
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
 from twohop.reports.evaluation import write_reports
 from twohop.training.config import TrainingConfig
+from twohop.training.datasets import whole_blocks
 from twohop.training.recipes import subsample
 
 ATOMIC_B, ATOMIC_A = ["train/b_demoed", "train/b_undemoed"], ["train/a_demoed", "train/a_undemoed"]
@@ -129,14 +130,21 @@ def train_stage(k: int, stage: dict, previous: Path, ctx: dict) -> dict:
     return record
 
 
+def tracked_sets(data_dir: Path, rows: int) -> dict:
+    """The eval sets tracked while a stage trains; the shuffled one in whole permutation blocks."""
+    sets = {name.split("/")[1]: read_records(data_dir / f"{name}.jsonl")[:rows] for name in TRACKED}
+    for shuffled, true in LOSS_GAPS.items():
+        sets[shuffled] = whole_blocks(read_records(data_dir / f"test/{shuffled}.jsonl"), sets[true], rows)
+    return sets
+
+
 def run_chain(start_model: Path, data_dir: Path, config: dict, selective: bool, seed: int, run_dir: Path, log) -> list:
     """Train every stage in order (resuming where a killed chain stopped); returns each stage's record."""
     from transformers import AutoConfig
     dirs = stage_dirs(run_dir, config["stages"])
     ctx = {"config": config, "dirs": dirs, "selective": selective, "seed": seed, "data_dir": data_dir, "log": log,
            "num_layers": AutoConfig.from_pretrained(start_model, local_files_only=True).num_hidden_layers,
-           "eval_sets": {name.split("/")[1]: read_records(data_dir / f"{name}.jsonl")[:config["eval_subsample"]]
-                         for name in TRACKED}}
+           "eval_sets": tracked_sets(data_dir, config["eval_subsample"])}
     records, previous = [], start_model
     for k, stage in enumerate(config["stages"], start=1):
         marker = dirs[k - 1] / "stage.json"

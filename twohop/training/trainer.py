@@ -24,7 +24,8 @@ from runner.files import atomic_directory, atomic_write_text
 from twohop.training import checkpoint
 from twohop.training.batching import collate, encode_rows, length_grouped_batches, pack
 from twohop.training.experiment import parse_layer_range
-from twohop.training.losses import ReplyLoss, auxiliary_loss, evaluate_losses
+from twohop.stats import bootstrap_interval
+from twohop.training.losses import ReplyLoss, auxiliary_loss, evaluate_losses, question_gaps
 
 SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
 
@@ -102,6 +103,7 @@ class Trainer:
         if config["packing"]:
             self.examples = pack(self.examples, config["max_length"], random.Random(config["seed"]))
         self.eval_examples = {name: encode_rows(self.tokenizer, rows, config) for name, rows in eval_sets.items()}
+        self.eval_questions = {name: [row.get("question", "") for row in rows] for name, rows in eval_sets.items()}
         self.lengths = [len(e["input_ids"]) for e in self.examples]
 
     def _schedule(self) -> None:
@@ -135,11 +137,16 @@ class Trainer:
         """Loss and accuracy on every eval set (rank 0), with the shuffled-minus-true loss gaps."""
         if not self.accelerator.is_main_process:
             return {}
-        results = {name: evaluate_losses(self.unwrapped, ex, self.tokenizer.pad_token_id, self.accelerator.device)
-                   for name, ex in self.eval_examples.items()}
+        results, losses = {}, {}
+        for name, examples in self.eval_examples.items():
+            results[name], losses[name] = evaluate_losses(self.unwrapped, examples, self.tokenizer.pad_token_id,
+                                                          self.accelerator.device)
         entry = {"step": step, "event": "eval", **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}}
         for shuffled, true in self.loss_gaps.items():
             entry[f"{true}/loss_gap"] = results[shuffled]["loss"] - results[true]["loss"]
+            gaps = question_gaps(self.eval_questions[true], losses[true], self.eval_questions[shuffled], losses[shuffled])
+            if gaps:  # per question, so the interval says whether the gap is more than noise
+                entry[f"{true}/loss_gap_ci95"] = list(bootstrap_interval(gaps, 1000))
         self._log(entry, step)
         return entry
 
