@@ -28,7 +28,7 @@ def over_runs(values) -> dict:
 
 def z_vs_chance(accuracy, chance, n):
     """Accuracy minus chance in units of a uniform guesser's standard error over `n` questions."""
-    if accuracy is None or not chance or not n:
+    if accuracy is None or not chance or chance >= 1 or not n:
         return None
     return (accuracy - chance) / math.sqrt(chance * (1 - chance) / n)
 

@@ -37,16 +37,16 @@ def check_config(config: dict, model=None) -> None:
     selected_types(config)
 
 
-def fact_rows(entity_type: str) -> tuple:
+def fact_rows(entity_type: str, forms=QUESTION_FORMS[:-1]) -> tuple:
     """(training rows, held-out question rows) of one type's e2 -> e3 facts: every attribute asked in the
-    training question forms and stated as a sentence, and asked once in the held-out form."""
+    training question `forms` and stated as a sentence, and asked once in the held-out form."""
     spec, entities = tables.entity_table(entity_type)
     train, test = [], []
     for entity in entities:
         for attribute, phrasing in spec["attributes"].items():
             fact = {"e2": entity["name"], "e3": entity[attribute], "attribute": attribute, "entity_type": entity_type}
             question = phrasing["question"].format(subject=entity["name"])
-            for form in QUESTION_FORMS[:-1]:
+            for form in forms:
                 train.append(record(form.format(q=question), fact["e3"], fact["e3"], form="question", **fact))
             statement = phrasing["statement"].format(subject=entity["name"], value=entity[attribute])
             for prompt in STATEMENT_PROMPTS:

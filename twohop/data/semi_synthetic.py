@@ -46,7 +46,7 @@ def two_hop_rows(people, favorites, spec, attribute, style, templates, system_pr
         rows.append(record(question, chain["e3"], reply, system=system_prompts[style],
                            answer_intermediate=chain["e2"], auxiliary_loss_prefix=prefix,
                            attribute=attribute, entity_type=entity_type, **chain,
-                           shortcut=shortcut_reason(chain["e3"], e2=chain["e2"])))
+                           shortcut=shortcut_reason(chain["e3"], e2=chain["e2"], e1=chain["e1"])))
     return rows
 
 
@@ -87,9 +87,9 @@ def generate(ctx, entity_type: str) -> dict:
     files = {"train/first_hop": [hop_a_row(p, i) for p in people
                                  for i in rng.sample(range(n_train), config["first_hop_paraphrases"])],
              "test/first_hop": [hop_a_row(p, i) for p in people for i in range(n_train, len(templates["hop_a"]))],
-             # The type's natural facts as the base model learned them: replayed while fine-tuning the
-             # tiny model, so learning the first hop does not erase hop B.
-             "train/natural_facts_replay": natural_facts.fact_rows(entity_type)[0]}
+             # The type's natural facts as the base model learned them, replayed while fine-tuning the tiny
+             # model so learning the first hop does not erase hop B; never in the bare form test/b_* asks.
+             "train/natural_facts_replay": natural_facts.fact_rows(entity_type, natural_facts.QUESTION_FORMS[1:-1])[0]}
     tests = {"test/first_hop": test_spec("hop_a", "nocot", "entities", metric="acc_a")}
     candidate_sets = {"entities": sorted(e["name"] for e in entities)}
     for attribute in spec["attributes"]:

@@ -165,7 +165,11 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
 
 def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
     """Mean loss of the shuffled answers minus the true answer's, per question, with a bootstrap interval."""
-    true_rows, shuffled_rows = read_records(true_file), read_records(shuffled_file)
+    true_rows = [r for r in read_records(true_file) if not r.get("shortcut")]  # a name gives the answer away
+    questions = {r["question"] for r in true_rows}
+    shuffled_rows = [r for r in read_records(shuffled_file) if r["question"] in questions]
+    if not true_rows:
+        return None
     true_loss, _ = row_losses(model, encode_rows(tokenizer, true_rows, {"max_length": 4096}),
                               tokenizer.pad_token_id, model.device)
     shuffled_loss, _ = row_losses(model, encode_rows(tokenizer, shuffled_rows, {"max_length": 4096}),
@@ -173,10 +177,7 @@ def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
     by_question = {}
     for row, loss in zip(shuffled_rows, shuffled_loss):
         by_question.setdefault(row["question"], []).append(loss)
-    gaps = [float(np.mean(by_question[row["question"]])) - loss for row, loss in zip(true_rows, true_loss)
-            if not row.get("shortcut")]  # the answer given away by a name: reported apart, not in the gap
-    if not gaps:
-        return None
+    gaps = [float(np.mean(by_question[row["question"]])) - loss for row, loss in zip(true_rows, true_loss)]
     low, high = bootstrap_interval(gaps, samples)
     return {"loss_true": float(np.mean(true_loss)), "loss_shuffled": float(np.mean(shuffled_loss)),
             "gap": float(np.mean(gaps)), "ci95": [low, high], "n": len(gaps)}
@@ -213,13 +214,13 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
     return report
 
 
-def evaluate_before(model_path, data_dir, config, log, run_dir) -> dict:
-    """The `also_before` kinds graded on the model a fine-tune started from: its results and headline
-    (each metric suffixed `_before`), in `run_dir`."""
+def evaluate_before(model_path, data_dir, config, log, run_dir) -> tuple:
+    """The `also_before` kinds graded on the model a fine-tune started from, in `run_dir`: (their test
+    summaries, their headline with each metric suffixed `_before`)."""
     kinds = {"hop_a", "hop_b", "two_hop", "couples", "in_context"}
     before = evaluate_dataset(model_path, data_dir, {**config, "skip_kinds": sorted(kinds - set(config["also_before"])),
                                                      "memorisation_rows": 0, "fewshot_k": 0}, log, run_dir)
-    return {f"{name}_before": value for name, value in before["headline"].items()}
+    return before["tests"], {f"{name}_before": value for name, value in before["headline"].items()}
 
 
 def headline(specs: dict, results: dict, loss_gaps: dict) -> dict:

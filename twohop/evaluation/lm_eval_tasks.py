@@ -1,7 +1,7 @@
 """lm-eval interop: export the evaluated test sets as lm-eval tasks, and generate through lm-eval.
 
 Each test becomes `<folder>/<task>.yaml` plus the `<task>.jsonl` it reads from local disk (rendered
-prompts, answers, the grading fields). The grader is `runner/grading.py`, copied next to the YAMLs
+prompts, answers, the grading fields). The grader is `twohop/evaluation/grading.py`, copied next to the YAMLs
 as the `process_results` hook, so
 
     lm_eval --model hf --model_args pretrained=<model folder> --include_path <folder> --tasks <tag or task>
@@ -34,6 +34,7 @@ def export_tasks(dataset: str, tests: list, folder: Path) -> None:
         with atomic_open(data_file) as f:
             for row, prompt in zip(rows, prompts):
                 doc = {"prompt": prompt, "answer": row["answer"], "answer_intermediate": row.get("answer_intermediate", ""),
+                       "e1": row.get("e1", ""), "shortcut": row.get("shortcut", ""),
                        "aliases": list(row.get("aliases", ())), "style": style,
                        "candidates": list(candidates) if style == "cot" else []}
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")

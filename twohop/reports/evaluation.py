@@ -60,8 +60,8 @@ def accuracy_plot(report: dict, title: str) -> bytes:
     """CoT (answer stated in the chain) vs no-CoT accuracy with standard-error bars and chance, per two-hop test."""
     pairs = two_hop_pairs(report["tests"])
     return cot_nocot_bars([label for label, _, _ in pairs], [c.get("chain_correct", 0) for _, _, c in pairs],
-                          [c.get("chain_correct_se", 0) for _, _, c in pairs], [n["correct"] for _, n, _ in pairs],
-                          [n["correct_se"] for _, n, _ in pairs], [n.get("chance") for _, n, _ in pairs], title,
+                          [c.get("chain_correct_se", 0) for _, _, c in pairs], [n.get("correct") for _, n, _ in pairs],
+                          [n.get("correct_se") for _, n, _ in pairs], [n.get("chance") for _, n, _ in pairs], title,
                           COT_CHAIN, rotation=30 if len(pairs) > 3 else 0)
 
 
@@ -102,7 +102,7 @@ def semi_synthetic_rows(results_by_type: dict) -> list:
                          "shortcut_nocot": nocot.get("shortcut", {}).get("correct"),
                          "premise": premise_holds(hop_b, first_hop),
                          "cot_chain": cot.get("chain_correct"), "cot_chain_se": cot.get("chain_correct_se"),
-                         "hop_b": hop_b, "hop_b_before": results.get("headline", {}).get(f"acc_b_{attribute}_before"),
+                         "hop_b": hop_b, "hop_b_before": by_kind(results.get("before", {}), "hop_b", attribute).get("correct"),
                          "first_hop": first_hop, "chance": nocot.get("chance"), "majority": nocot.get("majority"),
                          "loss_gap": results["loss_gaps"].get(test, {}).get("gap")})
     return sorted(rows, key=lambda r: -(r["nocot"] or 0))

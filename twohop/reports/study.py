@@ -80,9 +80,10 @@ def semi_synthetic_row(results_by_type: dict, sources) -> dict:
                    first_hop) for nocot in two_hop_tests(results, "nocot") if nocot["n"]]
     held = [t for t in tests if premise_holds(t[2], t[3])]
     premise = {"tests": len(held), "of": len(tests), "hop_b": [t[2] for t in tests], "first_hop": [t[3] for t in tests]}
-    if held:  # against the better of uniform chance and a constant guess of the commonest answer
-        mean, n, chance = statistics.fmean(t[0]["correct"] for t in held), sum(t[0]["n"] for t in held), \
-            statistics.fmean(max(t[0]["chance"], t[0].get("majority", 0)) for t in held)
+    if held:  # pooled over questions, against the better of uniform chance and guessing the commonest answer
+        n = sum(t[0]["n"] for t in held)
+        mean = sum(t[0]["correct"] * t[0]["n"] for t in held) / n
+        chance = sum(max(t[0]["chance"], t[0].get("majority", 0)) * t[0]["n"] for t in held) / n
         premise.update(nocot=mean, n=n, chance=chance, z_vs_chance=z_vs_chance(mean, chance, n))
     return row("semi-synthetic (fact B from pretraining)",
                f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, *_ in tests],
@@ -120,6 +121,8 @@ def semi_synthetic_finding(premise: dict) -> tuple:
         hop_b = ", ".join("n/a" if v is None else f"{v:.0%}" for v in premise["hop_b"])
         first = ", ".join(sorted({"n/a" if v is None else f"{v:.0%}" for v in premise["first_hop"]}))
         return claim, f"premise fails on all {premise['of']} tests (hop B: {hop_b}; first hop: {first})", None
+    if premise["z_vs_chance"] is None:
+        return claim, f"chance is {premise['chance']:.0%} on the tests where the premise holds: nothing to test", None
     return claim, (f"{premise['nocot']:.1%} vs chance {premise['chance']:.1%} on the {premise['tests']} of "
                    f"{premise['of']} tests where it holds, z = {premise['z_vs_chance']:+.2f}"), premise["z_vs_chance"] > 2
 

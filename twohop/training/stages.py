@@ -81,6 +81,8 @@ def check_config(config: dict, model=None) -> None:
     if config["aux_loss_type"]:  # the atomic stages' rows have no question prefix to supervise
         raise UserError("aux_loss_type: the layer-ordering stages train without the auxiliary loss; use finetune_aux_*")
     check_stages(config["stages"])
+    if config["evaluation"]["also_before"]:
+        raise UserError("evaluation.also_before: each stage is evaluated once; compare stages in stages.json instead")
     if config["split_layer"] == 0:
         raise UserError("split_layer 0: expected -1 (half the layers) or a layer index >= 1")
 

@@ -39,7 +39,8 @@ def run(ctx, setting: str, data_job: str) -> dict:
     report = evaluate_dataset(trained / "model", data, ctx.config, ctx.log, ctx.run_dir)
     if ctx.config["also_before"]:
         base = trained_or_given(ctx.input("finetune_base"), ctx.model.path)
-        report["headline"].update(evaluate_before(base, data, ctx.config, ctx.log, ctx.run_dir / "before"))
+        report["before"], headline = evaluate_before(base, data, ctx.config, ctx.log, ctx.run_dir / "before")
+        report["headline"].update(headline)
         if PartialState().is_main_process:
             atomic_write_json(ctx.run_dir / "results.json", report)
     write_reports(report, ctx.run_dir, ctx.run.label, trained / "metrics.jsonl")
