@@ -13,8 +13,8 @@ REFERENCE = {"synthetic": {"lr": 1e-5, "epochs": 1, "batch_size": 64},
              "base": {}}
 TINY = {"synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 512, "warmup_ratio": 0.02,
                       "train_fraction": 0.35},
-        # With natural-fact replay (below), measured on universities from the shipped base: hop B 93/100/95/85%
-        # after (93/75/79/77% before), first hop 83% on held-out phrasings; without it hop B fell to 0%.
+        # With natural-fact replay (below), measured on universities from the shipped base: hop B 100% on every
+        # attribute after (93/75/79/77% before), first hop 80% on held-out phrasings; without it hop B fell to 0%.
         "semi_synthetic": {"lr": 3e-3, "epochs": 10, "batch_size": 8, "max_length": 256},
         "base": {"lr": 3e-3, "epochs": 4, "batch_size": 16, "packing": True, "max_length": 384, "warmup_ratio": 0.02}}
 
@@ -75,7 +75,7 @@ def spouses_recipe(variant: Variant, model) -> dict:
 
 # The tiny model forgets hop B while it learns the first hop unless it keeps seeing its natural facts;
 # a real model's pretraining is not replayed (the reference trains the first hop alone).
-TINY_REPLAY_ROWS = 200
+TINY_REPLAY_ROWS = 300
 
 
 def semi_synthetic_recipe(attributes, model) -> dict:
