@@ -2,20 +2,32 @@
 
 Every file the project writes goes through here: data lands in a temporary sibling first and is
 renamed into place, so a killed process never leaves a half-written file under the final name.
+Temporaries are created with the modes `open` and `mkdir` use (0666 and 0777 less the umask), not
+tempfile's private 0600 / 0700, so a workspace shared through a group umask stays readable.
 """
 import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 
-def _temp_sibling(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _temp_sibling(path: Path, create=_create_file) -> Path:
+    """A new `.<name>.<random>.tmp` beside `path`, made by `create` (which fails if it exists)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -71,9 +83,10 @@ def atomic_directory(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = _temp_sibling(path, create=os.mkdir)
     try:
         yield staging
+        _honour_umask(staging)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -84,6 +97,18 @@ def atomic_directory(path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _honour_umask(staging: Path) -> None:
+    """Give the files under `staging` the mode `open` would have: safetensors writes its files 0600.
+
+    `staging` was made by `os.mkdir(path, 0o777)`, so its mode is what the umask (or a default ACL)
+    allows. Folders are left alone: they come from mkdir already, and chmod would drop a setgid bit.
+    """
+    file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(file_mode)
 
 
 def remove_stale_temporaries(directory) -> None:
