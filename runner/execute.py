@@ -5,6 +5,8 @@ Status protocol (status.json, always written atomically):
   killed at any point is never mistaken for finished work. A rerun with the same input
   fingerprint resumes in the same folder (sub-jobs see `ctx.resuming`); a different fingerprint
   starts from an empty folder. A done run with the same fingerprint is skipped unless forced.
+Only the holder of a run folder's lock (runner.locks) writes in it: a second invocation that needs
+the run waits for the holder and then skips, resumes or restarts it as above.
 The input fingerprint covers the resolved config, the model's contents, the content of every
 external file the run reads (experiment YAMLs and the files they name, CSVs, prompt files) and the
 `run_id` of every prerequisite's finished run, so remaking or editing an input invalidates what was
@@ -14,7 +16,6 @@ import datetime as dt
 import functools
 import logging
 import platform
-import shutil
 import subprocess
 import time
 import traceback
@@ -24,7 +25,9 @@ from importlib import metadata
 from pathlib import Path
 
 from runner.errors import UserError
-from runner.files import atomic_write_json, fingerprint, read_json, remove_stale_temporaries, sha256_file
+from runner.files import (atomic_write_json, clear_directory, fingerprint, read_json, remove_stale_temporaries,
+                          sha256_file)
+from runner.locks import LOCK_NAME, RunLock
 
 log = logging.getLogger("twohop")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +94,7 @@ class Outcome:
 class Executor:
     workspace: Workspace
     force: bool = False
+    wait: bool = True  # for a run folder another invocation holds; False: refuse (runner.locks.LockBusy)
     command: list = field(default_factory=list)
     outcomes: dict = field(default_factory=dict)  # Run -> Outcome
 
@@ -149,18 +153,31 @@ class Executor:
         if run.model is not None:
             from models import ensure_model
             ensure_model(run.model)
+        cached = self._cached(planned, run_dir)  # done work is skipped without writing anything
+        if cached:
+            return cached
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir).acquire(wait=self.wait):
+            return self._cached(planned, run_dir) or self._start(planned, run_dir)
+
+    def _cached(self, planned, run_dir: Path):
+        """The outcome of skipping a run done with the same inputs (perhaps by the lock's last holder)."""
+        previous = self.read_status(run_dir)
+        if (previous.get("state") == "done" and not (self.force and planned.requested)
+                and previous.get("fingerprint") == self.input_fingerprint(planned)):
+            log.info("skip %s: done with the same inputs (%s); --force reruns it", planned.run.label, run_dir)
+            return self._record(Outcome(planned.run, "cached", run_dir, previous.get("duration_s", 0.0)))
+        return None
+
+    def _start(self, planned, run_dir: Path) -> Outcome:
+        """Resume a killed or failed run with the same inputs in place; otherwise start from an empty folder."""
+        run = planned.run
         fp = self.input_fingerprint(planned)
         previous = self.read_status(run_dir)
-        same_inputs = previous.get("fingerprint") == fp
-        if same_inputs and previous.get("state") == "done" and not (self.force and planned.requested):
-            log.info("skip %s: done with the same inputs (%s); --force reruns it", run.label, run_dir)
-            return self._record(Outcome(run, "cached", run_dir, previous.get("duration_s", 0.0)))
-
-        resuming = same_inputs and previous.get("state") in ("running", "failed")
-        if run_dir.exists() and not resuming:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)
+        resuming = previous.get("fingerprint") == fp and previous.get("state") in ("running", "failed")
+        if not resuming:
+            clear_directory(run_dir, keep=(LOCK_NAME,))
+        remove_stale_temporaries(run_dir)  # ours to remove: we hold the lock
         started = time.time()
         status = {"state": "running", "fingerprint": fp, "started": _iso(started), "host": platform.node(),
                   "subjob": run.name, "model": run.model.name if run.model else None, "seed": run.seed}

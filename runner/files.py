@@ -111,6 +111,17 @@ def _honour_umask(staging: Path) -> None:
             path.chmod(file_mode)
 
 
+def clear_directory(directory, keep=()) -> None:
+    """Delete everything in `directory` except the entries named in `keep`."""
+    for entry in Path(directory).iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def remove_stale_temporaries(directory) -> None:
     """Delete leftovers of writes that a killed process never finished."""
     directory = Path(directory)

@@ -2,6 +2,10 @@
 
 NAME is a job (all its sub-jobs) or `<job>_<subjob>` (one). Prerequisites are added and run
 first; finished runs with the same inputs are skipped. See --list for the registry.
+
+Invocations may share a workspace: one run folder has one writer at a time (its lock.json names
+the holder). A run another invocation is executing is waited for, then skipped if that one
+finished it; a lock whose process died, or whose heartbeat stopped, is taken over.
 """
 import argparse
 import datetime as dt
@@ -11,7 +15,7 @@ import sys
 from pathlib import Path
 
 from runner import config as typed
-from runner import slurm
+from runner import locks, slurm
 from runner.errors import UserError
 from runner.execute import Executor, Workspace, summary_table
 from runner.plan import build_plan, parse_overrides
@@ -44,6 +48,9 @@ def parse_args(argv):
                         help="rerun the named sub-jobs even if they finished with the same inputs")
     parser.add_argument("--no_deps", action="store_true",
                         help="do not add prerequisites; their outputs must already exist")
+    parser.add_argument("--no_wait", action="store_true",
+                        help="if another live invocation is running a run of the plan, exit 2 naming it "
+                             "instead of waiting for it (not the opposite of --wait, which is for SLURM)")
     parser.add_argument("--model", default=None,
                         help="model for sub-jobs that use one: an embedded preset (tiny, tiny-h128-l2, "
                              "tiny-h256-l4), a folder name under W/transformers/, or a path (default: tiny)")
@@ -133,7 +140,7 @@ def main(argv=None, registry=None) -> int:
         plan = build_plan(registry, requested, model, args.seeds, overrides,
                           with_prerequisites=not args.no_deps)
         command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]
-        executor = Executor(workspace, force=args.force, command=command)
+        executor = Executor(workspace, force=args.force, wait=not args.no_wait, command=command)
         if args.no_deps:
             executor.check_prerequisites_done(plan)
         scopes = {*registry.jobs, *registry.subjobs}
@@ -142,6 +149,9 @@ def main(argv=None, registry=None) -> int:
             if args.launcher == "slurm":
                 slurm.submit(plan, executor, overrides, slurm_overrides, scopes, True, log)
             return 0
+        if args.no_wait:  # refuse before writing anything; a lock taken later is refused when met
+            for planned in plan:
+                locks.refuse_if_held(planned.run.run_dir(workspace))
         workspace.create()
         log_path = setup_logging(workspace)
         log.info("invocation log: %s", log_path)
