@@ -28,8 +28,9 @@ HOLDER = f"host {platform.node()} pid {os.getpid()}"
 
 def killed_holder(run_dir: Path) -> int:
     """Take the lock of `run_dir` in a real process, SIGKILL it, and return its pid."""
-    hold = "import sys, time; from runner.locks import RunLock; RunLock(sys.argv[1]).acquire(); print(1, flush=True); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE)
+    hold = ("import sys, time; from runner.locks import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print(1, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout.readline() == b"1\n"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -49,6 +50,7 @@ class ConcurrentInvocationsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(cls.tmp.cleanup)
         cls.shared, cls.alone = Path(cls.tmp.name) / "shared", Path(cls.tmp.name) / "alone"
         cls.run_dir = cls.shared / "experiments" / "generate_data" / "spouses"
         cls.run_dir.mkdir(parents=True)
@@ -72,10 +74,6 @@ class ConcurrentInvocationsTest(unittest.TestCase):
         argv = [sys.executable, "runner/main.py", "--workspace_path", str(workspace), "--jobs", "generate_data_spouses"]
         with open(stderr_path, "w") as stderr:
             return subprocess.Popen(argv, cwd=ROOT, umask=umask, stdout=subprocess.DEVNULL, stderr=stderr)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
 
     def test_both_exit_zero_and_the_run_is_done_once(self):
         self.assertEqual(self.codes, [0, 0, 0], self.errs)
