@@ -112,8 +112,8 @@ class FinetuneTest(unittest.TestCase):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         self.assertFalse((resumed / "model").exists())
-        position = json.loads((latest_checkpoint(resumed / "checkpoints") / "trainer_state.json").read_text())["position"]
-        self.assertEqual((position["step"], position["epoch"]), (10, 1))
+        state = json.loads((latest_checkpoint(resumed / "checkpoints") / "trainer_state.json").read_text())
+        self.assertEqual((state["position"]["step"], state["position"]["epoch"]), (10, 1))
         result = train_small(self.w, resumed, max_steps=15, **settings)
         self.assertEqual(result["final_train_loss"], expected["final_train_loss"])
         a, b = weights(reference / "model"), weights(resumed / "model")
@@ -121,7 +121,8 @@ class FinetuneTest(unittest.TestCase):
             torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
         # The records too: every training and eval line (wall-clock speed aside) and the data order.
         self.assertEqual(training_records(resumed), training_records(reference))
-        self.assertEqual((resumed / "data_order_rank0.json").read_text(), (reference / "data_order_rank0.json").read_text())
+        data_order = lambda run: (run / "data_order_rank0.json").read_text()  # noqa: E731
+        self.assertEqual(data_order(resumed), data_order(reference))
         self.assertFalse((resumed / "checkpoints").exists() and list((resumed / "checkpoints").iterdir()))
 
 

@@ -22,7 +22,8 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, pos
             else:
                 plain_state.setdefault(str(index), {})[key] = value
     trainer_state = {"position": position, "logged": logged, "param_groups": state["param_groups"],
-                     "optimizer_plain": plain_state, "scheduler": scheduler.state_dict(), "rng_python": random.getstate()}
+                     "optimizer_plain": plain_state, "scheduler": scheduler.state_dict(),
+                     "rng_python": random.getstate()}
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging / "model", safe_serialization=True)
         tokenizer.save_pretrained(staging / "model")
