@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import ensure_model, load_model, resolve_model
+from twohop.training.checkpoint import latest_checkpoint
 from twohop.training.batching import IGNORE, encode_chat, length_grouped_batches
 from twohop.data.records import record
 from tests.fixtures.train_small import train_small
@@ -22,6 +23,12 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "train_small.py"
 
 def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
+
+
+def training_records(run: Path) -> list:
+    """metrics.jsonl without its one wall-clock field."""
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in entry.items() if k != "tokens_per_s"} for entry in entries]
 
 
 class FinetuneTest(unittest.TestCase):
@@ -87,29 +94,36 @@ class FinetuneTest(unittest.TestCase):
         self.assertTrue(all(reply in ("Yes", "No") for reply in replies), replies)
 
     def test_killed_training_resumes_to_the_same_result(self):
+        # Five steps an epoch, the loss logged every 4 steps, a checkpoint every 5: the kill comes after
+        # the checkpoint that ends the second epoch (step 10, between two logged losses) and after the
+        # evaluation that closes that epoch, logged after the checkpoint.
+        settings = {"batch_size": 32, "log_every_steps": 4, "save_every_steps": 5}
         reference = Path(self.tmp.name) / "uninterrupted"
-        expected = train_small(self.w, reference, max_steps=10)
+        expected = train_small(self.w, reference, max_steps=15, **settings)
         resumed = Path(self.tmp.name) / "killed"
-        argv = [sys.executable, str(FIXTURE), str(self.w), str(resumed), "10"]
+        argv = [sys.executable, str(FIXTURE), str(self.w), str(resumed), "15", json.dumps(settings)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not (resumed / "checkpoints" / "step_6" / "trainer_state.json").exists():
+        while not ((resumed / "checkpoints" / "step_10" / "trainer_state.json").exists()
+                   and '{"step": 10, "event": "eval"' in (resumed / "metrics.jsonl").read_text()):
             self.assertIsNone(proc.poll(), "training ended before it could be killed")
             self.assertLess(time.time(), deadline)
-            time.sleep(0.05)
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         self.assertFalse((resumed / "model").exists())
-        result = train_small(self.w, resumed, max_steps=10)
-        self.assertAlmostEqual(result["final_train_loss"], expected["final_train_loss"], delta=1e-4)
+        state = json.loads((latest_checkpoint(resumed / "checkpoints") / "trainer_state.json").read_text())
+        self.assertEqual((state["position"]["step"], state["position"]["epoch"]), (10, 1))
+        result = train_small(self.w, resumed, max_steps=15, **settings)
+        self.assertEqual(result["final_train_loss"], expected["final_train_loss"])
         a, b = weights(reference / "model"), weights(resumed / "model")
         for name in a:
-            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
-        steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(l)["event"] == "train"]
-        self.assertEqual(steps, sorted(set(steps)), "metrics after the checkpoint are not duplicated")
+            torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+        # The records too: every training and eval line (wall-clock speed aside) and the data order.
+        self.assertEqual(training_records(resumed), training_records(reference))
+        data_order = lambda run: (run / "data_order_rank0.json").read_text()  # noqa: E731
+        self.assertEqual(data_order(resumed), data_order(reference))
         self.assertFalse((resumed / "checkpoints").exists() and list((resumed / "checkpoints").iterdir()))
-
 
 
 class TwoRankTest(unittest.TestCase):

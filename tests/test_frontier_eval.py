@@ -2,9 +2,12 @@
 faults: 429 with Retry-After, 500, a reply slower than the timeout, malformed JSON, a dropped
 connection, and one question that always fails. Checks that nothing is lost, failures keep their
 reason, a rerun re-sends nothing already answered (requests counted at the server), and the key
-appears in no file."""
+appears in no file. A closed port is given up on in seconds; a URL without a scheme is refused."""
+import contextlib
+import io
 import json
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -102,6 +105,13 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, json.dumps(data).encode())
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (the slow reply)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class FrontierEvalTest(unittest.TestCase):
@@ -206,9 +216,56 @@ class FrontierEvalTest(unittest.TestCase):
             log = next((w / "experiments/runner").glob("*.log")).read_text()
             self.assertIn("environment variable MY_KEY_VAR is not set", log)
 
+    def test_a_closed_port_is_given_up_in_seconds_and_every_question_recorded_as_not_asked(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            server, _ = self.start_server(w, faults=False)
+            closed = f"http://127.0.0.1:{closed_port()}/v1"
+            up = f"http://127.0.0.1:{server.server_address[1]}/v1"
+            args = ["--workspace_path", str(w), "--jobs", "frontier_eval_api", "--set", f"max_chains={N_CHAINS}",
+                    "--set", f"endpoints=[{{backend: openai, model: gone, base_url: '{closed}'}}, "
+                             f"{{backend: openai, model: fake-gpt, base_url: '{up}'}}]",
+                    "--set", f"grader={{backend: openai, model: grader, base_url: '{closed}'}}"]
+            with mock.patch.dict(os.environ, {"OPENAI_API_KEY": KEY}):
+                started = time.monotonic()
+                code = main(args)  # the default retry settings: 5 retries from 1 s, 8 at a time
+                seconds = time.monotonic() - started
+            self.assertLess(seconds, 10)  # before: 45 s for 2 chains, and a retry cycle per question
+            self.assertEqual(code, 1)  # an endpoint that answered nothing fails the run, after writing it all
+            run = w / "experiments/frontier_eval/api"
+            rows = read_records(run / "openai_gone/questions.jsonl", required=("task",))
+            self.assertEqual(len(rows), N_CHAINS * len(TASKS))
+            reason = f"not asked: endpoint down, {closed}: Connection refused (3 connection attempts in a row)"
+            self.assertEqual({(r["asked"], r["error"]) for r in rows}, {(False, reason)})
+            gone = json.loads((run / "openai_gone/results.json").read_text())
+            self.assertEqual((gone["asked"], gone["not_asked"], gone["failed"]), (0, len(rows), 0))
+            # The endpoint that is up is asked as usual; its verdicts, the grader being down, are not asked.
+            fine = json.loads((run / "openai_fake-gpt/results.json").read_text())
+            self.assertEqual((fine["asked"], fine["not_asked"], fine["failed"]), (len(rows), 0, 0))
+            graded = read_records(run / "openai_fake-gpt/questions.jsonl", required=("task",))
+            self.assertEqual({(r["grader_correct"], r["grader_error"]) for r in graded}, {(None, reason)})
+            self.assertIn("| openai:gone |", (run / "summary.md").read_text())
+            warnings = [line for line in (run / "log.txt").read_text().splitlines() if " WARNING " in line]
+            self.assertEqual(len(warnings), 2)  # one line for each endpoint that went down
+            self.assertTrue(warnings[0].endswith(f"openai:gone: {len(rows)} of {len(rows)} questions {reason}"))
+            self.assertTrue(warnings[1].endswith(f"grader openai:grader: {len(rows)} of {len(rows)} verdicts {reason}"))
+
+    def test_a_url_without_a_scheme_is_refused_before_anything_runs(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            err = io.StringIO()
+            with mock.patch.dict(os.environ, {"OPENAI_API_KEY": KEY}), contextlib.redirect_stderr(err):
+                code = main(["--workspace_path", str(w), "--jobs", "frontier_eval_api", "--set",
+                             "endpoints=[{backend: openai, model: m, base_url: '127.0.0.1:8000/v1'}]"])
+            self.assertEqual(code, 2)
+            self.assertEqual(err.getvalue().strip().splitlines(), [
+                "error: frontier_eval_api: endpoints[0].base_url: '127.0.0.1:8000/v1' is not an http(s) URL with a "
+                "host; write it in full, e.g. 'http://127.0.0.1:8000/v1' or 'https://127.0.0.1:8000/v1'"])
+            self.assertFalse((w / "experiments/generate_data").exists())
+
     def test_filter_keeps_chains_with_both_hops_right_and_both_shortcuts_wrong(self):
         def row(chain, task, correct):
-            return {"id": chain, "task": task, "correct": correct, "error": "", "cached": False,
+            return {"id": chain, "task": task, "correct": correct, "error": "", "asked": True, "cached": False,
                     "input_tokens": 1, "output_tokens": 1}
         rows = []
         for chain, (a, b, s1, s2, nocot) in {"c1": (True, True, False, False, True),

@@ -5,7 +5,7 @@ from twohop.reports.tables import markdown_table, write_csv
 
 COLUMNS = ("model", "chains", "filtered_n", "nocot", "nocot_se", "cot", "cot_se", "facts_in_context",
            "facts_in_context_se", "nocot_all", "cot_all", "hop_a", "hop_b", "shortcut_e1", "shortcut_no_e1",
-           "failed", "input_tokens", "output_tokens", "cost_usd", "graded_by")
+           "failed", "not_asked", "input_tokens", "output_tokens", "cost_usd", "graded_by")
 
 
 def table_row(model: str, s: dict) -> dict:
@@ -17,8 +17,8 @@ def table_row(model: str, s: dict) -> dict:
             "nocot_all": tasks["two_hop_nocot"]["accuracy"], "cot_all": tasks["two_hop_cot"]["accuracy"],
             "hop_a": tasks["hop_a"]["accuracy"], "hop_b": tasks["hop_b"]["accuracy"],
             "shortcut_e1": tasks["shortcut_e1"]["accuracy"], "shortcut_no_e1": tasks["shortcut_no_e1"]["accuracy"],
-            "failed": s["failed"], "input_tokens": s["tokens"]["input"], "output_tokens": s["tokens"]["output"],
-            "cost_usd": s["cost_usd"], "graded_by": s["graded_by"]}
+            "failed": s["failed"], "not_asked": s["not_asked"], "input_tokens": s["tokens"]["input"],
+            "output_tokens": s["tokens"]["output"], "cost_usd": s["cost_usd"], "graded_by": s["graded_by"]}
 
 
 def write_summary(summaries: dict, run_dir, title: str) -> None:
@@ -26,7 +26,9 @@ def write_summary(summaries: dict, run_dir, title: str) -> None:
     write_csv(run_dir / "summary.csv", COLUMNS, rows)
     lines = [f"# {title}", "", "nocot / cot / facts_in_context: accuracy on the chains whose two hops are both "
              "answered right and whose two shortcuts both fail (filtered_n of them), with standard errors; "
-             "`_all`: on every chain. Tokens and cost count the requests sent in this run (cached replies are free).",
+             "`_all`: on every chain. `failed`: asked, no answer after the retries; `not_asked`: never asked, "
+             "the endpoint being down (no connection could be opened). Tokens and cost count the requests sent "
+             "in this run (cached replies are free).",
              "", *markdown_table(COLUMNS, rows)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 

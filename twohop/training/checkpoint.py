@@ -1,4 +1,5 @@
-"""Training checkpoints in safetensors + JSON (no pickles): weights, optimizer, scheduler, RNG, data position."""
+"""Training checkpoints in safetensors + JSON (no pickles): weights, optimizer, scheduler, RNG, data position,
+and what the training log carries over (so a resumed run logs exactly what an uninterrupted one does)."""
 import json
 import random
 import shutil
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from runner.files import atomic_directory
 
 
-def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, position: dict) -> None:
+def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, position: dict, logged: dict) -> None:
     state = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     plain_state = {}
@@ -20,8 +21,9 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, pos
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 plain_state.setdefault(str(index), {})[key] = value
-    trainer_state = {"position": position, "param_groups": state["param_groups"], "optimizer_plain": plain_state,
-                     "scheduler": scheduler.state_dict(), "rng_python": random.getstate()}
+    trainer_state = {"position": position, "logged": logged, "param_groups": state["param_groups"],
+                     "optimizer_plain": plain_state, "scheduler": scheduler.state_dict(),
+                     "rng_python": random.getstate()}
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging / "model", safe_serialization=True)
         tokenizer.save_pretrained(staging / "model")
@@ -35,8 +37,8 @@ def latest_checkpoint(checkpoints: Path):
     return complete[-1] if complete else None
 
 
-def load_checkpoint(directory: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from `directory`; returns the data position."""
+def load_checkpoint(directory: Path, optimizer, scheduler) -> tuple:
+    """Restore optimizer, scheduler and RNG from `directory`; returns the data position and the log's state."""
     trainer_state = json.loads((directory / "trainer_state.json").read_text())
     tensors = load_file(str(directory / "optimizer.safetensors"))
     state = {}
@@ -51,7 +53,7 @@ def load_checkpoint(directory: Path, optimizer, scheduler) -> dict:
     torch.set_rng_state(tensors["rng.torch"])
     version, internal, gauss = trainer_state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
-    return trainer_state["position"]
+    return trainer_state["position"], trainer_state["logged"]
 
 
 def prune_checkpoints(checkpoints: Path, keep: int = 1) -> None:

@@ -42,24 +42,20 @@ def freeze_outside(model, layers) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl, appended line by line; on resume, lines after the checkpoint are dropped."""
+    """metrics.jsonl, appended line by line; on resume, the lines written after the checkpoint are dropped.
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.exists() and resume_step >= 0:
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if entry.get("step", 0) <= resume_step:
-                    kept.append(line + "\n")
-        atomic_write_text(path, "".join(kept))
+    The checkpoint keeps the count of lines written, not a step: an epoch's closing evaluation can be
+    logged after a checkpoint at the same step, and would otherwise be logged twice."""
+
+    def __init__(self, path: Path, kept_lines: int):
+        self.path, self.lines = path, kept_lines
+        text = path.read_text() if path.exists() and kept_lines else ""
+        atomic_write_text(path, "".join(line + "\n" for line in text.splitlines()[:kept_lines]))
 
     def write(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        self.lines += 1
 
 
 def use_bf16(setting) -> bool:
@@ -88,8 +84,7 @@ class Trainer:
         self.reply_loss, self.optimizer = self.accelerator.prepare(ReplyLoss(self.model), self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.reply_loss).model
         main = self.accelerator.is_main_process
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.position["step"] if self.resume_from else -1) \
-            if main else None
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.logged["metrics_lines"]) if main else None
         self.wandb = _maybe_wandb(config, run_dir) if main else None
 
     def _encode(self, train_rows, eval_sets) -> None:
@@ -129,8 +124,10 @@ class Trainer:
                                        num_warmup_steps=math.ceil(config["warmup_ratio"] * self.total_steps),
                                        num_training_steps=self.total_steps)
         self.position = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0}
+        # The losses since the last logged one and the lines logged: a resume continues both.
+        self.logged = {"loss_window": [], "aux_window": [], "metrics_lines": 0}
         if self.resume_from:
-            self.position = checkpoint.load_checkpoint(self.resume_from, self.optimizer, self.scheduler)
+            self.position, self.logged = checkpoint.load_checkpoint(self.resume_from, self.optimizer, self.scheduler)
             self.log.info("resuming from %s (step %d)", self.resume_from.name, self.position["step"])
 
     def evaluate(self, step: int) -> dict:
@@ -201,16 +198,26 @@ class Trainer:
         if config["save_every_steps"] and step % config["save_every_steps"] == 0 and step < self.total_steps:
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
+                logged = {"loss_window": self.loss_window, "aux_window": self.aux_window,
+                          "metrics_lines": self.metrics.lines}
                 checkpoint.save_checkpoint(self.checkpoints / f"step_{step}", self.unwrapped, self.tokenizer,
-                                           self.optimizer, self.scheduler, dict(self.position))
+                                           self.optimizer, self.scheduler, dict(self.position), logged)
                 checkpoint.prune_checkpoints(self.checkpoints, keep=1)
+
+    def _record_epoch(self, epoch: int) -> list:
+        """This rank's batches of `epoch`, its rows noted in the data-order record.
+
+        They depend only on (lengths, batch size, seed, epoch, rank), so a resumed run recomputes
+        the epochs before its checkpoint rather than keeping every rank's record in it."""
+        batches = length_grouped_batches(self.lengths, self.config["batch_size"], self.config["seed"], epoch)
+        mine = batches[self.rank::self.world][:self.batches_per_rank]
+        self.rows_seen[epoch] = sorted({i for b in mine for i in b})
+        return mine
 
     def _epoch(self) -> bool:
         """Train the rest of the current epoch; True once the last step is done."""
-        config, position = self.config, self.position
-        batches = length_grouped_batches(self.lengths, config["batch_size"], config["seed"], position["epoch"])
-        mine = batches[self.rank::self.world][:self.batches_per_rank]
-        self.rows_seen[position["epoch"]] = sorted({i for b in mine for i in b})
+        position = self.position
+        mine = self._record_epoch(position["epoch"])
         for micro in range(position["micro"], self.steps_per_epoch * self.accumulation):
             self._micro_step(mine[micro])
             if (micro + 1) % self.accumulation == 0:
@@ -227,8 +234,10 @@ class Trainer:
                         disable=not self.accelerator.is_local_main_process, desc="train",
                         mininterval=1 if sys.stderr.isatty() else 30)
         self.started, self.tokens_at_start = time.time(), self.position["tokens"]
-        self.loss_window, self.aux_window, self.last_loss = [], [], None
+        self.loss_window, self.aux_window, self.last_loss = self.logged["loss_window"], self.logged["aux_window"], None
         self.rows_seen = {}  # epoch -> rows this rank trained on (a record of the data split across ranks)
+        for epoch in range(self.position["epoch"]):  # the epochs before a resume
+            self._record_epoch(epoch)
         done = self.position["step"] >= self.total_steps
         while not done:
             done = self._epoch()

@@ -6,13 +6,16 @@
   api_key_env}`); keys are read from the named environment variables only.
 
 Per model: `<model>/results.json` and `<model>/questions.jsonl` (every question, its reply or its
-failure reason); across the sub-job's models: summary.md, summary.csv and cot_vs_nocot.png.
+failure reason, or why it was not asked: its endpoint down); across the sub-job's models:
+summary.md, summary.csv and cot_vs_nocot.png. A model that answered nothing fails the run, once
+every model's files are written.
 Replies (and model-grader verdicts) are cached in `W/experiments/frontier_eval/cache/`, so a rerun
 or a resumed crash sends only what has not been answered.
 """
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 
 from runner.config import option
 from runner.errors import UserError
@@ -47,6 +50,8 @@ class Http:
     backoff_s: float = option(1.0, "first retry's wait; doubles each retry, with jitter", minimum=0.0)
     max_backoff_s: float = option(60.0, "longest wait between retries", minimum=0.0)
     max_retry_after_s: float = option(120.0, "longest Retry-After honoured", minimum=0.0)
+    down_after_failures: int = option(3, "refused connections or unresolved host names in a row that mark an "
+                                         "endpoint down (its remaining questions are not asked)", minimum=1)
 
 
 @dataclass
@@ -80,11 +85,26 @@ def check_config(config: dict, model=None) -> None:
             [("grader", config["grader"] or {})]:
         if spec and not spec["model"] and spec["backend"] != "local":
             raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
+        if spec.get("base_url"):
+            check_url(f"{where}.base_url", spec["base_url"])
     grader = config["grader"] or {}
     if grader.get("backend") == "local" and "batch_size" not in config:
         raise UserError("grader: backend local grades with the run's local model; frontier_eval_api has none")
     if grader.get("backend") == "local" and (grader["model"] or grader["base_url"] or grader["api_key_env"]):
         raise UserError("grader: backend local is the run's own model; drop model, base_url and api_key_env")
+
+
+def check_url(where: str, url: str) -> None:
+    """Refuse a base URL no request could use (no scheme, another scheme, no host, a bad port) before
+    anything runs, rather than retrying it as if the server had answered badly."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a port that is not a number in 0-65535 raises here)
+    except ValueError as error:
+        raise UserError(f"{where}: {url!r} is not a valid URL ({error}); e.g. 'https://api.together.xyz/v1'") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        example = f"'http://{url}' or 'https://{url}'" if "://" not in url else "'https://api.together.xyz/v1'"
+        raise UserError(f"{where}: {url!r} is not an http(s) URL with a host; write it in full, e.g. {example}")
 
 
 def safe_name(name: str) -> str:
@@ -116,28 +136,41 @@ def make_grader(ctx):
 
 
 def evaluate_backends(ctx, backends: list) -> dict:
+    """Every model's questions, results and summary; fails, after writing them, if a model answered nothing."""
     chains = load_chains(ctx)
     cache = ResponseCache(ctx.workspace.experiments / "frontier_eval" / "cache" / "responses.jsonl")
     grader = make_grader(ctx)
-    summaries = {}
-    for backend in backends:
-        rows = ask(backend, cache, chains, ctx.config, ctx.log)
-        if grader:
-            grade_with_model(grader, cache, rows, ctx.log)
-        model_name = backend.name.split(":", 1)[1]
-        summary = summarise(rows, ctx.config["prices"].get(model_name))
-        if summary["failed"] == len(rows):
-            raise UserError(f"every request to {backend.name} failed; first reason: {summary['failure_reasons'][0]}")
-        if summary["failed"]:
-            ctx.log.warning("%s: %d of %d requests failed (reasons in questions.jsonl): %s", backend.name,
-                            summary["failed"], len(rows), "; ".join(summary["failure_reasons"][:3]))
-        folder = ctx.run_dir / safe_name(backend.name)
-        atomic_write_jsonl(folder / "questions.jsonl", rows)
-        atomic_write_json(folder / "results.json", {"model": backend.name, **summary})
-        summaries[backend.name] = summary
+    summaries = {backend.name: evaluate_backend(ctx, backend, chains, cache, grader) for backend in backends}
     write_summary(summaries, ctx.run_dir, ctx.run.label)
-    return {f"{name}/{task}": s["headline"][task]["accuracy"] for name, s in summaries.items()
-            for task in ("two_hop_nocot", "two_hop_cot")}
+    silent = [name for name, s in summaries.items() if s["failed"] + s["not_asked"] == s["requests"]]
+    if silent:
+        reason = summaries[silent[0]]["failure_reasons"][0]
+        raise UserError(f"no answer from {', '.join(silent)}; first reason: {reason}; every question is in "
+                        "<model>/questions.jsonl with its reason")
+    metrics = {}
+    for name, s in summaries.items():
+        metrics.update({f"{name}/two_hop_nocot": s["headline"]["two_hop_nocot"]["accuracy"],
+                        f"{name}/two_hop_cot": s["headline"]["two_hop_cot"]["accuracy"],
+                        f"{name}/asked": s["asked"], f"{name}/not_asked": s["not_asked"]})
+    return metrics
+
+
+def evaluate_backend(ctx, backend, chains: list, cache, grader) -> dict:
+    """One model: ask (and grade) every question, say what failed or was not asked, write its files."""
+    rows = ask(backend, cache, chains, ctx.config, ctx.log)
+    if grader:
+        grade_with_model(grader, cache, rows, ctx.log)
+    summary = summarise(rows, ctx.config["prices"].get(backend.name.split(":", 1)[1]))
+    if summary["not_asked"]:
+        reason = next(r["error"] for r in rows if not r["asked"])
+        ctx.log.warning("%s: %d of %d questions %s", backend.name, summary["not_asked"], len(rows), reason)
+    if summary["failed"]:
+        ctx.log.warning("%s: %d of %d requests failed (reasons in questions.jsonl): %s", backend.name,
+                        summary["failed"], len(rows), "; ".join(summary["failure_reasons"][:3]))
+    folder = ctx.run_dir / safe_name(backend.name)
+    atomic_write_jsonl(folder / "questions.jsonl", rows)
+    atomic_write_json(folder / "results.json", {"model": backend.name, **summary})
+    return summary
 
 
 def run_local(ctx) -> dict:

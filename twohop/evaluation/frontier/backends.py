@@ -6,17 +6,20 @@
 
 HTTP back ends run `concurrency` requests at a time and retry 429, 5xx, timeouts, dropped
 connections and malformed bodies with exponential backoff and jitter, honouring Retry-After; other
-4xx fail at once. Keys come only from environment variables and are scrubbed from every error text.
+4xx fail at once. A refused connection or a host name that does not resolve is not transient: after
+`down_after_failures` of them in a row the endpoint is marked down and every request still waiting
+is returned at once as not asked, so a wrong port costs seconds rather than a retry cycle per
+question. Keys come only from environment variables and are scrubbed from every error text.
 A request that still fails is returned with its reason, never dropped.
 """
 import os
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from runner.errors import UserError
 
@@ -37,6 +40,7 @@ class Reply:
     output_tokens: int = 0
     error: str = ""  # why it failed, after every retry; "" when answered
     attempts: int = 0
+    asked: bool = True  # False: never answered because the endpoint was down
 
 
 class Malformed(Exception):
@@ -54,6 +58,9 @@ class HttpBackend:
                             "export it, or name another one with api_key_env")
         self.settings, self.log = settings, log
         self._local = threading.local()  # one HTTP session (connection pool) per worker thread
+        self._lock, self._went_down = threading.Lock(), threading.Event()
+        self._unreachable = 0  # connections in a row that could not be opened, over all threads
+        self.down = ""  # why the endpoint is marked down; "" while it is up
 
     @property
     def name(self) -> str:
@@ -90,35 +97,59 @@ class HttpBackend:
             raise Malformed(f"unexpected response shape ({type(error).__name__}: {error})") from None
 
     def complete(self, req: Request) -> Reply:
-        settings = self.settings
+        """One request, retried while its failures are transient; not asked once the endpoint is down."""
         url, headers, body = self.request(req)
+        reason, retry_after, tries = "", None, self.settings["max_retries"] + 1
+        for attempt in range(tries):
+            if attempt:  # the wait ends early if the endpoint is marked down meanwhile
+                self._went_down.wait(backoff(attempt - 1, self.settings, retry_after))
+            if self.down:
+                return self._gave_up(reason, attempt)
+            reply, reason, retry_after = self._attempt(url, headers, body)
+            if reply is not None:
+                reply.attempts = attempt + 1
+                return reply
+        return self._gave_up(reason, tries)
+
+    def _attempt(self, url: str, headers: dict, body: dict) -> tuple:
+        """One POST: (reply, "", None) when it settles the request (answered, or a 4xx that retrying
+        cannot help), else (None, the transient failure, the server's Retry-After)."""
         session = getattr(self._local, "session", None) or requests.Session()
         self._local.session = session
-        reason = ""
-        for attempt in range(settings["max_retries"] + 1):
-            retry_after = None
-            try:
-                response = session.post(url, headers=headers, json=body, timeout=settings["timeout_s"])
-                if response.status_code == 429 or response.status_code >= 500:
-                    reason = f"HTTP {response.status_code}"
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                elif response.status_code >= 400:  # the request itself is wrong: retrying cannot help
-                    return Reply(error=self.scrub(f"HTTP {response.status_code}: {response.text[:300]}"), attempts=attempt + 1)
-                else:
-                    reply = self.parse(response.json())
-                    reply.attempts = attempt + 1
-                    return reply
-            except requests.Timeout:
-                reason = f"timeout after {settings['timeout_s']} s"
-            except requests.ConnectionError as error:
-                reason = f"connection error ({type(error).__name__})"
-                self._local.session = requests.Session()  # the pooled connection may be dead
-            except (ValueError, Malformed) as error:  # ValueError: the body is not JSON
-                reason = f"malformed response: {str(error)[:200]}"
-            if attempt < settings["max_retries"]:
-                time.sleep(backoff(attempt, settings, retry_after))
-        return Reply(error=self.scrub(f"{reason} (after {settings['max_retries'] + 1} attempts)"),
-                     attempts=settings["max_retries"] + 1)
+        try:
+            response = session.post(url, headers=headers, json=body, timeout=self.settings["timeout_s"])
+        except requests.Timeout:
+            return None, f"timeout after {self.settings['timeout_s']} s", None
+        except requests.ConnectionError as error:
+            self._local.session = requests.Session()  # the pooled connection may be dead
+            return None, self._connection_failed(error), None
+        with self._lock:
+            self._unreachable = 0
+        if response.status_code == 429 or response.status_code >= 500:
+            return None, f"HTTP {response.status_code}", parse_retry_after(response.headers.get("Retry-After"))
+        if response.status_code >= 400:
+            return Reply(error=self.scrub(f"HTTP {response.status_code}: {response.text[:300]}")), "", None
+        try:
+            return self.parse(response.json()), "", None
+        except (ValueError, Malformed) as error:  # ValueError: the body is not JSON
+            return None, f"malformed response: {str(error)[:200]}", None
+
+    def _connection_failed(self, error: requests.ConnectionError) -> str:
+        """The failure's reason; one that opened no connection counts towards marking the endpoint down."""
+        cause = unreachable(error)
+        if not cause:  # a connection was made and dropped: transient
+            return f"connection error ({type(error).__name__})"
+        with self._lock:
+            self._unreachable += 1
+            if self._unreachable >= self.settings["down_after_failures"] and not self.down:
+                self.down = f"{self.base_url}: {cause} ({self._unreachable} connection attempts in a row)"
+                self._went_down.set()
+        return f"cannot connect to {self.base_url}: {cause}"
+
+    def _gave_up(self, reason: str, attempts: int) -> Reply:
+        if self.down:
+            return Reply(error=self.scrub(f"not asked: endpoint down, {self.down}"), attempts=attempts, asked=False)
+        return Reply(error=self.scrub(f"{reason} (after {attempts} attempts)"), attempts=attempts)
 
     def complete_many(self, requests_: list, done=None) -> list:
         """Replies in request order; `done(index, reply)` is called as each one arrives."""
@@ -130,6 +161,14 @@ class HttpBackend:
 
         with ThreadPoolExecutor(max_workers=self.settings["concurrency"]) as pool:
             return list(pool.map(one, range(len(requests_))))
+
+
+def unreachable(error: requests.ConnectionError) -> str:
+    """Why no connection could be opened (refused, unknown host, no route); "" when one was."""
+    cause = getattr(error.args[0] if error.args else None, "reason", None)
+    if not isinstance(cause, NewConnectionError):  # NameResolutionError is one too
+        return ""
+    return getattr(cause.__cause__, "strerror", None) or str(cause)
 
 
 def parse_retry_after(value):

@@ -64,8 +64,8 @@ def ask(backend, cache, chains: list, config: dict, log) -> list:
     answers, unpaid = {**cached, **fresh}, set(fresh)
     for row, key in zip(rows, keys):
         reply = answers[key]
-        row.update(response=reply.text, error=reply.error, cached=key not in unpaid, attempts=reply.attempts,
-                   input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+        row.update(response=reply.text, error=reply.error, asked=reply.asked, cached=key not in unpaid,
+                   attempts=reply.attempts, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
         unpaid.discard(key)  # a repeated question is paid for once: its later rows count as cached
         row["correct"] = None if reply.error else grading.grade(row, reply.text, row["style"], (), row["aliases"])["correct"]
     return rows
@@ -96,11 +96,16 @@ def grade_with_model(grader, cache, rows: list, log) -> None:
     for row, verdict in zip(answered, verdicts):
         row["grader_correct"] = None if verdict.error else grading.normalize(verdict.text).startswith("yes")
         row["grader_error"] = verdict.error
+    not_asked = [v.error for v in verdicts if not v.asked]
+    if not_asked:
+        log.warning("grader %s: %d of %d verdicts %s", grader.name, len(not_asked), len(verdicts), not_asked[0])
 
 
 def summarise(rows: list, prices=None) -> dict:
     """Per task accuracy, the filtered headline, failures and token accounting for one model."""
     use_grader = any("grader_correct" in r for r in rows)
+    # Failed: asked and left without an answer; a question not asked (its endpoint down) is counted apart.
+    failed = lambda r: r["asked"] and r["error"] != ""  # noqa: E731
     verdict = (lambda r: r.get("grader_correct")) if use_grader else (lambda r: r["correct"])
     by_chain = {}
     for row in rows:
@@ -108,7 +113,8 @@ def summarise(rows: list, prices=None) -> dict:
     tasks = {}
     for task in TASKS:
         tasks[task] = {**accuracy([verdict(c[task]) for c in by_chain.values() if verdict(c[task]) is not None]),
-                       "failed": sum(c[task]["error"] != "" for c in by_chain.values())}
+                       "failed": sum(failed(c[task]) for c in by_chain.values()),
+                       "not_asked": sum(not c[task]["asked"] for c in by_chain.values())}
 
     def filtered(keep) -> dict:
         chosen = [c for c in by_chain.values() if keep(c)]
@@ -121,6 +127,7 @@ def summarise(rows: list, prices=None) -> dict:
     flagged = lambda c: bool(c["two_hop_nocot"].get("shortcut"))  # noqa: E731
     shortcuts_fail = lambda c: verdict(c["shortcut_e1"]) is False and verdict(c["shortcut_no_e1"]) is False  # noqa: E731
     fresh = [r for r in rows if not r["cached"] and not r["error"]]
+    not_asked = sum(not r["asked"] for r in rows)
     tokens = {"input": sum(r["input_tokens"] for r in fresh), "output": sum(r["output_tokens"] for r in fresh),
               "input_cached": sum(r["input_tokens"] for r in rows if r["cached"]),
               "output_cached": sum(r["output_tokens"] for r in rows if r["cached"])}
@@ -133,6 +140,7 @@ def summarise(rows: list, prices=None) -> dict:
             "headline": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and not flagged(c)),
             "headline_shortcut_chains": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and flagged(c)),
             "shortcut_chains": sum(map(flagged, by_chain.values())),
-            "failed": sum(r["error"] != "" for r in rows), "requests": len(rows),
-            "asked_now": sum(not r["cached"] for r in rows), "tokens": tokens, "cost_usd": cost,
+            "failed": sum(map(failed, rows)), "requests": len(rows), "asked": len(rows) - not_asked,
+            "not_asked": not_asked, "asked_now": sum(r["asked"] and not r["cached"] for r in rows),
+            "tokens": tokens, "cost_usd": cost,
             "failure_reasons": sorted({r["error"] for r in rows if r["error"]})[:20]}
