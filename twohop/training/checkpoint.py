@@ -32,9 +32,15 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, pos
 
 
 def latest_checkpoint(checkpoints: Path):
+    """The newest checkpoint this trainer can resume exactly (one from before the log's state was saved
+    is passed over, so that run restarts instead of logging differently)."""
     found = sorted(checkpoints.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if checkpoints.is_dir() else []
-    complete = [p for p in found if (p / "trainer_state.json").is_file()]
+    complete = [p for p in found if _resumable(p / "trainer_state.json")]
     return complete[-1] if complete else None
+
+
+def _resumable(state_file: Path) -> bool:
+    return state_file.is_file() and "logged" in json.loads(state_file.read_text())
 
 
 def load_checkpoint(directory: Path, optimizer, scheduler) -> tuple:
