@@ -160,7 +160,7 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             self.assertEqual(code, 0, err)
             data = Path(tmp) / "experiments" / "generate_data" / "universities" / "data"
             card = json.loads((data / "card.json").read_text())
-            self.assertEqual(card["files"]["train/first_hop"], 20 * 7)  # every training phrasing
+            self.assertEqual(card["files"]["train/first_hop"], 20 * 20)  # every training phrasing
             # The natural facts for replay: 5 question forms (not the bare one test/b_* asks) and 2 statements.
             self.assertEqual(card["files"]["train/natural_facts_replay"], 20 * 4 * 7)
             # Shortcuts: the answer is a word of the entity's name (University of Texas at Austin -> Texas), for 7

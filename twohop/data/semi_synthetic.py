@@ -14,8 +14,8 @@ from twohop.data.dataset import fictional_people, require, shortcut_reason, shuf
 @dataclass
 class SemiSyntheticConfig:
     data_seed: int = option(0, "seed of the fictional people, their favorites and the shuffles")
-    first_hop_paraphrases: int = option(7, "training rows per person, each a different phrasing (the reference "
-                                           "trains 20; 7 is every training template)", minimum=1)
+    first_hop_paraphrases: int = option(20, "training rows per person, each a different phrasing (as the reference; "
+                                           "20 is every training template)", minimum=1)
     n_shuffled: int = option(5, "permutations in the shuffled-answer baseline", minimum=1)
 
 
