@@ -15,6 +15,7 @@ from runner import slurm
 from runner.errors import UserError
 from runner.execute import Executor, Workspace, summary_table
 from runner.plan import build_plan, parse_overrides
+from runner.preflight import check_inputs
 from runner.progress import Progress
 from runner.slurm import split_slurm_overrides
 
@@ -29,8 +30,9 @@ def parse_args(argv):
         epilog="Outputs go to W/experiments/<job>/<subjob>/[<model>/][seed_<n>/]; one log per "
                "invocation in W/experiments/runner/.",
     )
-    parser.add_argument("--workspace_path", type=Path,
-                        help="workspace root W (created if missing): W/transformers, W/datasets, W/experiments")
+    parser.add_argument("--workspace_path",
+                        help="workspace root W, outside the project checkout (created if missing): W/transformers, "
+                             "W/datasets, W/experiments")
     parser.add_argument("--jobs", nargs="+", metavar="NAME", default=[],
                         help="jobs or sub-jobs to run, in this order (see --list)")
     parser.add_argument("--list", action="store_true", help="list every job and sub-job, then exit")
@@ -136,6 +138,7 @@ def main(argv=None, registry=None) -> int:
         executor = Executor(workspace, force=args.force, command=command)
         if args.no_deps:
             executor.check_prerequisites_done(plan)
+        check_inputs(plan, workspace)
         scopes = {*registry.jobs, *registry.subjobs}
         if args.dry_run:
             print(describe_plan(plan, executor))
