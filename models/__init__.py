@@ -2,4 +2,5 @@
 from models.loading import (DEFAULT_MODEL, ModelRef, check_model, ensure_model, load_model, model_fingerprint,
                             resolve_model)
 
-__all__ = ["DEFAULT_MODEL", "ModelRef", "check_model", "ensure_model", "load_model", "model_fingerprint", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "ModelRef", "check_model", "ensure_model", "load_model", "model_fingerprint",
+           "resolve_model"]

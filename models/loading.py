@@ -29,7 +29,8 @@ class ModelRef:
 
 def resolve_model(name: str, transformers_dir, seed: int = 0) -> ModelRef:
     if not name.strip():
-        raise UserError("--model is empty; give an embedded preset (tiny), a folder name under W/transformers/ or a path")
+        raise UserError("--model is empty; give an embedded preset (tiny), a folder name under W/transformers/ "
+                        "or a path")
     transformers_dir = Path(transformers_dir)
     preset = tiny.ALIASES.get(name, name)
     if preset in tiny.PRESETS:

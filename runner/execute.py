@@ -57,7 +57,8 @@ def check_workspace_root(root: Path) -> None:
     """Refuse a workspace the runner cannot or should not write into, before it writes anything."""
     if root == PROJECT_ROOT or PROJECT_ROOT in root.parents:
         raise UserError(f"--workspace_path {root} is inside the project checkout {PROJECT_ROOT}, where runs would "
-                        f"mix with its code and shipped data; choose a folder outside it, e.g. {PROJECT_ROOT.parent / 'W'}")
+                        f"mix with its code and shipped data; choose a folder outside it, "
+                        f"e.g. {PROJECT_ROOT.parent / 'W'}")
     existing = next(p for p in (root, *root.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"--workspace_path {root}: {existing} is a file, not a folder; choose another path")

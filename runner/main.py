@@ -107,7 +107,8 @@ def help_config(registry, args) -> str:
     subjob = registry.subjobs[args.help_config]
     from models import DEFAULT_MODEL, resolve_model
     transformers = Workspace(args.workspace_path).transformers if args.workspace_path else Path("transformers")
-    model = resolve_model(args.model or DEFAULT_MODEL, transformers) if subjob.uses_model else None
+    name = DEFAULT_MODEL if args.model is None else args.model
+    model = resolve_model(name, transformers) if subjob.uses_model else None
     header = (f"{subjob.full_name}: {subjob.help}\nconfig keys (--set KEY=VALUE)"
               + (f", with the defaults for model {model.name}:" if model else ":"))
     return "\n".join([header, *typed.describe(subjob.config, subjob.default_config(model))])
@@ -116,6 +117,8 @@ def help_config(registry, args) -> str:
 def main(argv=None, registry=None) -> int:
     args = parse_args(argv)
     try:
+        if not (args.list or args.help_config):  # checked first: a bad workspace costs no imports
+            workspace = Workspace(args.workspace_path)
         if registry is None:
             from runner.registry import discover
             registry = discover()
@@ -129,9 +132,8 @@ def main(argv=None, registry=None) -> int:
         overrides, slurm_overrides = split_slurm_overrides(parse_overrides(args.overrides))
         if slurm_overrides and args.launcher != "slurm":
             raise UserError("--set slurm.*: SLURM resources apply only with --launcher slurm")
-        workspace = Workspace(args.workspace_path)
         from models import DEFAULT_MODEL, resolve_model
-        model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
+        model = resolve_model(DEFAULT_MODEL if args.model is None else args.model, workspace.transformers)
         plan = build_plan(registry, requested, model, args.seeds, overrides,
                           with_prerequisites=not args.no_deps)
         command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]

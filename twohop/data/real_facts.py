@@ -101,14 +101,16 @@ def hopping_too_late_chain(row: dict, number: int, where: str) -> dict:
     }
     return {"id": f"hopping_too_late:{number - 2}", "relation": f"{r1} / {r2}", "source": "hopping_too_late",
             "e1": row["e1_label"], "e2": row["e2_label"], "e3": row["e3_label"],
-            "e2_aliases": _literal_list(row["e2_aliases"], where), "e3_aliases": _literal_list(row["e3_aliases"], where),
+            "e2_aliases": _literal_list(row["e2_aliases"], where),
+            "e3_aliases": _literal_list(row["e3_aliases"], where),
             "questions": questions, "style": "cloze"}
 
 
 def load_hopping_too_late(path: Path) -> list:
     """Read a Hopping-Too-Late CSV (its `two_hop.csv` layout) into chain records."""
     if not path.exists():
-        raise UserError(f"hopping_too_late_csv: {path} does not exist; put the CSV under the workspace's datasets/ folder")
+        raise UserError(f"hopping_too_late_csv: {path} does not exist; put the CSV under the workspace's "
+                        "datasets/ folder")
     reader = csv.DictReader(io.StringIO(read_text(path, "Hopping-Too-Late CSV")))
     missing = [c for c in HTL_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
@@ -116,7 +118,8 @@ def load_hopping_too_late(path: Path) -> list:
     chains = []
     for number, row in enumerate(reader, 2):
         if None in row.values() or None in row:
-            raise UserError(f"{path}:{number}: expected {len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})")
+            columns = reader.fieldnames
+            raise UserError(f"{path}:{number}: expected {len(columns)} columns ({', '.join(columns)})")
         chains.append(hopping_too_late_chain(row, number, f"{path}:{number}"))
     if not chains:
         raise UserError(f"{path}: no rows")

@@ -62,7 +62,8 @@ def prompt_problem(row) -> str:
     if "messages" in row:
         return chat_problem(row["messages"])
     if "prompt" in row:
-        return "" if isinstance(row["prompt"], str) else f"field 'prompt' must be text, got {json.dumps(row['prompt'])[:60]}"
+        prompt = row["prompt"]
+        return "" if isinstance(prompt, str) else f"field 'prompt' must be text, got {json.dumps(prompt)[:60]}"
     return "needs 'messages' (a chat) or 'prompt' (raw text)"
 
 
