@@ -8,8 +8,8 @@ import io
 from functools import lru_cache
 from pathlib import Path
 
-from runner.errors import UserError
 from runner import files
+from runner.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "datasets"
 ENTITIES = DATA / "entities"

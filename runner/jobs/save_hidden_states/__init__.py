@@ -192,7 +192,8 @@ def analysis_subjob(name: str, entity_types: tuple, help: str) -> SubJob:
 ENTITY_TYPES = tables.ENTITY_TYPES
 JOB = Job("save_hidden_states", "per-layer hidden states and the 'e2 + r2 = e3' analysis", tuple(
     [SubJob("save_hidden_states", t, f"hidden states of every prompt family for {t}", partial(run_save, entity_type=t),
-            SaveConfig, requires=("finetune_base",), uses_model=True, check=check_saving, project_data=tables.SHIPPED_DATA)
+            SaveConfig, requires=("finetune_base",), uses_model=True, check=check_saving,
+            project_data=tables.SHIPPED_DATA)
      for t in ENTITY_TYPES]
     + [analysis_subjob(f"analysis_{t}", (t,), f"similarity vs no-CoT accuracy and logit lens for {t}")
        for t in ENTITY_TYPES]
