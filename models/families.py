@@ -34,11 +34,16 @@ FAMILIES = (
 
 
 def family_of(config) -> ModelFamily:
+    return family_named(config.model_type)
+
+
+def family_named(model_type, where: str = "model type") -> ModelFamily:
+    """The family of a config's `model_type`; `where` names it in the error (e.g. the config file)."""
     for family in FAMILIES:
-        if config.model_type in family.model_types:
+        if model_type in family.model_types:
             return family
     supported = sorted(t for f in FAMILIES for t in f.model_types)
-    raise UserError(f"model type {config.model_type!r} is not supported yet; supported: "
+    raise UserError(f"{where} {model_type!r} is not supported yet; supported: "
                     f"{', '.join(supported)} (add it to models/families.py)")
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PROJECT_DATA = Path(__file__).resolve().parents[1] / "datasets"
 BUILD_VERSION = 3  # bump when the build recipe changes, so old builds are not reused
@@ -71,7 +70,11 @@ def vocabulary_corpus(data_dir: Path = PROJECT_DATA) -> list:
     return lines + [f" {word} -{word}" for word in entity_words] * ENTITY_WORD_WEIGHT
 
 
-def train_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus, vocab_size: int):
+    """A PreTrainedTokenizerFast. transformers is imported here, not at the top: every runner start-up
+    (--dry_run, --list, a bad-input error) imports this module and need not pay for it."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -87,6 +90,8 @@ def train_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_tiny_model(preset_name: str, output_dir, seed: int = 0) -> Path:
     """Train the tokenizer, initialise the weights from `seed`, save both to `output_dir`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     preset = PRESETS[ALIASES.get(preset_name, preset_name)]
     tokenizer = train_tokenizer(vocabulary_corpus(), preset.vocab_size)
     config = LlamaConfig(

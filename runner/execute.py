@@ -15,6 +15,7 @@ built from it.
 import datetime as dt
 import functools
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -39,9 +40,10 @@ class Workspace:
     """The `--workspace_path` tree: transformers/, datasets/, experiments/."""
 
     def __init__(self, root):
+        if not str(root).strip():
+            raise UserError("--workspace_path is empty; give a folder, e.g. --workspace_path ~/twohop-w")
         self.root = Path(root).expanduser().resolve()
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"--workspace_path {self.root} exists and is not a folder")
+        check_workspace_root(self.root)
 
     def create(self) -> None:
         """Make the tree; called once the plan is valid, so bad input leaves nothing behind."""
@@ -52,6 +54,19 @@ class Workspace:
     datasets = property(lambda self: self.root / "datasets")
     experiments = property(lambda self: self.root / "experiments")
     runner_logs = property(lambda self: self.root / "experiments" / "runner")
+
+
+def check_workspace_root(root: Path) -> None:
+    """Refuse a workspace the runner cannot or should not write into, before it writes anything."""
+    if root == PROJECT_ROOT or PROJECT_ROOT in root.parents:
+        raise UserError(f"--workspace_path {root} is inside the project checkout {PROJECT_ROOT}, where runs would "
+                        f"mix with its code and shipped data; choose a folder outside it, "
+                        f"e.g. {PROJECT_ROOT.parent / 'W'}")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--workspace_path {root}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--workspace_path {root}: {existing} is not writable; choose a folder you can write to")
 
 
 @dataclass
@@ -128,7 +143,7 @@ class Executor:
             "config": planned.config,
             "seed": run.seed,
             "model": model_fingerprint(run.model.path) if run.model is not None else None,
-            "project_data": project_data_fingerprint(run.subjob.project_data),
+            "project_data": project_data_fingerprint(tuple(run.subjob.project_data)),
             "external_files": self.external_files(planned),
             "inputs": {req.label: self.prerequisite_status(req).get("run_id") for req in planned.prerequisites},
         })
@@ -138,8 +153,8 @@ class Executor:
         subjob = planned.run.subjob
         if subjob.external_files is None:
             return {}
-        paths = subjob.external_files(planned.config, self.workspace)
-        return {str(p): sha256_file(p) if Path(p).is_file() else "missing" for p in paths}
+        files = subjob.external_files(planned.config, self.workspace)  # {path: its reader}
+        return {str(p): sha256_file(p) if Path(p).is_file() else "missing" for p in files}
 
     # ---- one run ---------------------------------------------------------------------------
     def execute(self, planned) -> Outcome:

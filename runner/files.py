@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashing.
+"""Atomic file writes, reading the user's text files, and content hashing.
 
 Every file the project writes goes through here: data lands in a temporary sibling first and is
 renamed into place, so a killed process never leaves a half-written file under the final name.
@@ -13,6 +13,10 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+
+import yaml
+
+from runner.errors import UserError
 
 
 def _create_file(path: Path) -> None:
@@ -67,6 +71,32 @@ def atomic_write_json(path, obj) -> Path:
 
 def atomic_write_jsonl(path, rows) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_text(path, what: str = "file") -> str:
+    """A UTF-8 text file's content. A missing, unreadable or non-UTF-8 file is one UserError naming it
+    (`what` says what the file is), never a traceback: every input file the user gives is read here."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; give a file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); "
+                        "save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"{what} {path} cannot be read: {error.strerror}") from None
+
+
+def read_yaml(path, what: str = "file"):
+    """A YAML file's content; invalid YAML is one UserError naming the file, line and column."""
+    try:
+        return yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as error:
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"{path}: not valid YAML ({where}{problem or type(error).__name__})") from None
 
 
 def read_json(path):

@@ -19,6 +19,7 @@ from runner import locks, slurm
 from runner.errors import UserError
 from runner.execute import Executor, Workspace, summary_table
 from runner.plan import build_plan, parse_overrides
+from runner.preflight import check_inputs
 from runner.progress import Progress
 from runner.slurm import split_slurm_overrides
 
@@ -33,8 +34,9 @@ def parse_args(argv):
         epilog="Outputs go to W/experiments/<job>/<subjob>/[<model>/][seed_<n>/]; one log per "
                "invocation in W/experiments/runner/.",
     )
-    parser.add_argument("--workspace_path", type=Path,
-                        help="workspace root W (created if missing): W/transformers, W/datasets, W/experiments")
+    parser.add_argument("--workspace_path",
+                        help="workspace root W, outside the project checkout (created if missing): W/transformers, "
+                             "W/datasets, W/experiments")
     parser.add_argument("--jobs", nargs="+", metavar="NAME", default=[],
                         help="jobs or sub-jobs to run, in this order (see --list)")
     parser.add_argument("--list", action="store_true", help="list every job and sub-job, then exit")
@@ -112,7 +114,8 @@ def help_config(registry, args) -> str:
     subjob = registry.subjobs[args.help_config]
     from models import DEFAULT_MODEL, resolve_model
     transformers = Workspace(args.workspace_path).transformers if args.workspace_path else Path("transformers")
-    model = resolve_model(args.model or DEFAULT_MODEL, transformers) if subjob.uses_model else None
+    name = DEFAULT_MODEL if args.model is None else args.model
+    model = resolve_model(name, transformers) if subjob.uses_model else None
     header = (f"{subjob.full_name}: {subjob.help}\nconfig keys (--set KEY=VALUE)"
               + (f", with the defaults for model {model.name}:" if model else ":"))
     return "\n".join([header, *typed.describe(subjob.config, subjob.default_config(model))])
@@ -121,6 +124,8 @@ def help_config(registry, args) -> str:
 def main(argv=None, registry=None) -> int:
     args = parse_args(argv)
     try:
+        if not (args.list or args.help_config):  # checked first: a bad workspace costs no imports
+            workspace = Workspace(args.workspace_path)
         if registry is None:
             from runner.registry import discover
             registry = discover()
@@ -134,15 +139,15 @@ def main(argv=None, registry=None) -> int:
         overrides, slurm_overrides = split_slurm_overrides(parse_overrides(args.overrides))
         if slurm_overrides and args.launcher != "slurm":
             raise UserError("--set slurm.*: SLURM resources apply only with --launcher slurm")
-        workspace = Workspace(args.workspace_path)
         from models import DEFAULT_MODEL, resolve_model
-        model = resolve_model(args.model or DEFAULT_MODEL, workspace.transformers)
+        model = resolve_model(DEFAULT_MODEL if args.model is None else args.model, workspace.transformers)
         plan = build_plan(registry, requested, model, args.seeds, overrides,
                           with_prerequisites=not args.no_deps)
         command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]
         executor = Executor(workspace, force=args.force, wait=not args.no_wait, command=command)
         if args.no_deps:
             executor.check_prerequisites_done(plan)
+        check_inputs(plan, workspace)
         scopes = {*registry.jobs, *registry.subjobs}
         if args.dry_run:
             print(describe_plan(plan, executor))

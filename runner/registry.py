@@ -35,10 +35,14 @@ class SubJob:
     requires: object = ()
     uses_model: bool = False  # one run folder per model; --model is resolved before running
     seeded: bool = False  # one run folder per seed; fans out over --seeds
-    project_data: tuple = ()  # project paths it reads (e.g. "datasets"); their content is fingerprinted
+    # The shipped data it reads: {project path (e.g. "datasets"): check()}. The content under each path is
+    # fingerprinted; its check (the library reading all of it) runs before anything is written.
+    project_data: Mapping = field(default_factory=dict)
     check: Callable = None  # check(config, model) raises UserError on bad values, before anything runs
-    # external_files(config, workspace) -> paths of files outside the workspace's runs that it reads
-    # (experiment YAMLs and the files they name, CSVs, prompt files): fingerprinted by content.
+    # external_files(config, workspace) -> {path: read(path)}: the files outside the workspace's runs that it
+    # reads (experiment YAMLs and the files they name, CSVs, prompt files), each with the library function the
+    # run reads it with. Each is read before anything is written (a bad row stops the invocation, naming file,
+    # line and field) and fingerprinted by content.
     external_files: Callable = None
     trains: bool = False  # it trains a model: under SLURM with several GPUs it launches one process per GPU
     seeds_from_cli: bool = False  # its config's `seeds` ([] by default) takes the invocation's --seeds

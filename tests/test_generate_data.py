@@ -250,9 +250,6 @@ class RealFactsAndLoadersTest(unittest.TestCase):
             self.assertEqual(row["e2_aliases"], ["Nolan"])  # one-letter aliases dropped, as the reference does
             self.assertEqual(row["questions"]["hop_a"], "the director of Inception is")
             self.assertEqual(row["questions"]["shortcut_e1"], "the birthplace of Inception is")
-            code, err = generate(Path(tmp), "--jobs", "generate_data_real_facts", "--set", "hopping_too_late_csv=nope.csv")
-            self.assertEqual(code, 1)
-            self.assertIn("nope.csv does not exist", err)
 
     def test_reference_repo_rows_load_and_bad_rows_name_line_and_field(self):
         reference_row = {"messages": [{"role": "system", "content": "Answer directly."},

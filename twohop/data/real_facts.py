@@ -7,11 +7,13 @@ loaded into the same records.
 """
 import ast
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.config import option
 from runner.errors import UserError
+from runner.files import read_text
 from twohop.data import tables
 from twohop.data.dataset import shortcut_reason, write_dataset
 
@@ -21,9 +23,10 @@ class RealFactsConfig:
                                            "edenbiran/HoppingTooLate/two_hop.csv); '': the project's chains only")
 
 
-def csv_path(config: dict, workspace) -> list:
-    """The external CSV a run reads (fingerprinted by content), if any."""
-    return [workspace.datasets / config["hopping_too_late_csv"]] if config["hopping_too_late_csv"] else []
+def csv_path(config: dict, workspace) -> dict:
+    """The external CSV a run reads, if any, with its reader."""
+    return {workspace.datasets / config["hopping_too_late_csv"]: load_hopping_too_late} \
+        if config["hopping_too_late_csv"] else {}
 QUESTION_KEYS = ("hop_a", "hop_b", "two_hop", "shortcut_e1", "shortcut_no_e1")
 HTL_COLUMNS = ("e1_label", "e2_label", "e3_label", "e2_aliases", "e3_aliases", "r1_template",
                "r2_template", "source_prompt")
@@ -83,34 +86,41 @@ def _literal_list(value: str, where: str) -> list:
     return [a for a in parsed if len(a) > 1]
 
 
+def hopping_too_late_chain(row: dict, number: int, where: str) -> dict:
+    """One CSV row as a chain record; its templates must each hold one '{}' for the entity."""
+    r1, r2 = row["r1_template"], row["r2_template"]
+    for column, template in (("r1_template", r1), ("r2_template", r2)):
+        if template.count("{}") != 1 or template.count("{") + template.count("}") != 2:
+            raise UserError(f"{where}: {column} {template[:60]!r} must contain one '{{}}' placeholder for the entity")
+    questions = {  # cloze prompts, as Hopping Too Late evaluates them
+        "hop_a": f"{r1.format(row['e1_label'])} is",
+        "hop_b": f"{r2.format(row['e2_label'])} is",
+        "two_hop": row["source_prompt"],
+        "shortcut_e1": f"{r2.format(row['e1_label'])} is",
+        "shortcut_no_e1": r2.format(r1.format("")).replace(" of  ", " of ").strip(),
+    }
+    return {"id": f"hopping_too_late:{number - 2}", "relation": f"{r1} / {r2}", "source": "hopping_too_late",
+            "e1": row["e1_label"], "e2": row["e2_label"], "e3": row["e3_label"],
+            "e2_aliases": _literal_list(row["e2_aliases"], where),
+            "e3_aliases": _literal_list(row["e3_aliases"], where),
+            "questions": questions, "style": "cloze"}
+
+
 def load_hopping_too_late(path: Path) -> list:
     """Read a Hopping-Too-Late CSV (its `two_hop.csv` layout) into chain records."""
-    if not path.is_file():
-        raise UserError(f"hopping_too_late_csv: {path} does not exist; put the CSV under the workspace's datasets/ folder")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in HTL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path}: missing columns {missing}; expected {list(HTL_COLUMNS)}")
-        chains = []
-        for number, row in enumerate(reader, 2):
-            where = f"{path}:{number}"
-            try:
-                r1, r2 = row["r1_template"], row["r2_template"]
-                questions = {  # cloze prompts, as Hopping Too Late evaluates them
-                    "hop_a": f"{r1.format(row['e1_label'])} is",
-                    "hop_b": f"{r2.format(row['e2_label'])} is",
-                    "two_hop": row["source_prompt"],
-                    "shortcut_e1": f"{r2.format(row['e1_label'])} is",
-                    "shortcut_no_e1": r2.format(r1.format("")).replace(" of  ", " of ").strip(),
-                }
-            except (IndexError, KeyError, ValueError):
-                raise UserError(f"{where}: r1_template/r2_template must contain one '{{}}' placeholder") from None
-            chains.append({"id": f"hopping_too_late:{number - 2}", "relation": f"{r1} / {r2}",
-                           "source": "hopping_too_late", "e1": row["e1_label"], "e2": row["e2_label"],
-                           "e3": row["e3_label"], "e2_aliases": _literal_list(row["e2_aliases"], where),
-                           "e3_aliases": _literal_list(row["e3_aliases"], where), "questions": questions,
-                           "style": "cloze"})
+    if not path.exists():
+        raise UserError(f"hopping_too_late_csv: {path} does not exist; put the CSV under the workspace's "
+                        "datasets/ folder")
+    reader = csv.DictReader(io.StringIO(read_text(path, "Hopping-Too-Late CSV")))
+    missing = [c for c in HTL_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{path}: missing columns {missing}; expected {list(HTL_COLUMNS)}")
+    chains = []
+    for number, row in enumerate(reader, 2):
+        if None in row.values() or None in row:
+            columns = reader.fieldnames
+            raise UserError(f"{path}:{number}: expected {len(columns)} columns ({', '.join(columns)})")
+        chains.append(hopping_too_late_chain(row, number, f"{path}:{number}"))
     if not chains:
         raise UserError(f"{path}: no rows")
     return chains

@@ -4,11 +4,11 @@ Every problem is a UserError naming the file, row and column, so a researcher ed
 learns exactly what to fix.
 """
 import csv
+import io
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
+from runner import files
 from runner.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "datasets"
@@ -17,20 +17,11 @@ REAL_FACTS = DATA / "real_facts"
 
 
 def read_yaml(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UserError(f"missing data file {path}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML ({error})") from None
+    return files.read_yaml(path, "data file")
 
 
 def read_lines(path: Path) -> list:
-    try:
-        lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    except FileNotFoundError:
-        raise UserError(f"missing data file {path}") from None
+    lines = [l.strip() for l in files.read_text(path, "data file").splitlines() if l.strip()]
     duplicates = sorted({l for l in lines if lines.count(l) > 1})
     if duplicates:
         raise UserError(f"{path}: duplicate entries {duplicates}")
@@ -39,13 +30,9 @@ def read_lines(path: Path) -> list:
 
 def read_table(path: Path, columns=None) -> list:
     """A CSV as a list of dicts of non-empty strings; the first column's values must be unique."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError:
-        raise UserError(f"missing data file {path}") from None
+    reader = csv.DictReader(io.StringIO(files.read_text(path, "data file")))
+    header = reader.fieldnames or []
+    rows = list(reader)
     if columns is not None and header != list(columns):
         raise UserError(f"{path}: columns are {header}, expected {list(columns)}")
     seen = set()
@@ -104,3 +91,17 @@ def cities() -> list:
 
 def aliases() -> dict:
     return read_yaml(REAL_FACTS / "aliases.yaml") or {}
+
+
+def check_shipped_data() -> None:
+    """Read everything under datasets/ with the readers the generators use (every table, list and YAML,
+    each entity table against the schema), so a broken edit stops the runner before anything runs."""
+    readers = {".csv": read_table, ".txt": read_lines, ".yaml": read_yaml}
+    for path in sorted(DATA.rglob("*")):
+        if path.suffix in readers:
+            readers[path.suffix](path)
+    for entity_type in entity_types():
+        entity_table(entity_type)
+
+
+SHIPPED_DATA = {"datasets": check_shipped_data}  # a sub-job's `project_data` when it reads the shipped tables

@@ -5,7 +5,7 @@ from pathlib import Path
 from runner.errors import UserError
 from twohop.data.records import read_records
 from twohop.training.config import check_fraction
-from twohop.training.experiment import resolve_files
+from twohop.training.experiment import FILE_KEYS, load_experiment_yaml, resolve_files
 from twohop.training.recipes import subsample
 
 
@@ -60,10 +60,11 @@ def load(config: dict, data_dir: Path, seed: int, run_name: str) -> tuple:
     return (rows, *eval_sets(config["eval_datasets"], data_dir, config["eval_subsample"]))
 
 
-def external_files(config: dict) -> list:
-    """Files outside the workspace this config reads: the experiment YAML and every absolute path in it."""
-    files = [config["experiment_config"]] if config["experiment_config"] else []
-    for key, fields in (("train_datasets", ("dataset_file",)), ("eval_datasets", ("dataset_file",)),
-                        ("evaluations", ("dataset_file", "few_shots_path"))):
-        files += [entry[f] for entry in config[key] for f in fields if entry[f] and Path(entry[f]).is_absolute()]
-    return [Path(f) for f in files]
+def external_files(config: dict) -> dict:
+    """Files outside the workspace this config reads, each with its reader: the experiment YAML and every
+    absolute path in the config (records files, from the YAML or --set)."""
+    files = {Path(config["experiment_config"]): load_experiment_yaml} if config["experiment_config"] else {}
+    for key, fields in FILE_KEYS.items():
+        files.update({Path(entry[f]): read_records for entry in config[key] for f in fields
+                      if entry[f] and Path(entry[f]).is_absolute()})
+    return files

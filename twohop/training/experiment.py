@@ -9,9 +9,8 @@ Every other key must be a config key, or the run is refused naming it.
 """
 from pathlib import Path
 
-import yaml
-
 from runner.errors import UserError
+from runner.files import read_yaml
 
 FILE_KEYS = {"train_datasets": ("dataset_file",), "eval_datasets": ("dataset_file",),
              "evaluations": ("dataset_file", "few_shots_path")}
@@ -31,14 +30,7 @@ def find_file(name: str, yaml_path: Path) -> str:
 def load_experiment_yaml(path) -> dict:
     """The YAML's keys, its files resolved to absolute paths and the reference's conventions translated."""
     path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"experiment config {path} does not exist") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        raise UserError(f"{path}: not valid YAML" + (f" (line {where.line + 1}, column {where.column + 1})" if where
-                                                      else "")) from None
+    config = read_yaml(path, "experiment config") or {}
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
     for key, fields in FILE_KEYS.items():

@@ -76,7 +76,7 @@ SUBJOBS = [
     SubJob("finetune", "base", "the tiny model's pretraining (natural facts, chaining, reading, copying); "
            "a no-op for real models", run_base, BaseConfig, lambda model: recipes.recipe(model, "base"),
            requires=("generate_data_natural_facts", "generate_data_spouses"), uses_model=True,
-           check=lambda config, model: check_training(config), project_data=("datasets",), trains=True),
+           check=lambda config, model: check_training(config), project_data=tables.SHIPPED_DATA, trains=True),
 ] + [
     finetune(v.name, v.help, "generate_data_spouses", partial(recipes.spouses_recipe, v)) for v in recipes.VARIANTS
 ] + [

@@ -63,7 +63,8 @@ class FrontierConfig:
     cot_max_tokens: int = option(256, "reply length with a chain of thought", minimum=1)
     grader: Optional[Grader] = option(None, "a model grader on top of alias matching, e.g. {backend: openai, "
                                             "model: gpt-4o-mini} (null: none)")
-    prices: dict[str, list[float]] = option({}, "model -> [USD per 1M input tokens, per 1M output tokens]")
+    prices: dict[str, list[float]] = option({}, "model -> [USD per 1M input tokens, per 1M output tokens]",
+                                            minimum=0.0)
     http: Http = option(Http(), "HTTP client settings")
 
 
@@ -87,6 +88,9 @@ def check_config(config: dict, model=None) -> None:
             raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
         if spec.get("base_url"):
             check_url(f"{where}.base_url", spec["base_url"])
+    for model, price in config["prices"].items():
+        if len(price) != 2:
+            raise UserError(f"prices.{model}: {price} must be [USD per 1M input tokens, USD per 1M output tokens]")
     grader = config["grader"] or {}
     if grader.get("backend") == "local" and "batch_size" not in config:
         raise UserError("grader: backend local grades with the run's local model; frontier_eval_api has none")

@@ -13,7 +13,7 @@ from twohop.data import natural_facts, real_facts, semi_synthetic, spouses, tabl
 
 def generator(name, help, run, config, check=None, external_files=None) -> SubJob:
     # Every generator reads the shipped tables, so their content is part of its fingerprint.
-    return SubJob("generate_data", name, help, run, config, check=check, project_data=("datasets",),
+    return SubJob("generate_data", name, help, run, config, check=check, project_data=tables.SHIPPED_DATA,
                   external_files=external_files)
 
 

@@ -15,6 +15,7 @@ from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from runner.registry import Job, SubJob
+from twohop.data import tables
 from twohop.evaluation.in_context import evaluate_settings, is_main_process
 from twohop.reports.in_context import accuracy_plot, summary_markdown
 from twohop.training.recipes import trained_or_given
@@ -67,7 +68,7 @@ def run(ctx) -> dict:
 SUBJOBS = [
     SubJob("in_context", name, help, run, InContextConfig, {"styles": styles, "distractor_counts": counts},
            requires=("finetune_base", "generate_data_spouses"), uses_model=True, check=check_config,
-           project_data=("datasets",))
+           project_data=tables.SHIPPED_DATA)
     for name, (help, styles, counts) in SETTINGS.items()
 ]
 

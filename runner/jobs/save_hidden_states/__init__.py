@@ -23,7 +23,7 @@ from runner.errors import UserError
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from runner.registry import Job, SubJob
 from twohop.data import tables
-from twohop.data.records import read_records
+from twohop.data.records import read_prompts, read_records
 from twohop.evaluation import generation
 from twohop.interp import similarity
 from twohop.interp.hidden_states import HiddenStates, save_hidden_states
@@ -119,13 +119,11 @@ def run_prompts(ctx) -> dict:
     path = Path(ctx.config["prompts_file"])
     model, tokenizer = load_model(base_path(ctx))
     rows = []
-    for i, row in enumerate(read_records(path, required=())):
+    for i, row in enumerate(read_prompts(path)):
         if "messages" in row:
             text = generation.prompt_text(tokenizer, row["messages"])
-        elif "prompt" in row:
-            text = (tokenizer.bos_token or "") + row["prompt"]
         else:
-            raise UserError(f"{path} line {i + 1}: needs 'messages' (a chat) or 'prompt' (raw text)")
+            text = (tokenizer.bos_token or "") + row["prompt"]
         fields = {k: v for k, v in row.items() if k not in ("messages", "prompt")}
         span = row.get(ctx.config["span_field"], "") if ctx.config["span_field"] else ""
         rows.append({"id": row.get("id", i), **fields, "span": span, "prompts": [text]})
@@ -187,18 +185,19 @@ def analysis_subjob(name: str, entity_types: tuple, help: str) -> SubJob:
     requires = tuple(f"{job}_{t}" for t in entity_types
                      for job in ("save_hidden_states", "evaluate_twohop", "finetune", "generate_data"))
     return SubJob("save_hidden_states", name, help, partial(run_analysis, entity_types=entity_types),
-                  AnalysisConfig, requires=requires, uses_model=True, seeded=True, project_data=("datasets",),
+                  AnalysisConfig, requires=requires, uses_model=True, seeded=True, project_data=tables.SHIPPED_DATA,
                   check=check_analysis)
 
 
 ENTITY_TYPES = tables.ENTITY_TYPES
 JOB = Job("save_hidden_states", "per-layer hidden states and the 'e2 + r2 = e3' analysis", tuple(
     [SubJob("save_hidden_states", t, f"hidden states of every prompt family for {t}", partial(run_save, entity_type=t),
-            SaveConfig, requires=("finetune_base",), uses_model=True, check=check_saving, project_data=("datasets",))
+            SaveConfig, requires=("finetune_base",), uses_model=True, check=check_saving,
+            project_data=tables.SHIPPED_DATA)
      for t in ENTITY_TYPES]
     + [analysis_subjob(f"analysis_{t}", (t,), f"similarity vs no-CoT accuracy and logit lens for {t}")
        for t in ENTITY_TYPES]
     + [analysis_subjob("analysis_all", ENTITY_TYPES, "the analysis across all entity types, with type means"),
        SubJob("save_hidden_states", "prompts", "hidden states of any prompt file (--set prompts_file=...)",
               run_prompts, PromptsConfig, requires=("finetune_base",), uses_model=True, check=check_prompts,
-              external_files=lambda config, workspace: [Path(config["prompts_file"])])]))
+              external_files=lambda config, workspace: {Path(config["prompts_file"]): read_prompts})]))
