@@ -121,6 +121,16 @@ def help_config(registry, args) -> str:
     return "\n".join([header, *typed.describe(subjob.config, subjob.default_config(model))])
 
 
+def wait_for_slurm(submitted, workspace: Workspace) -> int:
+    """Wait for the submitted SLURM jobs; 1 if any did not complete."""
+    states = slurm.wait_for(submitted, poll_s=2.0, log=log)
+    unfinished = [label for label, state in states.items() if state != "COMPLETED"]
+    if unfinished:
+        log.error("%d of %d SLURM jobs did not complete: %s (logs in %s)", len(unfinished), len(states),
+                  ", ".join(unfinished), workspace.runner_logs)
+    return 1 if unfinished else 0
+
+
 def main(argv=None, registry=None) -> int:
     args = parse_args(argv)
     try:
@@ -163,14 +173,7 @@ def main(argv=None, registry=None) -> int:
         log.info("%s", describe_plan(plan, executor))
         if args.launcher == "slurm":
             submitted = slurm.submit(plan, executor, overrides, slurm_overrides, scopes, False, log)
-            if not args.wait:
-                return 0
-            states = slurm.wait_for(submitted, poll_s=2.0, log=log)
-            unfinished = [label for label, state in states.items() if state != "COMPLETED"]
-            if unfinished:
-                log.error("%d of %d SLURM jobs did not complete: %s (logs in %s)", len(unfinished), len(states),
-                          ", ".join(unfinished), workspace.runner_logs)
-            return 1 if unfinished else 0
+            return wait_for_slurm(submitted, workspace) if args.wait else 0
         progress = Progress(plan, executor, log)
         for index, planned in enumerate(plan):
             progress.start(index)
