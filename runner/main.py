@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -189,8 +190,15 @@ def main(argv=None, registry=None) -> int:
     return 1 if failed else 0
 
 
+def interrupt(signum, frame):
+    """SIGTERM (SLURM's scancel and time limit, `kill`) as a Ctrl-C: the run is marked failed
+    ("interrupted", resumable) and its lock is released, instead of both left as if it were alive."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cli() -> None:
     """The `twohop` console command."""
+    signal.signal(signal.SIGTERM, interrupt)
     sys.exit(main())
 
 

@@ -184,6 +184,20 @@ class RunLockTest(unittest.TestCase):
         self.assertEqual(status(run_dir)["error"], "interrupted")
         self.assertFalse((run_dir / locks.LOCK_NAME).exists())
 
+    def test_sigterm_marks_a_real_run_interrupted_and_releases_its_lock(self):
+        """What SLURM's scancel does to a fine-tune: the run is left resumable and unlocked."""
+        proc = subprocess.Popen([sys.executable, "runner/main.py", "--workspace_path", str(self.w), "--jobs",
+                                 "finetune_base"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_dir = self.w / "experiments" / "finetune" / "base" / "tiny-h128-l2"
+        deadline = time.time() + 120
+        while not ((run_dir / "log.txt").is_file() and "training" in (run_dir / "log.txt").read_text()):
+            self.assertLess(time.time(), deadline, "finetune_base never started training")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        self.assertEqual((status(run_dir)["state"], status(run_dir)["error"]), ("failed", "interrupted"))
+        self.assertFalse((run_dir / locks.LOCK_NAME).exists())
+
     def test_contenders_hold_the_lock_one_at_a_time_after_taking_over_a_dead_one(self):
         killed_holder(self.run_dir)
         holding, most, turns = [0], [0], []
