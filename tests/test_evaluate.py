@@ -11,7 +11,7 @@ from runner.errors import UserError
 from twohop.evaluation import grading
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
 from twohop.reports.evaluation import write_reports, write_seeds_summary, write_semi_synthetic_report
-from twohop.stats import binomial_se, bootstrap_interval
+from twohop.stats import binomial_se, bootstrap_interval, pooled_gap
 from tests.fixtures.train_small import train_small
 from twohop.data.records import read_records
 
@@ -62,6 +62,25 @@ class MatchingTest(unittest.TestCase):
         self.assertGreater(high, 0.5)
         self.assertLess(high - low, 0.3)
         self.assertEqual(bootstrap_interval([2.0] * 10, 100), (2.0, 2.0))
+
+
+class PooledGapTest(unittest.TestCase):
+    def test_questions_weigh_the_mean_and_the_tests_intervals_combine(self):
+        def test(gap, se, n):
+            return {"gap": gap, "ci95": [gap - 1.96 * se, gap + 1.96 * se], "n": n}
+        pooled = pooled_gap([test(1.0, 0.5, 10), test(-1.0, 0.2, 30)])
+        self.assertAlmostEqual(pooled["gap"], -0.5)  # (10 * 1 - 30 * 1) / 40
+        se = (5.0 ** 2 + 6.0 ** 2) ** 0.5 / 40  # 10 * 0.5 and 30 * 0.2, over 40 questions
+        self.assertAlmostEqual(pooled["ci95"][1] - pooled["gap"], 1.96 * se)
+        self.assertEqual((pooled["n"], pooled["tests"]), (40, 2))
+
+    def test_the_semi_synthetic_finding_holds_only_when_the_interval_is_above_zero(self):
+        from twohop.reports.study import semi_synthetic_gap_finding
+        above = {"loss_gap": {"gap": 0.9, "ci95": [0.1, 1.7], "n": 67, "tests": 4}}
+        across = {"loss_gap": {"gap": 0.5, "ci95": [-0.1, 1.1], "n": 67, "tests": 4}}
+        self.assertEqual([semi_synthetic_gap_finding(p)[2] for p in (above, across, {"loss_gap": None})],
+                         [True, False, None])
+        self.assertIn("+0.90 nats [+0.10, +1.70] over 67 questions of 4 tests", semi_synthetic_gap_finding(above)[1])
 
 
 class SeedSummaryTest(unittest.TestCase):

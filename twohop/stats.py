@@ -40,3 +40,12 @@ def bootstrap_interval(values, samples: int, seed: int = 0, level: float = 0.95)
     means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)
     tail = round(50 * (1 - level), 10)  # 2.5 for 95%, without floating-point residue
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def pooled_gap(gaps: list) -> dict:
+    """The question-weighted mean of independent tests' loss gaps ({gap, ci95, n} each), with a normal
+    95% interval whose s.e. combines each test's (read off its 95% bootstrap interval)."""
+    total = sum(g["n"] for g in gaps)
+    mean = sum(g["gap"] * g["n"] for g in gaps) / total
+    se = math.sqrt(sum((g["n"] * (g["ci95"][1] - g["ci95"][0]) / (2 * 1.96)) ** 2 for g in gaps)) / total
+    return {"gap": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": total, "tests": len(gaps)}

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from twohop.reports.tables import fmt, markdown_table  # noqa: E402
 from twohop.plots import COT_FINAL, cot_nocot_bars, png  # noqa: E402
-from twohop.stats import mean_se, z_vs_chance  # noqa: E402
+from twohop.stats import mean_se, pooled_gap, z_vs_chance  # noqa: E402
 from twohop.reports.evaluation import by_kind, premise_holds, write_semi_synthetic_report  # noqa: E402
 
 LABELS = {"spouses": "separate documents", "spouses_nocot": "separate documents (no-CoT demos)",
@@ -77,7 +77,9 @@ def semi_synthetic_row(results_by_type: dict, sources) -> dict:
         cot = {s["attribute"]: s for s in two_hop_tests(results, "cot")}
         first_hop = by_kind(results["tests"], "hop_a").get("correct")
         tests += [(nocot, cot.get(nocot["attribute"], {}), by_kind(results["tests"], "hop_b", nocot["attribute"]).get("correct"),
-                   first_hop) for nocot in two_hop_tests(results, "nocot") if nocot["n"]]
+                   first_hop, results["loss_gaps"].get(name))
+                  for name, nocot in results["tests"].items()
+                  if nocot.get("kind") == "two_hop" and nocot["style"] == "nocot" and nocot["n"]]
     held = [t for t in tests if premise_holds(t[2], t[3])]
     premise = {"tests": len(held), "of": len(tests), "hop_b": [t[2] for t in tests], "first_hop": [t[3] for t in tests]}
     if held:  # pooled over questions, against the better of uniform chance and guessing the commonest answer
@@ -85,6 +87,8 @@ def semi_synthetic_row(results_by_type: dict, sources) -> dict:
         mean = sum(t[0]["correct"] * t[0]["n"] for t in held) / n
         chance = sum(max(t[0]["chance"], t[0].get("majority", 0)) * t[0]["n"] for t in held) / n
         premise.update(nocot=mean, n=n, chance=chance, z_vs_chance=z_vs_chance(mean, chance, n))
+        gaps = [t[4] for t in held if t[4]]
+        premise["loss_gap"] = pooled_gap(gaps) if gaps else None
     return row("semi-synthetic (fact B from pretraining)",
                f"{len(tests)} tests of {len(results_by_type)} entity type(s)", [n["correct"] for n, *_ in tests],
                [c.get("correct") for _, c, *_ in tests], [n["chance"] for n, *_ in tests],
@@ -108,7 +112,8 @@ def findings(rows: dict) -> list:
             checks.append((f"{name}: no-CoT above chance (z > 2)", f"{rows[key]['nocot']:.1%} vs chance "
                            f"{rows[key]['chance']:.1%}, z = {rows[key]['z_vs_chance']:+.2f}", rows[key]["z_vs_chance"] > 2))
     if "semi_synthetic" in rows:
-        checks.append(semi_synthetic_finding(rows["semi_synthetic"]["premise"]))
+        checks += [semi_synthetic_finding(rows["semi_synthetic"]["premise"]),
+                   semi_synthetic_gap_finding(rows["semi_synthetic"]["premise"])]
     return [{"claim": claim, "measured": measured, "holds": None if holds is None else bool(holds)}
             for claim, measured, holds in checks]
 
@@ -125,6 +130,18 @@ def semi_synthetic_finding(premise: dict) -> tuple:
         return claim, f"chance is {premise['chance']:.0%} on the tests where the premise holds: nothing to test", None
     return claim, (f"{premise['nocot']:.1%} vs chance {premise['chance']:.1%} on the {premise['tests']} of "
                    f"{premise['of']} tests where it holds, z = {premise['z_vs_chance']:+.2f}"), premise["z_vs_chance"] > 2
+
+
+def semi_synthetic_gap_finding(premise: dict) -> tuple:
+    """The shuffled-answer loss gap where the premise holds: above zero means the model prefers each
+    person's true answer to another person's, which only composing the two hops can give."""
+    claim = ("semi-synthetic: no-CoT loss gap (shuffled minus true answer) above zero, 95% interval, where the "
+             "premise holds")
+    gap = premise.get("loss_gap")
+    if gap is None:
+        return claim, "premise fails on every test with a loss gap", None
+    return claim, (f"{gap['gap']:+.2f} nats [{gap['ci95'][0]:+.2f}, {gap['ci95'][1]:+.2f}] over {gap['n']} "
+                   f"questions of {gap['tests']} tests"), gap["ci95"][0] > 0
 
 
 def figure1(rows: list, title: str) -> bytes:
