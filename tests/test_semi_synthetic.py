@@ -1,6 +1,7 @@
 """Slow: the tiny semi-synthetic recipe keeps hop B. A tiny model first learns one type's natural facts
 (its "pretraining"), then `finetune_universities`'s own recipe teaches the first hop; hop B must stay
-within 10 points of where it was. Runs in CI; TWOHOP_SKIP_SLOW=1 skips it."""
+within 10 points of where it was, and the first hop reach 90% on held-out phrasings. Runs in CI;
+TWOHOP_SKIP_SLOW=1 skips it."""
 import logging
 import os
 import tempfile
@@ -49,7 +50,7 @@ class HopBSurvivesTest(unittest.TestCase):
             self.assertGreaterEqual(min(b for b, _ in hop_b.values()), 0.5, f"the base never learned hop B: {hop_b}")
             for attribute, (b, a) in hop_b.items():
                 self.assertGreaterEqual(a, b - 0.10, f"{attribute}: hop B fell from {b:.2f} to {a:.2f}")
-            self.assertGreater(after["acc_a"], before["acc_a"] + 0.3, "the fine-tune did not teach the first hop")
+            self.assertGreaterEqual(after["acc_a"], 0.9, "the first hop is not learned on held-out phrasings")
 
 
 if __name__ == "__main__":
