@@ -205,16 +205,17 @@ class FrontierEvalTest(unittest.TestCase):
                 self.assertEqual(main(args + ["--force"]), 0)  # verdicts come from the cache
                 self.assertEqual(Counter({k: v for k, v in server.requests.items() if k[1] == "fake-grader"}), graded)
 
-    def test_missing_key_is_one_clear_error_before_any_request(self):
+    def test_missing_key_is_one_line_before_anything_is_written(self):
         with tempfile.TemporaryDirectory() as tmp:
-            w = Path(tmp) / "w"
-            with mock.patch.dict(os.environ, {}, clear=False):
+            w, err = Path(tmp) / "w", io.StringIO()
+            with mock.patch.dict(os.environ, {}, clear=False), contextlib.redirect_stderr(err):
                 os.environ.pop("MY_KEY_VAR", None)
                 code = main(["--workspace_path", str(w), "--jobs", "frontier_eval_api", "--set",
                              "endpoints=[{backend: openai, model: m, base_url: 'http://127.0.0.1:9/v1', api_key_env: MY_KEY_VAR}]"])
-            self.assertNotEqual(code, 0)
-            log = next((w / "experiments/runner").glob("*.log")).read_text()
-            self.assertIn("environment variable MY_KEY_VAR is not set", log)
+            self.assertEqual(code, 2)
+            self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+            self.assertIn("environment variable MY_KEY_VAR is not set", err.getvalue())
+            self.assertFalse(w.exists())
 
     def test_a_closed_port_is_given_up_in_seconds_and_every_question_recorded_as_not_asked(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from runner.errors import UserError
 from runner.files import atomic_write_json, atomic_write_jsonl
 from runner.registry import Job, SubJob
 from twohop.data.records import read_records
-from twohop.evaluation.frontier.backends import HttpBackend, LocalBackend
+from twohop.evaluation.frontier.backends import HttpBackend, LocalBackend, api_key
 from twohop.evaluation.frontier.cache import ResponseCache
 from twohop.evaluation.frontier.evaluate import ask, grade_with_model, summarise
 from twohop.reports.frontier import write_summary
@@ -88,6 +88,8 @@ def check_config(config: dict, model=None) -> None:
             raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
         if spec.get("base_url"):
             check_url(f"{where}.base_url", spec["base_url"])
+        if spec and spec["backend"] != "local":
+            api_key(spec)  # the key's variable is set, before anything runs
     for model, price in config["prices"].items():
         if len(price) != 2:
             raise UserError(f"prices.{model}: {price} must be [USD per 1M input tokens, USD per 1M output tokens]")

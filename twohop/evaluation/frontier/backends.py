@@ -47,15 +47,21 @@ class Malformed(Exception):
     """A 200 response whose body is not what the wire format promises."""
 
 
+def api_key(spec: dict) -> str:
+    """The key of an HTTP endpoint, from the environment variable its spec names (checked at plan time too)."""
+    variable = spec.get("api_key_env") or DEFAULT_KEY_VARIABLES[spec["backend"]]
+    key = os.environ.get(variable, "")
+    if not key:
+        raise UserError(f"environment variable {variable} is not set (needed for {spec['backend']} model "
+                        f"{spec['model']}); export it, or name another one with api_key_env")
+    return key
+
+
 class HttpBackend:
     def __init__(self, spec: dict, settings: dict, log):
         self.kind, self.model = spec["backend"], spec["model"]
         self.base_url = (spec.get("base_url") or DEFAULT_URLS[self.kind]).rstrip("/")
-        variable = spec.get("api_key_env") or DEFAULT_KEY_VARIABLES[self.kind]
-        self._key = os.environ.get(variable, "")
-        if not self._key:
-            raise UserError(f"environment variable {variable} is not set (needed for {self.kind} model {self.model}); "
-                            "export it, or name another one with api_key_env")
+        self._key = api_key(spec)
         self.settings, self.log = settings, log
         self._local = threading.local()  # one HTTP session (connection pool) per worker thread
         self._lock, self._went_down = threading.Lock(), threading.Event()
