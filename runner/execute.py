@@ -166,14 +166,24 @@ class Executor:
             return self._record(Outcome(run, "blocked", run_dir,
                                         message=f"prerequisite {blocked[0].label} did not finish"))
         if run.model is not None:
-            from models import ensure_model
-            ensure_model(run.model)
+            self.ensure_model(run.model)
         cached = self._cached(planned, run_dir)  # done work is skipped without writing anything
         if cached:
             return cached
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(run_dir).acquire(wait=self.wait):
             return self._cached(planned, run_dir) or self._start(planned, run_dir)
+
+    def ensure_model(self, model) -> None:
+        """Build an embedded model once, even when several invocations share the workspace: the builder
+        holds a lock beside the model's folder, and whoever waited for it finds the folder built."""
+        from models import ensure_model
+        if model.embedded_preset and not model.path.exists():
+            build_lock = model.path.parent / f".{model.path.name}.build"
+            build_lock.mkdir(parents=True, exist_ok=True)
+            with RunLock(build_lock).acquire(wait=self.wait):
+                ensure_model(model)
+        ensure_model(model)
 
     def _cached(self, planned, run_dir: Path):
         """The outcome of skipping a run done with the same inputs (perhaps by the lock's last holder)."""

@@ -198,6 +198,25 @@ class RunLockTest(unittest.TestCase):
         self.assertEqual((status(run_dir)["state"], status(run_dir)["error"]), ("failed", "interrupted"))
         self.assertFalse((run_dir / locks.LOCK_NAME).exists())
 
+    def test_an_embedded_model_is_built_once_by_concurrent_invocations(self):
+        from models import resolve_model, tiny
+        from runner.execute import Executor, Workspace
+        model, builds, real_build = resolve_model("tiny", self.w / "transformers"), [], tiny.build_tiny_model
+
+        def slow_build(*args, **kwargs):
+            builds.append(1)
+            time.sleep(0.5)  # long enough for the other thread to find the build in progress
+            return real_build(*args, **kwargs)
+        with mock.patch.object(tiny, "build_tiny_model", slow_build):
+            threads = [threading.Thread(target=Executor(Workspace(self.w)).ensure_model, args=(model,))
+                       for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(len(builds), 1)
+        self.assertTrue((model.path / "model.safetensors").is_file())
+
     def test_contenders_hold_the_lock_one_at_a_time_after_taking_over_a_dead_one(self):
         killed_holder(self.run_dir)
         holding, most, turns = [0], [0], []
