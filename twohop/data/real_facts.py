@@ -16,6 +16,8 @@ from runner.errors import UserError
 from runner.files import read_text
 from twohop.data import tables
 from twohop.data.dataset import shortcut_reason, write_dataset
+from twohop.evaluation.grading import mentions
+
 
 @dataclass
 class RealFactsConfig:
@@ -40,40 +42,50 @@ def lookup_tables() -> dict:
     return found
 
 
-def project_chains() -> list:
-    relations = tables.read_yaml(tables.REAL_FACTS / "relations.yaml")
-    lookups = lookup_tables()
-    aliases = tables.aliases()
+def fact(lookups: dict, marks: dict, how: dict, value: str, where: str) -> tuple:
+    """(column `how["column"]` of the row of table `how["table"]` whose `how["key"]` is `value`, why that
+    value is ambiguous (tables.ambiguous) or "")."""
+    rows = [row for row in lookups[how["table"]] if row[how["key"]] == value]
+    if not rows:
+        raise UserError(f"{where}: no row with {how['key']} = {value!r} in table {how['table']!r}; "
+                        "add it to the lookup table")
+    row_key = rows[0][next(iter(rows[0]))]
+    why = marks[how["table"]].get(row_key, {}).get(how["column"], "")
+    return rows[0][how["column"]], f"{how['table']} {row_key!r} {how['column']}: {why}" if why else ""
+
+
+def relation_chains(relation: str, spec: dict, lookups: dict, marks: dict, aliases: dict) -> list:
+    """The chains of one relation pair: hop A from its table's `e2_column` (through `e2_lookup` if given),
+    hop B from `e3`; a chain through an ambiguous value says why in `ambiguous`."""
+    where = f"{tables.REAL_FACTS / 'relations.yaml'}: {relation}"
+    if spec.get("table") not in lookups:
+        raise UserError(f"{where}: unknown table {spec.get('table')!r}")
+    for key in QUESTION_KEYS:
+        if key not in spec:
+            raise UserError(f"{where}: missing {key!r}")
+    hops = [{"table": spec["table"], "key": "name", "column": spec["e2_column"]},
+            *([spec["e2_lookup"]] if "e2_lookup" in spec else []), spec["e3"]]
     chains = []
-    for relation, spec in relations.items():
-        where = f"{tables.REAL_FACTS / 'relations.yaml'}: {relation}"
-        if spec.get("table") not in lookups:
-            raise UserError(f"{where}: unknown table {spec.get('table')!r}")
-        for key in QUESTION_KEYS:
-            if key not in spec:
-                raise UserError(f"{where}: missing {key!r}")
-
-        def look(how, value):
-            table = lookups[how["table"]]
-            matches = [row[how["column"]] for row in table if row[how["key"]] == value]
-            if not matches:
-                raise UserError(f"{where}: no row with {how['key']} = {value!r} in table {how['table']!r}; "
-                                "add it to the lookup table")
-            return matches[0]
-
-        for row in lookups[spec["table"]]:
-            if row["name"] in spec.get("exclude", []):
-                continue
-            e1, e2 = row["name"], row[spec["e2_column"]]
-            if "e2_lookup" in spec:
-                e2 = look(spec["e2_lookup"], e2)
-            e3 = look(spec["e3"], e2)
-            chain = {"id": f"{relation}:{e1}", "relation": relation, "source": "project",
-                     "e1": e1, "e2": e2, "e3": e3,
-                     "e2_aliases": aliases.get(e2, []), "e3_aliases": aliases.get(e3, []),
-                     "questions": {key: spec[key].format(e1=e1, e2=e2) for key in QUESTION_KEYS}}
-            chains.append(chain)
+    for e1 in [row["name"] for row in lookups[spec["table"]] if row["name"] not in spec.get("exclude", [])]:
+        values, doubts = [e1], []
+        for how in hops:
+            value, why = fact(lookups, marks, how, values[-1], where)
+            values.append(value)
+            doubts.append(why)
+        e2, e3 = values[-2], values[-1]
+        chains.append({"id": f"{relation}:{e1}", "relation": relation, "source": "project", "e1": e1, "e2": e2,
+                       "e3": e3, "e2_aliases": aliases.get(e2, []), "e3_aliases": aliases.get(e3, []),
+                       "questions": {key: spec[key].format(e1=e1, e2=e2) for key in QUESTION_KEYS},
+                       "ambiguous": "; ".join(d for d in doubts if d)})
     return chains
+
+
+def project_chains() -> list:
+    lookups = lookup_tables()
+    marks = {name: tables.ambiguous(name, rows) for name, rows in lookups.items()}
+    aliases = tables.aliases()
+    return [chain for relation, spec in tables.read_yaml(tables.REAL_FACTS / "relations.yaml").items()
+            for chain in relation_chains(relation, spec, lookups, marks, aliases)]
 
 
 def _literal_list(value: str, where: str) -> list:
@@ -128,22 +140,43 @@ def load_hopping_too_late(path: Path) -> list:
 
 def flag_shortcuts(chains: list) -> list:
     """Mark chains answerable without the bridge: the bridge inside e1's name ("London Underground" ->
-    London), or the answer inside e1's or the bridge's name."""
+    London), the answer inside e1's or the bridge's name, or the answer inside the two-hop question."""
     for chain in chains:
+        question = chain["questions"]["two_hop"]
+        in_question = [a for a in (chain["e3"], *chain["e3_aliases"]) if mentions(question, a)]
         chain["shortcut"] = (shortcut_reason(chain["e2"], chain["e2_aliases"], e1=chain["e1"])
-                             or shortcut_reason(chain["e3"], chain["e3_aliases"], e1=chain["e1"], e2=chain["e2"]))
+                             or shortcut_reason(chain["e3"], chain["e3_aliases"], e1=chain["e1"], e2=chain["e2"])
+                             or (f"the answer {in_question[0]!r} is in the question {question!r}" if in_question else ""))
     return chains
 
 
+# Why a chain is kept out of the frontier headline (and reported beside it): a name gives it away, a
+# value is ambiguous, or a Hopping-Too-Late template had no question rule.
+SET_ASIDE = ("shortcut", "ambiguous", "fragment")
+
+
+def set_aside_per_relation(chains: list) -> dict:
+    """relation -> {chains, and how many of them each reason in SET_ASIDE sets aside}: the card's count."""
+    counts = {}
+    for chain in chains:
+        count = counts.setdefault(chain["relation"], {"chains": 0, **dict.fromkeys(SET_ASIDE, 0)})
+        count["chains"] += 1
+        for reason in SET_ASIDE:
+            count[reason] += bool(chain.get(reason))
+    return dict(sorted(counts.items()))
+
+
 def generate(ctx) -> dict:
-    chains = flag_shortcuts(project_chains())
-    files = {"chains": chains}
+    files = {"chains": flag_shortcuts(project_chains())}
     if ctx.config["hopping_too_late_csv"]:
         files["chains_hopping_too_late"] = flag_shortcuts(
             load_hopping_too_late(ctx.workspace.datasets / ctx.config["hopping_too_late_csv"]))
-    relations = sorted({c["relation"] for c in chains})
-    card = {"dataset": "real_facts", "config": ctx.config, "relations": relations,
-            "chains_per_relation": {r: sum(c["relation"] == r for c in chains) for r in relations}}
-    card = write_dataset(ctx.run_dir / "data", files, card)
-    return {"chains": len(chains), "relations": len(relations),
+    per_relation = {name: set_aside_per_relation(chains) for name, chains in files.items()}
+    card = {"dataset": "real_facts", "config": ctx.config, "relations": list(per_relation["chains"]),
+            "chains_per_relation": {r: c["chains"] for r, c in per_relation["chains"].items()},
+            "set_aside_per_relation": per_relation}
+    write_dataset(ctx.run_dir / "data", files, card)
+    chains = files["chains"]
+    return {"chains": len(chains), "relations": len(per_relation["chains"]),
+            **{f"{reason}_chains": sum(bool(c[reason]) for c in chains) for reason in ("shortcut", "ambiguous")},
             "hopping_too_late_chains": len(files.get("chains_hopping_too_late", []))}
