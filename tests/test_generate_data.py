@@ -252,8 +252,8 @@ class RealFactsAndLoadersTest(unittest.TestCase):
             (row,) = [json.loads(l) for l in (data / "chains_hopping_too_late.jsonl").read_text().splitlines()]
             self.assertEqual((row["e1"], row["e2"], row["e3"]), ("Inception", "Christopher Nolan", "London"))
             self.assertEqual(row["e2_aliases"], ["Nolan"])  # one-letter aliases dropped, as the reference does
-            self.assertEqual(row["questions"]["hop_a"], "the director of Inception is")
-            self.assertEqual(row["questions"]["shortcut_e1"], "the birthplace of Inception is")
+            self.assertEqual(row["questions"]["hop_a"], "Who is the director of Inception?")  # asked as the reference asks
+            self.assertEqual(row["questions"]["shortcut_e1"], "What is the birthplace of Inception?")
 
     def test_reference_repo_rows_load_and_bad_rows_name_line_and_field(self):
         reference_row = {"messages": [{"role": "system", "content": "Answer directly."},

@@ -8,6 +8,7 @@ loaded into the same records.
 import ast
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,24 +99,73 @@ def _literal_list(value: str, where: str) -> list:
     return [a for a in parsed if len(a) > 1]
 
 
+# Relations whose value is a person, asked with "Who" (the rest with "What"), from Hopping Too Late's
+# Wikidata relations.
+PERSON_RELATIONS = ("spouse", "father", "mother", "composer", "performer", "author", "director", "producer",
+                    "screenwriter", "founder", "chief executive officer", "chief operating officer", "head of state")
+
+
+def _wh(relation: str) -> str:
+    return "Who" if any(relation == p or relation.startswith(p + " ") for p in PERSON_RELATIONS) else "What"
+
+
+def as_question(template: str, entity: str) -> str:
+    """A Hopping-Too-Late relation template applied to `entity` as the full question the reference asks,
+    or "" when no rule applies. Three rules, a closing " is" dropped first (the first in any case):
+    'the <relation> {}' -> '<Wh> is the <relation> <entity>?' ("the capital of {}" -> "What is the
+    capital of France?"); '{} has a|an|its <noun> named' -> '<Wh> is the <noun> of <entity>?';
+    '{} is|was <verb> by' -> 'Who is|was <entity> <verb> by?'. <Wh> is "Who" for a person relation."""
+    template = template.strip().removesuffix(" is")
+    if match := re.fullmatch(r"the (.+) \{\}", template, re.IGNORECASE):
+        return f"{_wh(match[1])} is the {match[1]} {entity}?"
+    if match := re.fullmatch(r"\{\} has (?:a|an|its) (.+) named", template):
+        return f"{_wh(match[1])} is the {match[1]} of {entity}?"
+    if match := re.fullmatch(r"\{\} (is|was) (\w+) by", template):
+        return f"Who {match[1]} {entity} {match[2]} by?"
+    return ""
+
+
+def _question_or_fragment(template: str, entity: str, fragments: list) -> str:
+    """The full question, or (no rule applies) the cloze fragment Hopping Too Late asks, noted in `fragments`."""
+    question = as_question(template, entity)
+    if question:
+        return question
+    fragments.append(f"no question rule for {template!r}")
+    phrase = template.format(entity)
+    return f"{phrase} is" if template.rstrip().endswith("{}") else phrase
+
+
+def hopping_too_late_questions(r1: str, r2: str, e1: str, e2: str, source_prompt: str) -> tuple:
+    """(questions, why some are fragments or ""): each hop, the two-hop question (r2 asked of the phrase
+    r1 makes of e1) and both shortcuts as full questions (`as_question`), else the fragments."""
+    fragments = []
+    r1_phrase = r1.strip().removesuffix(" is")
+    if re.fullmatch(r"the .+ \{\}", r1_phrase, re.IGNORECASE):  # "the director of {}": a noun phrase r2 can be asked of
+        r1_phrase = "the" + r1_phrase[3:]  # lower-case "The": the phrase goes inside the question
+        two_hop = _question_or_fragment(r2, r1_phrase.format(e1), fragments)
+        # The composed relation with e1 removed: "the director of {}" -> "the director".
+        no_e1 = _question_or_fragment(r2, re.sub(r"(?: of)? \{\}$", "", r1_phrase), fragments)
+    else:
+        fragments.append(f"no question rule for {r1!r} inside the two-hop question")
+        two_hop, no_e1 = source_prompt, r2.format(r1.format("")).replace(" of  ", " of ").strip()
+    questions = {"hop_a": _question_or_fragment(r1, e1, fragments), "hop_b": _question_or_fragment(r2, e2, fragments),
+                 "two_hop": two_hop, "shortcut_e1": _question_or_fragment(r2, e1, fragments), "shortcut_no_e1": no_e1}
+    return questions, "; ".join(dict.fromkeys(fragments))
+
+
 def hopping_too_late_chain(row: dict, number: int, where: str) -> dict:
-    """One CSV row as a chain record; its templates must each hold one '{}' for the entity."""
+    """One CSV row as a chain record; its templates must each hold one '{}' for the entity. Questions are
+    full questions where a rule applies; a chain with a fragment says why in `fragment`."""
     r1, r2 = row["r1_template"], row["r2_template"]
     for column, template in (("r1_template", r1), ("r2_template", r2)):
         if template.count("{}") != 1 or template.count("{") + template.count("}") != 2:
             raise UserError(f"{where}: {column} {template[:60]!r} must contain one '{{}}' placeholder for the entity")
-    questions = {  # cloze prompts, as Hopping Too Late evaluates them
-        "hop_a": f"{r1.format(row['e1_label'])} is",
-        "hop_b": f"{r2.format(row['e2_label'])} is",
-        "two_hop": row["source_prompt"],
-        "shortcut_e1": f"{r2.format(row['e1_label'])} is",
-        "shortcut_no_e1": r2.format(r1.format("")).replace(" of  ", " of ").strip(),
-    }
+    questions, fragment = hopping_too_late_questions(r1, r2, row["e1_label"], row["e2_label"], row["source_prompt"])
     return {"id": f"hopping_too_late:{number - 2}", "relation": f"{r1} / {r2}", "source": "hopping_too_late",
             "e1": row["e1_label"], "e2": row["e2_label"], "e3": row["e3_label"],
             "e2_aliases": _literal_list(row["e2_aliases"], where),
             "e3_aliases": _literal_list(row["e3_aliases"], where),
-            "questions": questions, "style": "cloze"}
+            "questions": questions, "fragment": fragment, "ambiguous": ""}
 
 
 def load_hopping_too_late(path: Path) -> list:
