@@ -266,8 +266,8 @@ class FrontierEvalTest(unittest.TestCase):
 
     def test_filter_keeps_chains_with_both_hops_right_and_both_shortcuts_wrong(self):
         def row(chain, task, correct):
-            return {"id": chain, "task": task, "correct": correct, "error": "", "asked": True, "cached": False,
-                    "input_tokens": 1, "output_tokens": 1}
+            return {"id": chain, "relation": "r", "task": task, "correct": correct, "error": "", "asked": True,
+                    "cached": False, "input_tokens": 1, "output_tokens": 1}
         rows = []
         for chain, (a, b, s1, s2, nocot) in {"c1": (True, True, False, False, True),
                                              "c2": (True, False, False, False, True),  # hop B wrong

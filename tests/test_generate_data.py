@@ -169,12 +169,16 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             flagged = {r["e2"] for r in read_records(data / "test/state_province_nocot.jsonl") if r["shortcut"]}
             self.assertIn("University of Texas at Austin", flagged)
             self.assertNotIn("Harvard University", flagged)
+            # Penn's founding year is disputed (schema.yaml `ambiguous`): no test asks it, and the card says why.
+            self.assertIn("disputed", card["ambiguous"]["founding_year"]["University of Pennsylvania"])
+            values = tables.entity_table("universities")[1]
             for attribute in ("founding_year", "city", "state_province", "school_color"):
+                asked = 19 if attribute == "founding_year" else 20
                 nocot = read_records(data / f"test/{attribute}_nocot.jsonl")
-                self.assertEqual(len(nocot), 20)
-                self.assertEqual(card["files"][f"test/{attribute}_nocot_shuffled"], 5 * 20)
-                self.assertEqual(card["tests"][f"test/{attribute}_nocot"]["chance"],
-                                 1 / len({r["answer"] for r in read_records(data / f"test/b_{attribute}.jsonl")}))
+                self.assertEqual(len(nocot), asked)
+                self.assertEqual(len(read_records(data / f"test/b_{attribute}.jsonl")), asked)
+                self.assertEqual(card["files"][f"test/{attribute}_nocot_shuffled"], 5 * asked)
+                self.assertEqual(card["tests"][f"test/{attribute}_nocot"]["chance"], 1 / len({r[attribute] for r in values}))
                 spec = card["tests"][f"test/{attribute}_nocot_shuffled"]
                 self.assertEqual((spec["kind"], spec["style"], spec["attribute"], spec["shuffled_of"]),
                                  ("two_hop", "nocot", attribute, f"test/{attribute}_nocot"))
@@ -189,11 +193,11 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             for row in read_records(data / "test/founding_year_nocot.jsonl"):
                 self.assertEqual(row["answer"], truth[favorite[row["e1"]]])
 
-    def test_the_shipped_tables_hold_103_answers_inside_the_entity_name(self):
+    def test_the_shipped_tables_hold_101_answers_inside_the_entity_name(self):
         from twohop.data.dataset import shortcut_reason
         flagged = [(t, e["name"], a) for t in tables.ENTITY_TYPES for e in tables.entity_table(t)[1]
                    for a in tables.entity_table(t)[0]["attributes"] if shortcut_reason(e[a], e2=e["name"])]
-        self.assertEqual(len(flagged), 103)  # of 1,580 (entity, attribute) pairs
+        self.assertEqual(len(flagged), 101)  # of 1,580 (entity, attribute) pairs
         self.assertEqual(sum(t == "subway_systems" for t, _, _ in flagged), 19)
         self.assertIn(("universities", "University of Chicago", "city"), flagged)
 
@@ -248,8 +252,8 @@ class RealFactsAndLoadersTest(unittest.TestCase):
             (row,) = [json.loads(l) for l in (data / "chains_hopping_too_late.jsonl").read_text().splitlines()]
             self.assertEqual((row["e1"], row["e2"], row["e3"]), ("Inception", "Christopher Nolan", "London"))
             self.assertEqual(row["e2_aliases"], ["Nolan"])  # one-letter aliases dropped, as the reference does
-            self.assertEqual(row["questions"]["hop_a"], "the director of Inception is")
-            self.assertEqual(row["questions"]["shortcut_e1"], "the birthplace of Inception is")
+            self.assertEqual(row["questions"]["hop_a"], "Who is the director of Inception?")  # asked as the reference asks
+            self.assertEqual(row["questions"]["shortcut_e1"], "What is the birthplace of Inception?")
 
     def test_reference_repo_rows_load_and_bad_rows_name_line_and_field(self):
         reference_row = {"messages": [{"role": "system", "content": "Answer directly."},

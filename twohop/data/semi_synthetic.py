@@ -51,8 +51,12 @@ def two_hop_rows(people, favorites, spec, attribute, style, templates, system_pr
 
 
 def attribute_files(attribute, entities, people, favorites, spec, rng, config, entity_type) -> tuple:
-    """Hop B asked directly, the two-hop tests and their shuffled baseline: (files, card tests)."""
+    """Hop B asked directly, the two-hop tests and their shuffled baseline: (files, card tests). Entities
+    whose value is marked ambiguous (tables.ambiguous) are asked about in none of them."""
     templates, system_prompts = tables.templates("semi_synthetic"), tables.templates("system_prompts")
+    doubtful = {name for name, columns in tables.ambiguous(entity_type, entities).items() if attribute in columns}
+    entities = [e for e in entities if e["name"] not in doubtful]
+    people = [p for p in people if favorites[p]["name"] not in doubtful]
     files = {f"test/b_{attribute}": [
         record(attribute_question(spec, attribute, e["name"]), e[attribute], e[attribute], hop="b",
                e2=e["name"], e3=e[attribute], attribute=attribute,
@@ -72,6 +76,7 @@ def attribute_files(attribute, entities, people, favorites, spec, rng, config, e
 def generate(ctx, entity_type: str) -> dict:
     config = ctx.config
     spec, entities = tables.entity_table(entity_type)
+    marks = tables.ambiguous(entity_type, entities)
     templates = tables.templates("semi_synthetic")
     n_train = len(templates["hop_a"]) - templates["heldout"]
     rng = random.Random(f"{config['data_seed']}:{entity_type}")
@@ -98,6 +103,9 @@ def generate(ctx, entity_type: str) -> dict:
         files.update(attribute_tests[0])
         tests.update(attribute_tests[1])
     card = {"dataset": entity_type, "config": config, "noun": spec["noun"], "attributes": list(spec["attributes"]),
+            # Values a reference source would not settle, asked in no test: attribute -> {entity: why}.
+            "ambiguous": {attribute: found for attribute in spec["attributes"]
+                          if (found := {name: why[attribute] for name, why in marks.items() if attribute in why})},
             "templates": {"hop_a_train": templates["hop_a"][:n_train], "hop_a_heldout": templates["hop_a"][n_train:],
                           "two_hop_subject": templates["two_hop_subject"], "cot_answer": templates["cot_answer"],
                           "attributes": spec["attributes"], "system_prompts": tables.templates("system_prompts")},

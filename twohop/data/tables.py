@@ -14,6 +14,7 @@ from runner.errors import UserError
 DATA = Path(__file__).resolve().parents[2] / "datasets"
 ENTITIES = DATA / "entities"
 REAL_FACTS = DATA / "real_facts"
+AMBIGUOUS_LOOKUPS = REAL_FACTS / "ambiguous.yaml"
 
 
 def read_yaml(path: Path):
@@ -74,7 +75,29 @@ def entity_table(entity_type: str) -> tuple:
         if key not in spec:
             raise UserError(f"{ENTITIES / 'schema.yaml'}: type {entity_type!r} lacks {key!r}")
     rows = read_table(ENTITIES / f"{entity_type}.csv", ["name", *spec["attributes"]])
+    ambiguous(entity_type, rows)
     return spec, rows
+
+
+def ambiguous(table: str, rows: list) -> dict:
+    """{row key: {column: why}}: the values of a table that a reference source would not settle (a disputed
+    year, a border peak, a count that changed over time). Entity types mark them in schema.yaml (`ambiguous`),
+    the real-facts lookup tables in real_facts/ambiguous.yaml; generators set questions on them aside with
+    the reason rather than grade one answer of several right ones."""
+    if table in entity_schema():
+        where, marks = f"{ENTITIES / 'schema.yaml'}: {table}.ambiguous", entity_schema()[table].get("ambiguous")
+    else:
+        where, marks = f"{AMBIGUOUS_LOOKUPS}: {table}", (read_yaml(AMBIGUOUS_LOOKUPS) or {}).get(table)
+    key = next(iter(rows[0]))
+    keys = {row[key] for row in rows}
+    for name, columns in (marks or {}).items():
+        if name not in keys:
+            raise UserError(f"{where}: no row with {key} {name!r}")
+        if not isinstance(columns, dict) or not set(columns) <= set(rows[0]) - {key} or \
+                not all(isinstance(why, str) and why.strip() for why in columns.values()):
+            raise UserError(f"{where}: {name}: expected {{column: reason}} with columns among "
+                            f"{', '.join(c for c in rows[0] if c != key)}, got {columns!r}")
+    return marks or {}
 
 
 def templates(name: str) -> dict:
@@ -102,6 +125,10 @@ def check_shipped_data() -> None:
             readers[path.suffix](path)
     for entity_type in entity_types():
         entity_table(entity_type)
+    for table in read_yaml(AMBIGUOUS_LOOKUPS) or {}:
+        if not (REAL_FACTS / f"{table}.csv").is_file():
+            raise UserError(f"{AMBIGUOUS_LOOKUPS}: unknown table {table!r} (not in {REAL_FACTS})")
+        ambiguous(table, read_table(REAL_FACTS / f"{table}.csv"))
 
 
 SHIPPED_DATA = {"datasets": check_shipped_data}  # a sub-job's `project_data` when it reads the shipped tables

@@ -7,7 +7,9 @@
 
 Per model: `<model>/results.json` and `<model>/questions.jsonl` (every question, its reply or its
 failure reason, or why it was not asked: its endpoint down); across the sub-job's models:
-summary.md, summary.csv and cot_vs_nocot.png. A model that answered nothing fails the run, once
+summary.md (with the chains set aside per relation pair), summary.csv and cot_vs_nocot.png. The
+headline leaves out the chains generate_data_real_facts set aside (shortcut, ambiguous, fragment) and
+reports them beside it. A model that answered nothing fails the run, once
 every model's files are written.
 Replies (and model-grader verdicts) are cached in `W/experiments/frontier_eval/cache/`, so a rerun
 or a resumed crash sends only what has not been answered.
@@ -157,6 +159,7 @@ def evaluate_backends(ctx, backends: list) -> dict:
     for name, s in summaries.items():
         metrics.update({f"{name}/two_hop_nocot": s["headline"]["two_hop_nocot"]["accuracy"],
                         f"{name}/two_hop_cot": s["headline"]["two_hop_cot"]["accuracy"],
+                        f"{name}/headline_n": s["headline"]["n"], f"{name}/set_aside": s["set_aside"]["chains"],
                         f"{name}/asked": s["asked"], f"{name}/not_asked": s["not_asked"]})
     return metrics
 

@@ -3,7 +3,9 @@
 Tasks (as in the reference): hop A alone; hop B alone; the two-hop question without and with a
 chain of thought; shortcut 1 (r2 applied to e1, skipping the bridge); shortcut 2 (the composed
 relation with e1 removed); both facts in the prompt, then the two-hop question. Headline: no-CoT and
-CoT accuracy on the chains whose two hops are both answered right and whose shortcuts both fail.
+CoT accuracy on the chains whose two hops are both answered right and whose shortcuts both fail,
+leaving out the chains the data sets aside (a name gives the answer away, an ambiguous value, a
+Hopping-Too-Late fragment): the same figures on those are reported beside it.
 """
 
 from tqdm.auto import tqdm
@@ -12,6 +14,7 @@ from twohop.evaluation import grading
 from twohop.evaluation.frontier.backends import Request
 from twohop.evaluation.frontier.cache import cache_key
 from twohop.data import tables
+from twohop.data.real_facts import SET_ASIDE, set_aside_per_relation
 from twohop.stats import binomial_se
 
 TASKS = ("hop_a", "hop_b", "two_hop_nocot", "two_hop_cot", "shortcut_e1", "shortcut_no_e1", "facts_in_context")
@@ -47,7 +50,7 @@ def ask(backend, cache, chains: list, config: dict, log) -> list:
             rows.append({"id": chain["id"], "relation": chain["relation"], "task": task, "style": style,
                          "e1": chain["e1"], "e2": chain["e2"], "e3": chain["e3"], "question": question,
                          "answer": answer, "aliases": aliases, "answer_intermediate": chain["e2"],
-                         "shortcut": chain.get("shortcut", "")})
+                         **{reason: chain.get(reason, "") for reason in SET_ASIDE}})
             requests_.append(Request(messages, params["max_tokens"]))
             keys.append(cache_key(backend.identity(), messages, params))
     cached = {k: cache.get(k) for k in keys}
@@ -101,6 +104,16 @@ def grade_with_model(grader, cache, rows: list, log) -> None:
         log.warning("grader %s: %d of %d verdicts %s", grader.name, len(not_asked), len(verdicts), not_asked[0])
 
 
+def token_counts(rows: list, prices=None) -> tuple:
+    """(tokens sent now and served from the cache, the cost of those sent now or None without prices)."""
+    fresh = [r for r in rows if not r["cached"] and not r["error"]]
+    tokens = {"input": sum(r["input_tokens"] for r in fresh), "output": sum(r["output_tokens"] for r in fresh),
+              "input_cached": sum(r["input_tokens"] for r in rows if r["cached"]),
+              "output_cached": sum(r["output_tokens"] for r in rows if r["cached"])}
+    cost = (tokens["input"] * prices[0] + tokens["output"] * prices[1]) / 1e6 if prices else None
+    return tokens, cost
+
+
 def summarise(rows: list, prices=None) -> dict:
     """Per task accuracy, the filtered headline, failures and token accounting for one model."""
     use_grader = any("grader_correct" in r for r in rows)
@@ -124,22 +137,19 @@ def summarise(rows: list, prices=None) -> dict:
         return out
 
     hops_right = lambda c: verdict(c["hop_a"]) is True and verdict(c["hop_b"]) is True  # noqa: E731
-    flagged = lambda c: bool(c["two_hop_nocot"].get("shortcut"))  # noqa: E731
+    set_aside = lambda c: any(c["two_hop_nocot"].get(reason) for reason in SET_ASIDE)  # noqa: E731
     shortcuts_fail = lambda c: verdict(c["shortcut_e1"]) is False and verdict(c["shortcut_no_e1"]) is False  # noqa: E731
-    fresh = [r for r in rows if not r["cached"] and not r["error"]]
+    per_relation = set_aside_per_relation([c["two_hop_nocot"] for c in by_chain.values()])
     not_asked = sum(not r["asked"] for r in rows)
-    tokens = {"input": sum(r["input_tokens"] for r in fresh), "output": sum(r["output_tokens"] for r in fresh),
-              "input_cached": sum(r["input_tokens"] for r in rows if r["cached"]),
-              "output_cached": sum(r["output_tokens"] for r in rows if r["cached"])}
-    cost = None
-    if prices:
-        cost = (tokens["input"] * prices[0] + tokens["output"] * prices[1]) / 1e6
+    tokens, cost = token_counts(rows, prices)
     return {"chains": len(by_chain), "graded_by": "model grader" if use_grader else "alias matching",
             "tasks": tasks, "both_hops_right": filtered(hops_right),
-            # Chains whose answer or bridge is given away by a name are reported apart, never in the headline.
-            "headline": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and not flagged(c)),
-            "headline_shortcut_chains": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and flagged(c)),
-            "shortcut_chains": sum(map(flagged, by_chain.values())),
+            "headline": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and not set_aside(c)),
+            # The chains set aside, under the same filter: beside the headline, never in it.
+            "headline_set_aside": filtered(lambda c: hops_right(c) and shortcuts_fail(c) and set_aside(c)),
+            "set_aside": {"chains": sum(map(set_aside, by_chain.values())),
+                          **{reason: sum(c[reason] for c in per_relation.values()) for reason in SET_ASIDE}},
+            "set_aside_per_relation": per_relation,
             "failed": sum(map(failed, rows)), "requests": len(rows), "asked": len(rows) - not_asked,
             "not_asked": not_asked, "asked_now": sum(r["asked"] and not r["cached"] for r in rows),
             "tokens": tokens, "cost_usd": cost,
