@@ -9,13 +9,21 @@ Per (style, distractors, seed): accuracy (CoT: the final answer; also the answer
 chain), `first_hop` (bridge mentioned), and how wrong answers split: a distractor's e3 ("followed
 the wrong chain"), another city ("made one up") or no city, with the distractor share a uniformly
 guessed wrong city would give.
+
+The reference repo's own in-context files (`all_in_context_test_{1,2,3}.jsonl`: triplet, context, question,
+answer) are graded the same way with the reference's prompt (`evaluate_reference_file`), each file one
+replicate; their distractors' e3 are read from the context (twohop.data.reference_in_context).
 """
+import statistics
+from pathlib import Path
+
 import torch
 from accelerate import PartialState
 
 from twohop.evaluation import generation, grading
 from twohop.evaluation.evaluate import check_fits
 from twohop.data import tables
+from twohop.data.reference_in_context import as_records, read_reference_in_context
 from twohop.data.spouses import in_context_rows
 from twohop.stats import binomial_se, mean_se
 
@@ -79,32 +87,80 @@ SEED_METRICS = ("accuracy", "chain_correct", "first_hop", "valid_cot", "wrong_di
                 "wrong_other_city_share", "wrong_no_city_share", "wrong_distractor_chance")
 
 
+def evaluate_rows(model, tokenizer, rows: list, style: str, answers: tuple, config: dict, what: str, log) -> tuple:
+    """Generate for in-context records and grade them: (summary, one prediction per row). `answers`:
+    (the answer candidates, every answer a model may name); `config`: max_rows, batch_size, <style>_max_new_tokens."""
+    rows = rows[:config["max_rows"]] if config["max_rows"] else rows
+    prompts = [generation.prompt_text(tokenizer, r["messages"]) for r in rows]
+    new_tokens = config[f"{style}_max_new_tokens"]
+    check_fits(tokenizer, model, prompts, what, new_tokens)
+    log.info("%s: %d questions", what, len(rows))
+    generations = generation.sharded(
+        lambda share: generation.generate(model, tokenizer, share, new_tokens, config["batch_size"]), prompts)
+    grades = [grade_row(r, g, style, *answers) for r, g in zip(rows, generations)]
+    predictions = [{"row": i, "question": r["question"], "answer": r["answer"], "bridge": r["answer_intermediate"],
+                    "distractor_e3s": r["distractor_e3s"], "generation": gen, **grade}
+                   for i, (r, gen, grade) in enumerate(zip(rows, generations, grades))]
+    return summarise(grades), predictions
+
+
+def setting(style: str, n_distractors: int, chance: float, per_seed: dict) -> dict:
+    """One (style, distractors) entry of the results: its replicates and their mean +- s.e."""
+    return {"style": style, "n_distractors": n_distractors, "n_facts": 2 * n_distractors + 2, "chance": chance,
+            "per_seed": per_seed, **{key: over_seeds(per_seed, key) for key in SEED_METRICS}}
+
+
 def evaluate_settings(model, tokenizer, world: dict, settings: list, config: dict, log) -> tuple:
     """settings: (style, n_distractors) pairs. Returns ({setting key: summary}, prediction rows)."""
-    cities, known_cities = world["cities"], sorted(set(world["cities"]) | set(tables.cities()))
+    answers = world["cities"], sorted(set(world["cities"]) | set(tables.cities()))
     results, predictions = {}, []
     for style, n_distractors in settings:
         per_seed = {}
         for seed in config["data_seeds"]:
             rows = build_rows(world, n_distractors, seed, style)
-            if config["max_rows"]:
-                rows = rows[:config["max_rows"]]
-            prompts = [generation.prompt_text(tokenizer, r["messages"]) for r in rows]
-            new_tokens = config[f"{style}_max_new_tokens"]
-            check_fits(tokenizer, model, prompts, f"in_context {style} with {n_distractors} distractors", new_tokens)
-            log.info("%s, %d distractors, seed %d: %d questions", style, n_distractors, seed, len(rows))
-            generations = generation.sharded(
-                lambda share: generation.generate(model, tokenizer, share, new_tokens, config["batch_size"]), prompts)
-            grades = [grade_row(r, g, style, cities, known_cities) for r, g in zip(rows, generations)]
-            per_seed[str(seed)] = summarise(grades)
-            predictions += [{"style": style, "n_distractors": n_distractors, "seed": seed, "row": i,
-                             "question": r["question"], "answer": r["answer"], "bridge": r["answer_intermediate"],
-                             "distractor_e3s": r["distractor_e3s"], "generation": gen, **grade}
-                            for i, (r, gen, grade) in enumerate(zip(rows, generations, grades))]
-        results[f"{style}/{n_distractors}"] = {
-            "style": style, "n_distractors": n_distractors, "n_facts": 2 * n_distractors + 2, "chance": 1 / len(cities),
-            "per_seed": per_seed, **{key: over_seeds(per_seed, key) for key in SEED_METRICS}}
+            what = f"in_context {style} with {n_distractors} distractors, seed {seed}"
+            per_seed[str(seed)], graded = evaluate_rows(model, tokenizer, rows, style, answers, config, what, log)
+            predictions += [{"style": style, "n_distractors": n_distractors, "seed": seed, **p} for p in graded]
+        results[f"{style}/{n_distractors}"] = setting(style, n_distractors, 1 / len(world["cities"]), per_seed)
     return results, predictions
+
+
+def reference_answers(records: list) -> tuple:
+    """(a reference file's answer candidates: its answers and every distractor's e3, every answer a model may name)."""
+    candidates = sorted({r["answer"] for r in records} | {e3 for r in records for e3 in r["distractor_e3s"]})
+    return candidates, sorted(set(candidates) | set(tables.cities()))
+
+
+def evaluate_reference_file(model, tokenizer, path, config: dict, log) -> dict:
+    """Grade one of the reference's in-context files (triplet/context/question/answer rows) in each of
+    config["styles"] with the reference's prompt. Returns {path, n_rows, n_distractors, answers (the candidates),
+    styles: {style: summary as in_context's per seed}, predictions}. `config` also needs in_context's max_rows,
+    batch_size and <style>_max_new_tokens."""
+    rows = read_reference_in_context(path)
+    records = {style: as_records(rows, style) for style in config["styles"]}
+    some = next(iter(records.values()))
+    answers = reference_answers(some)
+    result = {"path": str(path), "n_rows": len(rows), "n_distractors": statistics.mode(r["n_distractors"] for r in some),
+              "answers": answers[0], "styles": {}, "predictions": []}
+    for style, styled in records.items():
+        what = f"{Path(path).name} {style}"
+        result["styles"][style], graded = evaluate_rows(model, tokenizer, styled, style, answers, config, what, log)
+        result["predictions"] += [{"file": str(path), "style": style, **p} for p in graded]
+    return result
+
+
+def evaluate_reference_files(model, tokenizer, paths: list, config: dict, log) -> tuple:
+    """in_context's report (less the model) and predictions for reference files. Each file is one replicate,
+    as the reference's three seeds are; files are grouped by style and by the distractor count of their contexts."""
+    files = [evaluate_reference_file(model, tokenizer, path, config, log) for path in paths]
+    answers = set().union(*(f["answers"] for f in files))
+    settings = {}
+    for style in config["styles"]:
+        for n in sorted({f["n_distractors"] for f in files}):
+            per_file = {f["path"]: f["styles"][style] for f in files if f["n_distractors"] == n}
+            settings[f"{style}/{n}"] = setting(style, n, 1 / len(answers), per_file)
+    report = {"files": [f["path"] for f in files], "candidates": len(answers), "settings": settings}
+    return report, [p for f in files for p in f["predictions"]]
 
 
 def is_main_process() -> bool:

@@ -17,12 +17,14 @@ def mean_se(metric: dict) -> str:
 
 
 def summary_markdown(report: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"Model: `{report['model']}`; data seeds {report['data_seeds']}; "
-             f"{report['candidates']} cities (chance {1 / report['candidates']:.3f}). Mean ± s.e. over seeds. "
+    # a run over the reference's files has one replicate per file where ours has one per data seed
+    replicates = f"files {', '.join(report['files'])}" if "files" in report else f"data seeds {report['data_seeds']}"
+    lines = [f"# {title}", "", f"Model: `{report['model']}`; {replicates}; "
+             f"{report['candidates']} cities (chance {1 / report['candidates']:.3f}). Mean ± s.e. over these replicates. "
              "CoT accuracy is the final answer's; `chain` is the city the chain states. Wrong answers split into "
              "a distractor's e3 (wrong chain followed), another city, or no city; `distractor chance` is the "
              "distractor share uniformly guessed wrong cities would give.", "",
-             "| style | distractors | facts | n/seed | accuracy | chain | first hop | wrong: distractor | "
+             "| style | distractors | facts | n each | accuracy | chain | first hop | wrong: distractor | "
              "distractor chance | wrong: other city | wrong: no city |", "|" + "---|" * 11]
     for s in report["settings"].values():
         n = next(iter(s["per_seed"].values()))["n"]
