@@ -1,5 +1,7 @@
 """The reference repo's in-context files (triplet/context/question/answer rows): the layout read and refused,
 distractors' e3 read from the contexts, a planted grading check, and the in_context job end to end on them."""
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -107,6 +109,18 @@ class InContextJobTest(unittest.TestCase):
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
             self.assertIn("all_in_context_test_1.jsonl:3: field 'triplet'", result.stderr)
             self.assertFalse(workspace.exists())
+
+    def test_keys_the_files_override_are_refused_not_dropped(self):
+        from runner.main import main
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_jsonl(Path(tmp) / "all_in_context_test_1.jsonl", [reference_row(*c) for c in CHAINS])
+            for key in ("data_seeds=[1]", "distractor_counts=[3]"):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    code = main(["--workspace_path", str(Path(tmp) / "W"), "--jobs", "in_context_nocot", "--set",
+                                 f"reference_files=[{path}]", "--set", key, "--dry_run"])
+                self.assertEqual(code, 2)
+                self.assertIn("does not apply with reference_files", err.getvalue())
 
     def test_reference_files_evaluated_end_to_end(self):
         from models import ensure_model, resolve_model

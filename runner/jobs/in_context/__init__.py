@@ -11,6 +11,7 @@ results.json, predictions.jsonl, summary.md and accuracy_vs_distractors.png.
 """
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -48,10 +49,15 @@ SETTINGS = {  # sub-job -> (help, styles, default distractor counts)
 }
 
 
-def check_config(config: dict, model=None) -> None:
+def check_config(config: dict, model=None, counts=(10,)) -> None:
     for key in ("styles", "distractor_counts", "data_seeds"):
         if not config[key]:
             raise UserError(f"{key}: empty; give at least one value, e.g. --set {key}=[...]")
+    if config["reference_files"]:  # the files' contexts set both; a value given for them would be dropped
+        for key, default in (("distractor_counts", list(counts)), ("data_seeds", [1, 2, 3])):
+            if config[key] != default:
+                raise UserError(f"{key}: does not apply with reference_files (each file is a replicate and its "
+                                f"contexts set the distractors); leave it at {default}")
 
 
 def read_world(ctx) -> dict:
@@ -93,7 +99,8 @@ def requirements(config: dict) -> tuple:
 
 SUBJOBS = [
     SubJob("in_context", name, help, run, InContextConfig, {"styles": styles, "distractor_counts": counts},
-           requires=requirements, uses_model=True, check=check_config, project_data=tables.SHIPPED_DATA,
+           requires=requirements, uses_model=True, check=partial(check_config, counts=counts),
+           project_data=tables.SHIPPED_DATA,
            external_files=lambda config, workspace: {Path(p): read_reference_in_context for p in config["reference_files"]})
     for name, (help, styles, counts) in SETTINGS.items()
 ]
