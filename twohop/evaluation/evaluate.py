@@ -70,15 +70,22 @@ def check_fits(tokenizer, model, prompts, test, headroom) -> None:
                             f"{length + headroom - limit} over the model's max length {limit}")
 
 
+def test_path(card: dict, data_dir, name: str) -> Path:
+    """Where a card's file is: a card synthesised for given files names them (`paths`); a generated
+    dataset's files lie beside its card."""
+    return Path(card["paths"][name]) if "paths" in card else Path(data_dir) / f"{name}.jsonl"
+
+
 def selected_tests(card: dict, config: dict, data_dir) -> dict:
     """The card's tests this evaluation covers (shuffled baselines included: their loss is scored)."""
+    where = card.get("source") or Path(data_dir) / "card.json"
     unknown = set(config["skip_tests"]) - set(card["tests"])
     if unknown:
-        raise UserError(f"skip_tests: {sorted(unknown)} are not tests of {data_dir / 'card.json'}")
+        raise UserError(f"skip_tests: {sorted(unknown)} are not tests of {where}")
     tests = {name: spec for name, spec in card["tests"].items()
              if spec["kind"] not in config["skip_kinds"] and name not in config["skip_tests"]}
     if not tests:
-        raise UserError(f"{data_dir / 'card.json'} lists no tests to evaluate")
+        raise UserError(f"{where} lists no tests to evaluate")
     return tests
 
 
@@ -87,14 +94,14 @@ def plan_generations(card, tests, data_dir, config, model, tokenizer) -> list:
     rng, planned = random.Random(0), []
     asked = {**{n: s for n, s in tests.items() if not s["shuffled_of"]}, **card.get("memorisation", {})}
     for test, spec in asked.items():
-        rows = read_records(data_dir / f"{test}.jsonl", required=("messages", "answer"))
+        rows = read_records(test_path(card, data_dir, test), required=("messages", "answer"))
         if test in card.get("memorisation", {}):
             rows = rng.sample(rows, min(config["memorisation_rows"], len(rows)))
         elif config["max_rows"]:
             rows = rows[:config["max_rows"]]
         shots, fewshot_file = [], card.get("fewshot", {}).get(spec["style"])
         if config["fewshot_k"] and fewshot_file and spec["kind"] == "two_hop":
-            shots = read_records(data_dir / f"{fewshot_file}.jsonl")[:config["fewshot_k"]]
+            shots = read_records(test_path(card, data_dir, fewshot_file))[:config["fewshot_k"]]
         prompts = [generation.prompt_text(tokenizer, with_fewshot(r, shots) if shots else r["messages"]) for r in rows]
         new_tokens = config[f"{spec['style']}_max_new_tokens"]
         check_fits(tokenizer, model, prompts, test, new_tokens)
@@ -124,11 +131,13 @@ def generate_all(planned, model, tokenizer, config, ranks, run_dir, card, log) -
 
 
 def rates(grades: list) -> dict:
-    """Each boolean grade's rate with its standard error, and how often each grading rule decided."""
+    """Each grade's rate with its standard error over the rows where it applies (None where it applies to
+    none: first-hop grades without a bridge), and how often each grading rule decided."""
     summary = {}
-    for key in [k for k, v in grades[0].items() if isinstance(v, bool)] if grades else []:
-        summary[key] = sum(g[key] for g in grades) / len(grades)
-        summary[f"{key}_se"] = binomial_se(summary[key], len(grades))
+    for key in [k for k in grades[0] if k != "rule"] if grades else []:
+        applicable = [g[key] for g in grades if g[key] is not None]
+        summary[key] = sum(applicable) / len(applicable) if applicable else None
+        summary[f"{key}_se"] = binomial_se(summary[key], len(applicable)) if applicable else None
     summary["rules"] = dict(Counter(g["rule"] for g in grades))
     return summary
 
@@ -138,6 +147,7 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
     Rows flagged as shortcuts (the answer is in a name the question gives away) are scored apart, in
     `summary["shortcut"]`, and left out of every other figure."""
     grades = [grading.grade(r, g, spec["style"], candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
+    answers = [grading.split_aliases(r["answer"])[0] for r in rows]
     kept = [i for i, r in enumerate(rows) if not r.get("shortcut")]
     flagged = [i for i, r in enumerate(rows) if r.get("shortcut")]
     summary = {"n": len(kept), "style": spec["style"], "kind": spec["kind"], "attribute": spec["attribute"],
@@ -149,12 +159,12 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
             not config["candidate_sets"] or spec["candidate_set"] in config["candidate_sets"]):
         ranked = generation.sharded(
             lambda share: generation.score_candidates(model, tokenizer, share, candidates).argmax(1).tolist(), prompts)
-        summary["candidate_accuracy"] = sum(candidates[ranked[i]] == rows[i]["answer"] for i in kept) / len(kept)
+        summary["candidate_accuracy"] = sum(candidates[ranked[i]] == answers[i] for i in kept) / len(kept)
         summary["candidate_accuracy_se"] = binomial_se(summary["candidate_accuracy"], len(kept))
     if candidates:
         summary["chance"], summary["candidates"] = 1 / len(candidates), len(candidates)
     if kept:  # what answering every question with the commonest answer scores: chance for a constant guesser
-        summary["majority"] = max(Counter(rows[i]["answer"] for i in kept).values()) / len(kept)
+        summary["majority"] = max(Counter(answers[i] for i in kept).values()) / len(kept)
     predictions = [{"test": test, "row": i, "question": row.get("question", ""), "answer": row["answer"],
                     "bridge": row.get("answer_intermediate", ""), "generation": generated, **grade,
                     **({"shortcut": row["shortcut"]} if row.get("shortcut") else {}),
@@ -183,8 +193,9 @@ def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
             "gap": float(np.mean(gaps)), "ci95": [low, high], "n": len(gaps)}
 
 
-def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
-    card = json.loads((data_dir / "card.json").read_text())
+def evaluate_dataset(model_path, data_dir, config, log, run_dir, card=None) -> dict:
+    """Evaluate every test of `card` (default: the card of the dataset folder `data_dir`) into `run_dir`."""
+    card = card or json.loads((data_dir / "card.json").read_text())
     tests = selected_tests(card, config, data_dir)
     model, tokenizer = load_model(model_path)
     planned = plan_generations(card, tests, data_dir, config, model, tokenizer)
@@ -199,8 +210,8 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
             summary["lm_eval"] = lm_eval_metrics[test]
         results[test] = summary
         predictions.extend(rows_predicted)
-    loss_gaps = {spec["shuffled_of"]: loss_gap(data_dir / f"{spec['shuffled_of']}.jsonl", data_dir / f"{test}.jsonl",
-                                               model, tokenizer, config["bootstrap"])
+    loss_gaps = {spec["shuffled_of"]: loss_gap(test_path(card, data_dir, spec["shuffled_of"]),
+                                               test_path(card, data_dir, test), model, tokenizer, config["bootstrap"])
                  for test, spec in tests.items() if spec["shuffled_of"]}
     loss_gaps = {test: gap for test, gap in loss_gaps.items() if gap is not None}
     specs = {**card["tests"], **card.get("memorisation", {})}
