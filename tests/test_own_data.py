@@ -98,6 +98,16 @@ class ReferenceRowsTest(unittest.TestCase):
             self.assertEqual(card["candidate_sets"]["capital"], sorted(COUNTRIES))
             self.assertEqual(tests["more/2hop_no_cot"]["candidate_set"], "more_2hop")
             self.assertEqual(style_of([reference_row("", "Q?", "x")], "capital_cot"), "cot")
+            # A file of a dataset we generated keeps what its card declares: kind, metric, the whole candidate set.
+            generated = Path(tmp) / "data"
+            write_jsonl(generated / "test" / "a_undemoed.jsonl", [reference_row("", "Q?", "Oslo")])
+            spec = {"kind": "hop_a", "style": "nocot", "candidate_set": "cities", "attribute": "", "shuffled_of": "",
+                    "metric": "acc_a"}
+            (generated / "card.json").write_text(json.dumps({"tests": {"test/a_undemoed": spec},
+                                                             "candidate_sets": {"cities": ["Oslo", "Rome", "Lima"]}}))
+            card = files_card(collect_files([generated / "test"]), "files")
+            self.assertEqual(card["tests"]["a_undemoed"]["metric"], "acc_a")
+            self.assertEqual(card["candidate_sets"]["a_undemoed"], ["Lima", "Oslo", "Rome"])
             with self.assertRaisesRegex(UserError, r"test_files: .*nowhere does not exist"):
                 collect_files([Path(tmp) / "nowhere"])
 

@@ -84,11 +84,10 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None) -> dict:
                        "metric": "" if two_hop else f"acc_{name.replace('/', '_')}"}
         spec, candidates = declared(Path(path))
         if spec:  # a file of a dataset we generated: what its card says
-            tests[name].update(kind=spec["kind"], style=spec["style"], metric=spec["metric"])
+            tests[name].update({key: spec[key] for key in ("kind", "style", "metric", "attribute")})
+        elif len({GROUP_SUFFIX.sub("", n) for n in files}) == 1:  # one group: the headline's plain names
+            tests[name]["attribute"] = ""
         answers.setdefault(group, set()).update(candidates or (grading.split_aliases(r["answer"])[0] for r in rows))
-    if len(answers) == 1:  # one group: the headline's plain names (acc_2hop_nocot, loss_gap)
-        for spec in tests.values():
-            spec["attribute"] = ""
     return {"dataset": dataset, "source": f"the files {', '.join(map(str, files.values()))}", "tests": tests,
             "candidate_sets": {group: sorted(found) for group, found in answers.items()},
             "paths": {name: str(path) for name, path in files.items()}}
