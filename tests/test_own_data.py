@@ -199,7 +199,8 @@ class ReferenceExperimentTest(unittest.TestCase):
     def test_the_evaluation_grades_exactly_the_yamls_eval_sets_and_evaluations(self):
         self.assertEqual(self.code, 0, self.err[-3000:])
         results = json.loads((self.evaluation("spouses") / "results.json").read_text())
-        counts = {"2hop_no_cot": 5, "list_answers": 3, "capital": 6, "capital_cot": 6}  # shuffled sets are not asked
+        counts = {"2hop_no_cot": 5, "list_answers": 3, "capital": 6, "capital_cot": 6,  # shuffled sets are not asked
+                  "acc_capital_forced_cot": 6}
         self.assertEqual({t: s["n"] for t, s in results["tests"].items()}, counts)
         self.assertEqual(set(results["loss_gaps"]), {"2hop_no_cot", "capital"})
         predictions = [json.loads(line) for line in (self.evaluation("spouses") / "predictions.jsonl").read_text().splitlines()]
@@ -210,7 +211,8 @@ class ReferenceExperimentTest(unittest.TestCase):
         self.assertIn("n/a", (self.evaluation("spouses") / "summary.md").read_text())
         listed = next(p for p in predictions if p["test"] == "list_answers")  # graded against its aliases
         self.assertEqual((listed["answer"][1], type(listed["correct"])), (listed["answer"][0].upper(), bool))
-        self.assertEqual(results["evaluations"]["acc_capital_forced_cot"]["n"], 6)
+        forced = results["tests"]["acc_capital_forced_cot"]  # the evaluations: block, forced CoT, under its name
+        self.assertEqual((forced["n"], forced["style"]), (6, "cot"))
         self.assertIn("acc_capital_forced_cot", json.loads((self.evaluation("spouses") / "metrics.json").read_text()))
         self.assertTrue((self.evaluation("spouses") / "lm_eval_tasks" / "twohop_exp_capital.yaml").is_file())
 

@@ -22,7 +22,6 @@ from models import load_model
 from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_open, atomic_write_json
-from twohop.data import tables
 from twohop.data.records import read_records
 from twohop.evaluation import generation, grading, lm_eval_tasks
 from twohop.stats import binomial_se, bootstrap_interval
@@ -89,21 +88,34 @@ def selected_tests(card: dict, config: dict, data_dir) -> dict:
     return tests
 
 
+def chats(card, data_dir, spec, rows, config) -> list:
+    """The chats a test asks: each row's, after the card's few-shot examples (`fewshot_k` of them, two-hop
+    tests) or the test's own few-shot file, with the test's system prompt if it sets one."""
+    shots, fewshot_file = [], card.get("fewshot", {}).get(spec["style"])
+    if config["fewshot_k"] and fewshot_file and spec["kind"] == "two_hop":
+        shots = read_records(test_path(card, data_dir, fewshot_file))[:config["fewshot_k"]]
+    if spec.get("fewshot_file"):
+        shots = read_records(spec["fewshot_file"])
+    chats = [with_fewshot(r, shots) if shots else r["messages"] for r in rows]
+    if spec.get("system"):
+        chats = [[{"role": "system", "content": spec["system"]}] + [m for m in c if m["role"] != "system"] for c in chats]
+    return chats
+
+
 def plan_generations(card, tests, data_dir, config, model, tokenizer) -> list:
-    """(test, spec, rows, prompts, candidates, max_new_tokens) for every test and memorisation file asked."""
+    """(test, spec, rows, prompts, candidates, max_new_tokens) for every test and memorisation file asked.
+    A test's spec may set its own `rows`, `system` prompt, `fewshot_file` and `max_new_tokens` (an entry of
+    a reference experiment's `evaluations:` block)."""
     rng, planned = random.Random(0), []
     asked = {**{n: s for n, s in tests.items() if not s["shuffled_of"]}, **card.get("memorisation", {})}
     for test, spec in asked.items():
         rows = read_records(test_path(card, data_dir, test), required=("messages", "answer"))
         if test in card.get("memorisation", {}):
             rows = rng.sample(rows, min(config["memorisation_rows"], len(rows)))
-        elif config["max_rows"]:
-            rows = rows[:config["max_rows"]]
-        shots, fewshot_file = [], card.get("fewshot", {}).get(spec["style"])
-        if config["fewshot_k"] and fewshot_file and spec["kind"] == "two_hop":
-            shots = read_records(test_path(card, data_dir, fewshot_file))[:config["fewshot_k"]]
-        prompts = [generation.prompt_text(tokenizer, with_fewshot(r, shots) if shots else r["messages"]) for r in rows]
-        new_tokens = config[f"{spec['style']}_max_new_tokens"]
+        elif spec.get("rows") or config["max_rows"]:
+            rows = rows[:spec.get("rows") or config["max_rows"]]
+        prompts = [generation.prompt_text(tokenizer, chat) for chat in chats(card, data_dir, spec, rows, config)]
+        new_tokens = spec.get("max_new_tokens") or config[f"{spec['style']}_max_new_tokens"]
         check_fits(tokenizer, model, prompts, test, new_tokens)
         candidates = card["candidate_sets"][spec["candidate_set"]] if test in tests else []
         planned.append((test, spec, rows, prompts, candidates, new_tokens))
@@ -256,32 +268,3 @@ def headline(specs: dict, results: dict, loss_gaps: dict) -> dict:
     for test, gap in loss_gaps.items():
         out[f"loss_gap{'_' + specs[test]['attribute'] if specs[test]['attribute'] else ''}"] = gap["gap"]
     return out
-
-
-def run_reference_evaluations(model_path, entries: list, data_dir, log) -> dict:
-    """A reference experiment's `evaluations:` block: per entry, greedy generations graded like ours.
-
-    `force_cot` / `force_no_cot` replace the rows' system prompt with the study's CoT / no-CoT one (CoT is
-    graded on its final answer); few-shot rows become earlier turns; `subsample` keeps the first rows.
-    Relative paths are read from `data_dir` (the data prerequisite's folder), as training files are."""
-    model, tokenizer = load_model(model_path)
-    system_prompts, results = tables.templates("system_prompts"), {}
-    for entry in entries:
-        rows = read_records(Path(data_dir) / entry["dataset_file"])  # an absolute path stays as it is
-        rows = rows[:entry["subsample"]] if entry["subsample"] else rows
-        style = "cot" if entry["force_cot"] else "nocot"
-        shots = read_records(Path(data_dir) / entry["few_shots_path"]) if entry["few_shots_path"] else []
-        chats = [with_fewshot(r, shots) for r in rows]
-        if entry["force_cot"] or entry["force_no_cot"]:
-            chats = [[{"role": "system", "content": system_prompts[style]}] + [m for m in c if m["role"] != "system"]
-                     for c in chats]
-        tokens = entry["max_new_tokens"] or (96 if style == "cot" else 24)
-        texts = generation.generate(model, tokenizer, [generation.prompt_text(tokenizer, c) for c in chats], tokens)
-        correct = [grading.grade(r, g, style, (), r.get("aliases", ()))["correct"] for r, g in zip(rows, texts)]
-        accuracy = sum(correct) / len(correct)
-        results[entry["metric_name"]] = {"accuracy": accuracy, "se": binomial_se(accuracy, len(correct)), "n": len(rows),
-                                         "style": style, "file": entry["dataset_file"], "examples": [
-                                             {"question": r.get("question", ""), "answer": r["answer"], "generation": g}
-                                             for r, g in list(zip(rows, texts))[:5]]}
-        log.info("%s: %.3f on %d rows of %s", entry["metric_name"], accuracy, len(rows), entry["dataset_file"])
-    return results

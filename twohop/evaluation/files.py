@@ -16,13 +16,12 @@ import os
 import re
 from pathlib import Path
 
-from accelerate import PartialState
-
+from runner import config as typed
 from runner.errors import UserError
-from runner.files import atomic_write_json
+from twohop.data import tables
 from twohop.data.records import read_records
 from twohop.evaluation import grading
-from twohop.evaluation.evaluate import evaluate_dataset, run_reference_evaluations
+from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
 
 NOCOT_PROMPT = re.compile(r"\b(do not|don't|without|no)\b[^.]*\b(reason|explain|think)|\b(immediately|directly)\b",
                           re.IGNORECASE)
@@ -68,9 +67,9 @@ def declared(path: Path) -> tuple:
     return None, []
 
 
-def files_card(files: dict, dataset: str, shuffled_of: dict = None) -> dict:
+def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: dict = None) -> dict:
     """A card for `files` (test name -> path); `shuffled_of` maps a shuffled set to its true set's name
-    (default: `X_shuffled` to `X` where both are given)."""
+    (default: `X_shuffled` to `X` where both are given); `overrides` (test name -> spec keys) wins."""
     if shuffled_of is None:
         shuffled_of = {name: name.removesuffix("_shuffled") for name in files
                        if name.endswith("_shuffled") and name.removesuffix("_shuffled") in files}
@@ -88,6 +87,7 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None) -> dict:
         elif len({GROUP_SUFFIX.sub("", n) for n in files}) == 1:  # one group: the headline's plain names
             tests[name]["attribute"] = ""
         answers.setdefault(group, set()).update(candidates or (grading.split_aliases(r["answer"])[0] for r in rows))
+        tests[name].update((overrides or {}).get(name, {}))
     return {"dataset": dataset, "source": f"the files {', '.join(map(str, files.values()))}", "tests": tests,
             "candidate_sets": {group: sorted(found) for group, found in answers.items()},
             "paths": {name: str(path) for name, path in files.items()}}
@@ -106,21 +106,43 @@ def trained_experiment(finetune_dir: Path):
     return trained if trained.get("experiment_config") else None
 
 
+def evaluation_spec(entry: dict, data_dir) -> dict:
+    """What one entry of a reference `evaluations:` block sets on its test: `force_cot` / `force_no_cot` ask
+    with the study's CoT / no-CoT system prompt (and grade that style), a few-shot file's rows come first,
+    its own generation length and first rows, and its metric name in the headline."""
+    spec = {"metric": entry["metric_name"], "max_new_tokens": entry["max_new_tokens"], "rows": entry["subsample"],
+            "fewshot_file": str(Path(data_dir) / entry["few_shots_path"]) if entry["few_shots_path"] else ""}
+    style = "cot" if entry["force_cot"] else "nocot" if entry["force_no_cot"] else ""
+    if style:
+        spec.update(style=style, system=tables.templates("system_prompts")[style])
+    return spec
+
+
+def experiment_card(experiment: dict, data_dir) -> dict:
+    """One card for a reference experiment: its eval sets (by name, each file whole; `X_shuffled` the
+    baseline of `X`) and its `evaluations:` block (by metric name). Relative files are the data folder's."""
+    entries, evaluations = experiment["eval_datasets"], experiment["evaluations"]
+    clash = {e["name"] for e in entries} & {e["metric_name"] for e in evaluations}
+    if clash:
+        raise UserError(f"{experiment['experiment_config']}: {sorted(clash)} name both an eval set and an evaluation")
+    files = {e["name"]: Path(data_dir) / e["dataset_file"] for e in entries}  # an absolute path stays as it is
+    files.update({e["metric_name"]: Path(data_dir) / e["dataset_file"] for e in evaluations})
+    return files_card(files, Path(experiment["experiment_config"] or "evaluations").stem,
+                      {e["name"]: e["shuffled_of"] for e in entries if e["shuffled_of"]},
+                      {e["metric_name"]: evaluation_spec(e, data_dir) for e in evaluations})
+
+
 def evaluate_experiment(model_path, experiment: dict, data_dir, config, log, run_dir) -> dict:
-    """A reference experiment's own tests: every eval set of its YAML (by name, each file whole) and its
-    `evaluations:` block (forced CoT / no-CoT, few-shot file, max new tokens, under its metric names)."""
-    entries = experiment["eval_datasets"]
-    if not entries and not experiment["evaluations"]:
+    """A reference experiment's own tests (`experiment_card`), never our generated ones, into `run_dir`."""
+    if not experiment["eval_datasets"] and not experiment["evaluations"]:
         raise UserError(f"{experiment['experiment_config']} names no eval_datasets and no evaluations to grade")
-    dataset = Path(experiment["experiment_config"]).stem
-    report = {"dataset": dataset, "model": str(model_path), "tests": {}, "loss_gaps": {}, "headline": {}}
-    if entries:
-        card = files_card({e["name"]: Path(data_dir) / e["dataset_file"] for e in entries}, dataset,  # absolute stay
-                          {e["name"]: e["shuffled_of"] for e in entries if e["shuffled_of"]})
-        report = evaluate_dataset(model_path, data_dir, config, log, run_dir, card=card)
-    if experiment["evaluations"]:
-        report["evaluations"] = run_reference_evaluations(model_path, experiment["evaluations"], data_dir, log)
-        report["headline"].update({name: r["accuracy"] for name, r in report["evaluations"].items()})
-        if PartialState().is_main_process:
-            atomic_write_json(Path(run_dir) / "results.json", report)
-    return report
+    return evaluate_dataset(model_path, data_dir, config, log, run_dir, card=experiment_card(experiment, data_dir))
+
+
+def evaluate_block(model_path, evaluations: list, data_dir, log, run_dir) -> dict:
+    """A finetune's `evaluations:` block alone, after training, into `run_dir`: {metric name: its accuracy,
+    s.e., n, style and file}."""
+    card = experiment_card({"eval_datasets": [], "evaluations": evaluations, "experiment_config": ""}, data_dir)
+    report = evaluate_dataset(model_path, data_dir, typed.defaults(EvaluationConfig), log, run_dir, card=card)
+    return {name: {"accuracy": s["correct"], "se": s["correct_se"], "n": s["n"], "style": s["style"],
+                   "file": card["paths"][name]} for name, s in report["tests"].items()}

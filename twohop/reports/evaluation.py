@@ -29,11 +29,6 @@ def write_reports(report: dict, run_dir, title: str, training_metrics=None) -> N
     rows = [{"test": test, **summary} for test, summary in report["tests"].items()]
     write_csv(run_dir / "summary.csv", COLUMNS, rows, cell)
     lines = [f"# {title}", "", f"Model: `{report['model']}`", "", *markdown_table(COLUMNS, rows, cell)]
-    if report.get("evaluations"):
-        lines += ["", "The experiment's `evaluations:` block:", "", "| metric | accuracy | s.e. | n | style | file |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {e['accuracy']:.4f} | {e['se']:.4f} | {e['n']} | {e['style']} | {e['file']} |"
-                  for name, e in report["evaluations"].items()]
     if report["loss_gaps"]:
         lines += ["", "Loss gap (shuffled minus true answers; > 0 means the no-CoT output carries information):", "",
                   "| test | loss true | loss shuffled | gap | 95% CI | n |", "|---|---|---|---|---|---|"]
