@@ -74,6 +74,7 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: d
         shuffled_of = {name: name.removesuffix("_shuffled") for name in files
                        if name.endswith("_shuffled") and name.removesuffix("_shuffled") in files}
     tests, answers = {}, {}
+    one_group = len({GROUP_SUFFIX.sub("", name) for name in files}) == 1  # the headline's plain names then
     for name, path in files.items():
         rows = read_records(path, required=("messages", "answer"))
         group = GROUP_SUFFIX.sub("", name).replace("/", "_")
@@ -84,7 +85,7 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: d
         spec, candidates = declared(Path(path))
         if spec:  # a file of a dataset we generated: what its card says
             tests[name].update({key: spec[key] for key in ("kind", "style", "metric", "attribute")})
-        elif len({GROUP_SUFFIX.sub("", n) for n in files}) == 1:  # one group: the headline's plain names
+        elif one_group:  # acc_2hop_nocot, loss_gap
             tests[name]["attribute"] = ""
         answers.setdefault(group, set()).update(candidates or (grading.split_aliases(r["answer"])[0] for r in rows))
         tests[name].update((overrides or {}).get(name, {}))
