@@ -29,7 +29,7 @@ TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def option(default, help: str, *, minimum=None, maximum=None, path: bool = False, config_file=None):
     """A config field. `minimum`/`maximum` bound numbers (and list lengths' elements); `path` marks a
     file path read relative to the working directory (stored absolute); `config_file` (a function
-    path -> mapping of keys) marks a field naming a file whose keys form a layer of the config."""
+    (path, config so far) -> mapping of keys) marks a field naming a file whose keys form a layer of the config."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "path": path, "config_file": config_file}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)

@@ -58,23 +58,27 @@ def parse_overrides(items) -> dict:
 
 def resolve_config(subjob, model, overrides: dict) -> dict:
     """The sub-job's config in layers: typed defaults, the recipe for `model`, the file a config-file
-    field names (e.g. an experiment YAML), then `--set` (already scoped to this run). Every value is
-    checked against its field's type; an override naming no field of this sub-job is left to
-    `check_overrides_apply`, which refuses it if no planned sub-job has it."""
+    field names (e.g. an experiment YAML), then `--set` (already scoped to this run). The file's loader
+    sees the config with `--set` applied (e.g. the root its file names start from); `--set` still wins
+    over the file. Every value is checked against its field's type; an override naming no field of this
+    sub-job is left to `check_overrides_apply`, which refuses it if no planned sub-job has it."""
     schema = subjob.config
     config = subjob.default_config(model)
+    apply_overrides(config, schema, overrides)
     file_field = typed.config_file_field(schema)
-    if file_field:
+    if file_field and config[file_field[0]]:
         name, loader = file_field
-        if name in overrides:
-            typed.assign(config, schema, name, typed.parse_text(overrides[name], str), "--set")
-        if config[name]:
-            typed.apply_layer(config, schema, loader(config[name]), config[name])
+        typed.apply_layer(config, schema, loader(config[name], config), config[name])
+        apply_overrides(config, schema, overrides)
+    return config
+
+
+def apply_overrides(config: dict, schema, overrides: dict) -> None:
+    """The `--set` values naming a field of `schema`, each read as its type says."""
     for key, raw in overrides.items():
         found = typed.field_at(schema, key)
         if found is not None:
             typed.assign(config, schema, key, typed.parse_text(raw, found[1]), "--set")
-    return config
 
 
 def scoped_overrides(overrides: dict, run: Run, scopes) -> dict:

@@ -46,6 +46,8 @@ class SubJob:
     external_files: Callable = None
     trains: bool = False  # it trains a model: under SLURM with several GPUs it launches one process per GPU
     seeds_from_cli: bool = False  # its config's `seeds` ([] by default) takes the invocation's --seeds
+    # Planned only when named itself, not by `--jobs <job>`: it needs input only the user can give (files).
+    named_only: bool = False
 
     @property
     def full_name(self) -> str:
@@ -127,7 +129,8 @@ class Registry:
             raise UserError(f"unknown job name {'; '.join(hints)}. See the full list with --list.")
         resolved = []
         for name in names:
-            members = self.jobs[name].subjobs if name in self.jobs else (self.subjobs[name],)
+            members = [s for s in self.jobs[name].subjobs if not s.named_only] if name in self.jobs \
+                else (self.subjobs[name],)
             resolved.extend(s for s in members if s not in resolved)
         return resolved
 
@@ -141,6 +144,8 @@ class Registry:
                 needs = [name for name, _ in sub.requirements()] + (["a model (--model)"] if sub.uses_model else [])
                 if needs:
                     lines.append(f"  {'':<40} requires: {', '.join(needs)}")
+                if sub.named_only:
+                    lines.append(f"  {'':<40} runs only when named (not part of --jobs {job.name})")
                 if verbose:
                     lines.extend(typed.describe(sub.config, sub.default_config(None), indent=" " * 6))
         return "\n".join(lines) if lines else "(no jobs registered)"

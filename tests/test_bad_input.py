@@ -101,6 +101,12 @@ CASES = [
     finetune_case("yaml_a_folder", "is a folder; give a file", "experiment_config={fx}/files"),
     finetune_case("set_train_file_messages_a_string", "messages_string.jsonl:1: field 'messages' must be",
                   "train_datasets=[{name: own, dataset_file: {fx}/files/messages_string.jsonl}]", dry_run=False),
+    # Test files one brings (evaluate_twohop_files)
+    case("test_files_path_missing", "evaluate_twohop_files", "no_tests does not exist", "--set", "test_files=[{fx}/no_tests]"),
+    case("test_file_row_answer_a_number", "evaluate_twohop_files", "answer_number.jsonl:2: field 'answer' must be text",
+         "--set", "test_files=[{fx}/files/answer_number.jsonl]"),
+    case("test_files_finetune_not_a_finetune", "evaluate_twohop_files", "finetune=generate_data_spouses: expected a "
+         "finetune sub-job", "--set", "test_files=[{fx}/files/answer_number.jsonl]", "--set", "finetune=generate_data_spouses"),
     # A prompts file (save_hidden_states_prompts)
     prompts_case("prompt_a_number", "prompt_number.jsonl", "prompt_number.jsonl:2: field 'prompt' must be text",
                  dry_run=False),

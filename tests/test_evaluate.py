@@ -10,6 +10,7 @@ from runner import config as typed
 from runner.errors import UserError
 from twohop.evaluation import grading
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
+from twohop.evaluation.files import evaluate_files
 from twohop.reports.evaluation import write_reports, write_seeds_summary, write_semi_synthetic_report
 from twohop.stats import binomial_se, bootstrap_interval, pooled_gap
 from tests.fixtures.train_small import train_small
@@ -207,8 +208,6 @@ class LmEvalInteropTest(unittest.TestCase):
 
     def test_both_back_ends_and_the_cli_agree(self):
         import logging
-        import subprocess
-        import sys
         with tempfile.TemporaryDirectory() as tmp:
             w, run = Path(tmp) / "w", Path(tmp) / "train"
             train_small(w, run, max_steps=30, lr=5e-3)
@@ -227,16 +226,42 @@ class LmEvalInteropTest(unittest.TestCase):
                 self.assertEqual(summary["correct"], reports["ours"]["tests"][test]["correct"])
 
             # The exported folder works by itself: lm_eval's CLI, no project code on the path.
-            tasks = Path(tmp) / "ours" / "lm_eval_tasks"
-            task = reports["ours"]["tests"]["test/2hop_nocot"]["lm_eval_task"]
-            result = subprocess.run(
-                [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={run / 'model'}",
-                 "--device", "cpu", "--include_path", str(tasks), "--tasks", task, "--output_path", str(Path(tmp) / "cli")],
-                cwd=tmp, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": tmp})
-            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-            saved = json.loads(next((Path(tmp) / "cli").rglob("results_*.json")).read_text())
-            self.assertAlmostEqual(saved["results"][task]["correct,none"],
-                                   reports["ours"]["tests"]["test/2hop_nocot"]["correct"], places=6)
+            summary = reports["ours"]["tests"]["test/2hop_nocot"]
+            self.assertAlmostEqual(self.cli_accuracy(run / "model", Path(tmp) / "ours", summary["lm_eval_task"]),
+                                   summary["correct"], places=6)
+
+            # A reference-layout file (only the reference's fields: no rendered prompt, a list of aliases as the
+            # answer, no bridge), brought with evaluate_files: both back ends and the CLI agree on it too.
+            reference = Path(tmp) / "reference" / "spouse.jsonl"
+            reference.parent.mkdir()
+            rows = read_records(data / "train/a_demoed.jsonl")[:12]  # trained: some are answered right
+            reference.write_text("".join(json.dumps(
+                {"messages": r["messages"], "question": r["question"], "answer": [r["answer"], r["answer"].upper()],
+                 "answer_intermediate": "", "auxiliary_loss_prefix": ""}) + "\n" for r in rows))
+            brought = {}
+            for backend in ("ours", "lm_eval"):
+                out = Path(tmp) / f"files_{backend}"
+                out.mkdir()
+                brought[backend] = evaluate_files(run / "model", [reference.parent], {**config, "backend": backend},
+                                                  logging.getLogger("test"), out)["tests"]["spouse"]
+            self.assertEqual(brought["ours"]["correct"], brought["lm_eval"]["correct"])
+            self.assertAlmostEqual(brought["lm_eval"]["lm_eval"]["correct"], brought["ours"]["correct"], places=6)
+            self.assertIsNone(brought["ours"]["first_hop"])
+            self.assertAlmostEqual(self.cli_accuracy(run / "model", Path(tmp) / "files_ours", brought["ours"]["lm_eval_task"]),
+                                   brought["ours"]["correct"], places=6)
+
+    @staticmethod
+    def cli_accuracy(model: Path, run_dir: Path, task: str) -> float:
+        """`correct` of one exported task run by lm_eval's own CLI, with a bare environment."""
+        import subprocess
+        import sys
+        out = run_dir / "cli"
+        result = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model}", "--device", "cpu",
+             "--include_path", str(run_dir / "lm_eval_tasks"), "--tasks", task, "--output_path", str(out)],
+            cwd=run_dir, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(run_dir)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(next(out.rglob("results_*.json")).read_text())["results"][task]["correct,none"]
 
 
 class TwoRankEvaluationTest(unittest.TestCase):

@@ -2,7 +2,8 @@
 
 A record is `{"messages": [...], "question", "answer", "answer_intermediate",
 "auxiliary_loss_prefix", ...extra}`: `answer` is e3 (or e2 for a first-hop question),
-`answer_intermediate` the bridge entity ("" for atomic facts), `auxiliary_loss_prefix` the question
+`answer_intermediate` the bridge entity ("" for atomic facts; both may be lists of aliases, as in older
+reference files), `auxiliary_loss_prefix` the question
 up to the relation words (two-hop no-CoT rows). Test rows carry the gold assistant turn.
 """
 import json
@@ -12,7 +13,9 @@ from runner.errors import UserError
 from runner.files import read_text
 
 REQUIRED_FIELDS = ("messages", "answer")
-TEXT_FIELDS = ("question", "answer", "answer_intermediate", "auxiliary_loss_prefix")
+TEXT_FIELDS = ("question", "auxiliary_loss_prefix")
+# Older reference files list an answer's (or bridge's) aliases instead of giving one text.
+ALIAS_FIELDS = ("answer", "answer_intermediate")
 
 
 def chat(system: str, user: str, assistant: str) -> list:
@@ -52,6 +55,10 @@ def row_problem(row, required) -> str:
     for field in TEXT_FIELDS:
         if field in row and not isinstance(row[field], str):
             return f"field {field!r} must be text, got {json.dumps(row[field])[:60]}"
+    for field in ALIAS_FIELDS:
+        if field in row and not (isinstance(row[field], str) or (isinstance(row[field], list) and row[field] and all(
+                isinstance(a, str) for a in row[field]))):
+            return f"field {field!r} must be text or a non-empty list of texts, got {json.dumps(row[field])[:60]}"
     if "aliases" in row and not (isinstance(row["aliases"], list) and all(isinstance(a, str) for a in row["aliases"])):
         return f"field 'aliases' must be a list of texts, got {json.dumps(row['aliases'])[:60]}"
     return ""

@@ -22,7 +22,6 @@ from models import load_model
 from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_open, atomic_write_json
-from twohop.data import tables
 from twohop.data.records import read_records
 from twohop.evaluation import generation, grading, lm_eval_tasks
 from twohop.stats import binomial_se, bootstrap_interval
@@ -70,33 +69,53 @@ def check_fits(tokenizer, model, prompts, test, headroom) -> None:
                             f"{length + headroom - limit} over the model's max length {limit}")
 
 
+def test_path(card: dict, data_dir, name: str) -> Path:
+    """Where a card's file is: a card synthesised for given files names them (`paths`); a generated
+    dataset's files lie beside its card."""
+    return Path(card["paths"][name]) if "paths" in card else Path(data_dir) / f"{name}.jsonl"
+
+
 def selected_tests(card: dict, config: dict, data_dir) -> dict:
     """The card's tests this evaluation covers (shuffled baselines included: their loss is scored)."""
+    where = card.get("source") or Path(data_dir) / "card.json"
     unknown = set(config["skip_tests"]) - set(card["tests"])
     if unknown:
-        raise UserError(f"skip_tests: {sorted(unknown)} are not tests of {data_dir / 'card.json'}")
+        raise UserError(f"skip_tests: {sorted(unknown)} are not tests of {where}")
     tests = {name: spec for name, spec in card["tests"].items()
              if spec["kind"] not in config["skip_kinds"] and name not in config["skip_tests"]}
     if not tests:
-        raise UserError(f"{data_dir / 'card.json'} lists no tests to evaluate")
+        raise UserError(f"{where} lists no tests to evaluate")
     return tests
 
 
+def chats(card, data_dir, spec, rows, config) -> list:
+    """The chats a test asks: each row's, after the card's few-shot examples (`fewshot_k` of them, two-hop
+    tests) or the test's own few-shot file, with the test's system prompt if it sets one."""
+    shots, fewshot_file = [], card.get("fewshot", {}).get(spec["style"])
+    if config["fewshot_k"] and fewshot_file and spec["kind"] == "two_hop":
+        shots = read_records(test_path(card, data_dir, fewshot_file))[:config["fewshot_k"]]
+    if spec.get("fewshot_file"):
+        shots = read_records(spec["fewshot_file"])
+    chats = [with_fewshot(r, shots) if shots else r["messages"] for r in rows]
+    if spec.get("system"):
+        chats = [[{"role": "system", "content": spec["system"]}] + [m for m in c if m["role"] != "system"] for c in chats]
+    return chats
+
+
 def plan_generations(card, tests, data_dir, config, model, tokenizer) -> list:
-    """(test, spec, rows, prompts, candidates, max_new_tokens) for every test and memorisation file asked."""
+    """(test, spec, rows, prompts, candidates, max_new_tokens) for every test and memorisation file asked.
+    A test's spec may set its own `rows`, `system` prompt, `fewshot_file` and `max_new_tokens` (an entry of
+    a reference experiment's `evaluations:` block)."""
     rng, planned = random.Random(0), []
     asked = {**{n: s for n, s in tests.items() if not s["shuffled_of"]}, **card.get("memorisation", {})}
     for test, spec in asked.items():
-        rows = read_records(data_dir / f"{test}.jsonl", required=("messages", "answer"))
+        rows = read_records(test_path(card, data_dir, test), required=("messages", "answer"))
         if test in card.get("memorisation", {}):
             rows = rng.sample(rows, min(config["memorisation_rows"], len(rows)))
-        elif config["max_rows"]:
-            rows = rows[:config["max_rows"]]
-        shots, fewshot_file = [], card.get("fewshot", {}).get(spec["style"])
-        if config["fewshot_k"] and fewshot_file and spec["kind"] == "two_hop":
-            shots = read_records(data_dir / f"{fewshot_file}.jsonl")[:config["fewshot_k"]]
-        prompts = [generation.prompt_text(tokenizer, with_fewshot(r, shots) if shots else r["messages"]) for r in rows]
-        new_tokens = config[f"{spec['style']}_max_new_tokens"]
+        elif spec.get("rows") or config["max_rows"]:
+            rows = rows[:spec.get("rows") or config["max_rows"]]
+        prompts = [generation.prompt_text(tokenizer, chat) for chat in chats(card, data_dir, spec, rows, config)]
+        new_tokens = spec.get("max_new_tokens") or config[f"{spec['style']}_max_new_tokens"]
         check_fits(tokenizer, model, prompts, test, new_tokens)
         candidates = card["candidate_sets"][spec["candidate_set"]] if test in tests else []
         planned.append((test, spec, rows, prompts, candidates, new_tokens))
@@ -124,11 +143,13 @@ def generate_all(planned, model, tokenizer, config, ranks, run_dir, card, log) -
 
 
 def rates(grades: list) -> dict:
-    """Each boolean grade's rate with its standard error, and how often each grading rule decided."""
+    """Each grade's rate with its standard error over the rows where it applies (None where it applies to
+    none: first-hop grades without a bridge), and how often each grading rule decided."""
     summary = {}
-    for key in [k for k, v in grades[0].items() if isinstance(v, bool)] if grades else []:
-        summary[key] = sum(g[key] for g in grades) / len(grades)
-        summary[f"{key}_se"] = binomial_se(summary[key], len(grades))
+    for key in [k for k in grades[0] if k != "rule"] if grades else []:
+        applicable = [g[key] for g in grades if g[key] is not None]
+        summary[key] = sum(applicable) / len(applicable) if applicable else None
+        summary[f"{key}_se"] = binomial_se(summary[key], len(applicable)) if applicable else None
     summary["rules"] = dict(Counter(g["rule"] for g in grades))
     return summary
 
@@ -138,6 +159,7 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
     Rows flagged as shortcuts (the answer is in a name the question gives away) are scored apart, in
     `summary["shortcut"]`, and left out of every other figure."""
     grades = [grading.grade(r, g, spec["style"], candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
+    answers = [grading.split_aliases(r["answer"])[0] for r in rows]
     kept = [i for i, r in enumerate(rows) if not r.get("shortcut")]
     flagged = [i for i, r in enumerate(rows) if r.get("shortcut")]
     summary = {"n": len(kept), "style": spec["style"], "kind": spec["kind"], "attribute": spec["attribute"],
@@ -149,12 +171,12 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
             not config["candidate_sets"] or spec["candidate_set"] in config["candidate_sets"]):
         ranked = generation.sharded(
             lambda share: generation.score_candidates(model, tokenizer, share, candidates).argmax(1).tolist(), prompts)
-        summary["candidate_accuracy"] = sum(candidates[ranked[i]] == rows[i]["answer"] for i in kept) / len(kept)
+        summary["candidate_accuracy"] = sum(candidates[ranked[i]] == answers[i] for i in kept) / len(kept)
         summary["candidate_accuracy_se"] = binomial_se(summary["candidate_accuracy"], len(kept))
     if candidates:
         summary["chance"], summary["candidates"] = 1 / len(candidates), len(candidates)
     if kept:  # what answering every question with the commonest answer scores: chance for a constant guesser
-        summary["majority"] = max(Counter(rows[i]["answer"] for i in kept).values()) / len(kept)
+        summary["majority"] = max(Counter(answers[i] for i in kept).values()) / len(kept)
     predictions = [{"test": test, "row": i, "question": row.get("question", ""), "answer": row["answer"],
                     "bridge": row.get("answer_intermediate", ""), "generation": generated, **grade,
                     **({"shortcut": row["shortcut"]} if row.get("shortcut") else {}),
@@ -183,8 +205,9 @@ def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
             "gap": float(np.mean(gaps)), "ci95": [low, high], "n": len(gaps)}
 
 
-def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
-    card = json.loads((data_dir / "card.json").read_text())
+def evaluate_dataset(model_path, data_dir, config, log, run_dir, card=None) -> dict:
+    """Evaluate every test of `card` (default: the card of the dataset folder `data_dir`) into `run_dir`."""
+    card = card or json.loads((data_dir / "card.json").read_text())
     tests = selected_tests(card, config, data_dir)
     model, tokenizer = load_model(model_path)
     planned = plan_generations(card, tests, data_dir, config, model, tokenizer)
@@ -199,8 +222,8 @@ def evaluate_dataset(model_path, data_dir, config, log, run_dir) -> dict:
             summary["lm_eval"] = lm_eval_metrics[test]
         results[test] = summary
         predictions.extend(rows_predicted)
-    loss_gaps = {spec["shuffled_of"]: loss_gap(data_dir / f"{spec['shuffled_of']}.jsonl", data_dir / f"{test}.jsonl",
-                                               model, tokenizer, config["bootstrap"])
+    loss_gaps = {spec["shuffled_of"]: loss_gap(test_path(card, data_dir, spec["shuffled_of"]),
+                                               test_path(card, data_dir, test), model, tokenizer, config["bootstrap"])
                  for test, spec in tests.items() if spec["shuffled_of"]}
     loss_gaps = {test: gap for test, gap in loss_gaps.items() if gap is not None}
     specs = {**card["tests"], **card.get("memorisation", {})}
@@ -245,32 +268,3 @@ def headline(specs: dict, results: dict, loss_gaps: dict) -> dict:
     for test, gap in loss_gaps.items():
         out[f"loss_gap{'_' + specs[test]['attribute'] if specs[test]['attribute'] else ''}"] = gap["gap"]
     return out
-
-
-def run_reference_evaluations(model_path, entries: list, data_dir, log) -> dict:
-    """A reference experiment's `evaluations:` block: per entry, greedy generations graded like ours.
-
-    `force_cot` / `force_no_cot` replace the rows' system prompt with the study's CoT / no-CoT one (CoT is
-    graded on its final answer); few-shot rows become earlier turns; `subsample` keeps the first rows.
-    Relative paths are read from `data_dir` (the data prerequisite's folder), as training files are."""
-    model, tokenizer = load_model(model_path)
-    system_prompts, results = tables.templates("system_prompts"), {}
-    for entry in entries:
-        rows = read_records(Path(data_dir) / entry["dataset_file"])  # an absolute path stays as it is
-        rows = rows[:entry["subsample"]] if entry["subsample"] else rows
-        style = "cot" if entry["force_cot"] else "nocot"
-        shots = read_records(Path(data_dir) / entry["few_shots_path"]) if entry["few_shots_path"] else []
-        chats = [with_fewshot(r, shots) for r in rows]
-        if entry["force_cot"] or entry["force_no_cot"]:
-            chats = [[{"role": "system", "content": system_prompts[style]}] + [m for m in c if m["role"] != "system"]
-                     for c in chats]
-        tokens = entry["max_new_tokens"] or (96 if style == "cot" else 24)
-        texts = generation.generate(model, tokenizer, [generation.prompt_text(tokenizer, c) for c in chats], tokens)
-        correct = [grading.grade(r, g, style, (), r.get("aliases", ()))["correct"] for r, g in zip(rows, texts)]
-        accuracy = sum(correct) / len(correct)
-        results[entry["metric_name"]] = {"accuracy": accuracy, "se": binomial_se(accuracy, len(correct)), "n": len(rows),
-                                         "style": style, "file": entry["dataset_file"], "examples": [
-                                             {"question": r.get("question", ""), "answer": r["answer"], "generation": g}
-                                             for r, g in list(zip(rows, texts))[:5]]}
-        log.info("%s: %.3f on %d rows of %s", entry["metric_name"], accuracy, len(rows), entry["dataset_file"])
-    return results

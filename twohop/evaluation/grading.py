@@ -20,6 +20,14 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def split_aliases(value) -> tuple:
+    """(the name, its other spellings) of an answer or bridge given as text or, as older reference files
+    give them, as a list of aliases (the first is the name); an empty or missing one is ("", ())."""
+    if isinstance(value, (list, tuple)):
+        return (value[0], tuple(value[1:])) if value else ("", ())
+    return value or "", ()
+
+
 def mentions(text: str, answer: str, aliases=()) -> bool:
     """Whole-word match of the answer or any alias in the text, after normalisation."""
     haystack = f" {normalize(text)} "
@@ -98,28 +106,34 @@ def chain_answer(chain: str, candidates, names=()) -> str:
 
 
 def grade(row: dict, generation: str, style: str, candidates=(), aliases=()) -> dict:
-    """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot, and `rule`.
+    """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot, and `rule`; the
+    bridge's grades (strict, first_hop, valid_cot) are None, not applicable, where the row names none.
+    `answer` and `answer_intermediate` may be lists of aliases.
 
     An answer counts only where it is stated, not where it occurs inside a mention of the bridge
     entity or of e1 ("University of Texas" does not answer "Texas"); a reply that only names the bridge
     is a first-hop outcome (`rule` bridge_only or answer_inside_name), never correct."""
-    answer, bridge = row["answer"], row.get("answer_intermediate", "")
-    names = [n for n in (bridge, row.get("e1", "")) if isinstance(n, str) and n]
-    first_hop = bool(bridge) and mentions(generation, bridge)
+    answer, more = split_aliases(row["answer"])
+    bridge, bridge_aliases = split_aliases(row.get("answer_intermediate"))
+    aliases = (*more, *aliases)
+    names = [n for n in (bridge, *bridge_aliases, row.get("e1", "")) if isinstance(n, str) and n]
+    # Without a bridge (atomic facts, the reference's semi-synthetic tests) the first-hop grades do not apply.
+    first_hop = mentions(generation, bridge, bridge_aliases) if bridge else None
     if style == "cot":
         chain, final = split_cot(generation)
         stated = chain_answer(chain, candidates, names) if candidates else ""
         rule = answer_rule(final, answer, aliases, bridge, names)
-        answer_at = mention_position(generation, answer, names)
-        bridge_at = mention_position(generation, bridge) if bridge else None
+        answer_at, bridge_at = mention_position(generation, answer, names), mention_position(generation, bridge)
+        valid = (bridge_at is not None and answer_at is not None and bridge_at < answer_at) if bridge else None
         return {"correct": rule == "answer_stated", "chain_correct": stated == answer, "first_hop": first_hop,
-                "valid_cot": bridge_at is not None and answer_at is not None and bridge_at < answer_at, "rule": rule}
+                "valid_cot": valid, "rule": rule}
     rule = answer_rule(generation, answer, aliases, bridge, names)
     correct = rule == "answer_stated"
-    return {"correct": correct, "strict": correct and not first_hop, "first_hop": first_hop, "rule": rule}
+    return {"correct": correct, "strict": correct and not first_hop if bridge else None, "first_hop": first_hop,
+            "rule": rule}
 
 
 def process_results(doc: dict, results: list) -> dict:
     """lm-eval hook: grade one generation of an exported task (the doc carries style and candidates)."""
     grades = grade(doc, results[0].strip(), doc["style"], doc.get("candidates", ()), doc.get("aliases", ()))
-    return {key: float(value) for key, value in grades.items() if isinstance(value, bool)}
+    return {key: float(value) for key, value in grades.items() if isinstance(value, bool)}  # n/a grades left out

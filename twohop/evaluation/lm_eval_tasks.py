@@ -24,6 +24,17 @@ def task_name(dataset: str, test: str) -> str:
     return f"twohop_{dataset}_{test.replace('/', '_')}"
 
 
+def exported_doc(row: dict, prompt: str, style: str, candidates) -> dict:
+    """One row as lm-eval reads it: the prompt we rendered with the model's chat template (reference rows carry
+    only `messages`), and the grading fields with one type per column (the answer as text plus its aliases, the
+    bridge as a list of its spellings, [] for none), as the JSON loader needs."""
+    answer, more = grading.split_aliases(row["answer"])
+    bridge, bridge_aliases = grading.split_aliases(row.get("answer_intermediate"))
+    return {"prompt": prompt, "answer": answer, "aliases": [*more, *row.get("aliases", ())],
+            "answer_intermediate": [bridge, *bridge_aliases] if bridge else [], "e1": row.get("e1", ""),
+            "shortcut": row.get("shortcut", ""), "style": style, "candidates": list(candidates) if style == "cot" else []}
+
+
 def export_tasks(dataset: str, tests: list, folder: Path) -> None:
     """Write one task per test; `tests` holds (test, rows, prompts, style, candidates, max_new_tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,12 +44,10 @@ def export_tasks(dataset: str, tests: list, folder: Path) -> None:
         data_file = (folder / f"{name}.jsonl").resolve()
         with atomic_open(data_file) as f:
             for row, prompt in zip(rows, prompts):
-                doc = {"prompt": prompt, "answer": row["answer"], "answer_intermediate": row.get("answer_intermediate", ""),
-                       "e1": row.get("e1", ""), "shortcut": row.get("shortcut", ""),
-                       "aliases": list(row.get("aliases", ())), "style": style,
-                       "candidates": list(candidates) if style == "cot" else []}
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                f.write(json.dumps(exported_doc(row, prompt, style, candidates), ensure_ascii=False) + "\n")
         metrics = ["correct", "chain_correct", "first_hop", "valid_cot"] if style == "cot" else ["correct", "strict", "first_hop"]
+        if not any(grading.split_aliases(row.get("answer_intermediate"))[0] for row in rows):
+            metrics = [m for m in metrics if m in ("correct", "chain_correct")]  # no bridge: its grades do not apply
         task = {
             "task": name, "tag": [f"twohop_{dataset}"],
             "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}}, "test_split": "test",

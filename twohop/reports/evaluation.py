@@ -16,11 +16,19 @@ COLUMNS = ("test", "kind", "style", "n", "correct", "correct_se", "strict", "cha
            "candidate_accuracy", "chance")
 
 
+# The bridge's grades, not applicable (n/a) to a test whose rows name no bridge.
+BRIDGE_GRADES = ("strict", "first_hop", "valid_cot")
+
+
+def cell(key: str, value) -> str:
+    return "n/a" if value is None and key in BRIDGE_GRADES else fmt(value)
+
+
 def write_reports(report: dict, run_dir, title: str, training_metrics=None) -> None:
     """summary.csv, summary.md, accuracy.png and, given the finetune run's metrics.jsonl, loss_over_training.png."""
     rows = [{"test": test, **summary} for test, summary in report["tests"].items()]
-    write_csv(run_dir / "summary.csv", COLUMNS, rows)
-    lines = [f"# {title}", "", f"Model: `{report['model']}`", "", *markdown_table(COLUMNS, rows)]
+    write_csv(run_dir / "summary.csv", COLUMNS, rows, cell)
+    lines = [f"# {title}", "", f"Model: `{report['model']}`", "", *markdown_table(COLUMNS, rows, cell)]
     if report["loss_gaps"]:
         lines += ["", "Loss gap (shuffled minus true answers; > 0 means the no-CoT output carries information):", "",
                   "| test | loss true | loss shuffled | gap | 95% CI | n |", "|---|---|---|---|---|---|"]
@@ -49,11 +57,16 @@ def loss_plot(evals: list, title: str) -> bytes:
     return png(figure)
 
 
+# Kinds drawn as CoT vs no-CoT: two-hop tests, and given files whose rows name no bridge (the reference's
+# semi-synthetic tests among them).
+PLOTTED_KINDS = ("two_hop", "atomic")
+
+
 def two_hop_pairs(tests: dict) -> list:
     """(label, no-CoT summary, CoT summary or {}) per two-hop group (an attribute, or the one two-hop test)."""
-    cot = {s["attribute"]: s for s in tests.values() if s.get("kind") == "two_hop" and s["style"] == "cot"}
+    cot = {s["attribute"]: s for s in tests.values() if s.get("kind") in PLOTTED_KINDS and s["style"] == "cot"}
     return [(s["attribute"] or "two-hop", s, cot.get(s["attribute"], {})) for s in tests.values()
-            if s.get("kind") == "two_hop" and s["style"] == "nocot"]
+            if s.get("kind") in PLOTTED_KINDS and s["style"] == "nocot"]
 
 
 def accuracy_plot(report: dict, title: str) -> bytes:

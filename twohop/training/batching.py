@@ -10,6 +10,7 @@ import random
 import torch
 
 from runner.errors import UserError
+from twohop.evaluation.grading import split_aliases
 
 IGNORE = -100
 
@@ -113,7 +114,8 @@ def aux_annotations(tokenizer, example: dict, row: dict) -> dict:
     end = start + len(prefix)
     offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     position = max(i for i, (s, e) in enumerate(offsets) if e <= end)
-    target = tokenizer(row["answer_intermediate"], add_special_tokens=False)["input_ids"][0]
+    bridge, _ = split_aliases(row["answer_intermediate"])
+    target = tokenizer(bridge, add_special_tokens=False)["input_ids"][0]
     return {"aux_position": position, "aux_target": target}
 
 

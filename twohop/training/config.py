@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from runner.config import option
 from runner.errors import UserError
-from twohop.training.experiment import load_experiment_yaml
+from twohop.training.experiment import experiment_layer
 
 
 @dataclass
@@ -82,7 +82,10 @@ class FinetuneConfig(TrainingConfig):
     evaluations: list[EvaluationEntry] = option([], "generation evaluations after training (reference format)")
     experiment_config: str = option("", "an experiment YAML in the reference format (path from the working "
                                         "directory): its keys replace the recipe's, --set replaces its",
-                                    path=True, config_file=load_experiment_yaml)
+                                    path=True, config_file=experiment_layer)
+    data_root: str = option("", "where an experiment YAML's relative file names start ('': the nearest folder "
+                                "above the YAML holding datasets/, as the reference's repository root; then the "
+                                "YAML's folder)", path=True)
 
 
 def check_fraction(fraction, where: str = "") -> None:

@@ -1,5 +1,6 @@
 """What a fine-tune reads: its training rows and its eval sets, from config entries."""
 import random
+from functools import partial
 from pathlib import Path
 
 from runner.errors import UserError
@@ -63,7 +64,8 @@ def load(config: dict, data_dir: Path, seed: int, run_name: str) -> tuple:
 def external_files(config: dict) -> dict:
     """Files outside the workspace this config reads, each with its reader: the experiment YAML and every
     absolute path in the config (records files, from the YAML or --set)."""
-    files = {Path(config["experiment_config"]): load_experiment_yaml} if config["experiment_config"] else {}
+    files = {Path(config["experiment_config"]): partial(load_experiment_yaml, data_root=config["data_root"])} \
+        if config["experiment_config"] else {}
     for key, fields in FILE_KEYS.items():
         files.update({Path(entry[f]): read_records for entry in config[key] for f in fields
                       if entry[f] and Path(entry[f]).is_absolute()})

@@ -1,11 +1,13 @@
 """Experiment configs in the reference repo's format, read as a layer of `FinetuneConfig` keys.
 
 A YAML names the data (`train_datasets`, `eval_datasets`), the generation `evaluations` run after
-training, and any training key (`lr`, `layer_range`, `aux_loss_type`, ...). Its files are found
-relative to the YAML's folder or, as the reference writes them, to a folder above it (the repository
-root). The reference's own conventions are translated here, once: `aux_loss: false` turns the
-auxiliary loss off, and an eval set named `X_shuffled` is the shuffled baseline of the set `X`.
-Every other key must be a config key, or the run is refused naming it.
+training, and any training key (`lr`, `layer_range`, `aux_loss_type`, ...). A file it names is found,
+in this order: as is if absolute; under the data root (`--set data_root=...`, by default the nearest
+folder at or above the YAML's that holds a `datasets/` folder: the reference's repository root, where
+its train.py runs); under the YAML's own folder. A missing file is one error listing where it looked.
+The reference's own conventions are translated here, once: `aux_loss: false` turns the auxiliary loss
+off, and an eval set named `X_shuffled` is the shuffled baseline of the set `X`. Every other key must be
+a config key, or the run is refused naming it.
 """
 from pathlib import Path
 
@@ -16,23 +18,36 @@ FILE_KEYS = {"train_datasets": ("dataset_file",), "eval_datasets": ("dataset_fil
              "evaluations": ("dataset_file", "few_shots_path")}
 
 
-def find_file(name: str, yaml_path: Path) -> str:
-    """An absolute path for a file a YAML names: as is, or under the YAML's folder or a folder above it."""
+def default_data_root(yaml_path: Path):
+    """The nearest folder at or above the YAML's that holds a `datasets/` folder, or None."""
+    return next((folder for folder in [yaml_path.parent, *yaml_path.parent.parents]
+                 if (folder / "datasets").is_dir()), None)
+
+
+def find_file(name: str, yaml_path: Path, data_root=None) -> str:
+    """An absolute path for a file a YAML names: as is, else under the data root, else under the YAML's folder."""
     path = Path(name).expanduser()
     if path.is_absolute():
         return str(path)
-    for folder in [yaml_path.parent, *yaml_path.parent.parents]:
-        if (folder / path).is_file():
-            return str((folder / path).resolve())
-    raise UserError(f"{yaml_path}: file {name!r} not found under {yaml_path.parent} or any folder above it")
+    roots = [Path(data_root)] if data_root else [r for r in [default_data_root(yaml_path)] if r]
+    candidates = [root / path for root in roots] + [yaml_path.parent / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        hint = "" if roots else " (no folder above it holds datasets/; --set data_root=<folder> names the root)"
+        raise UserError(f"{yaml_path}: file {name!r} not found; looked for {', '.join(map(str, candidates))}{hint}")
+    return str(found.resolve())
 
 
-def load_experiment_yaml(path) -> dict:
-    """The YAML's keys, its files resolved to absolute paths and the reference's conventions translated."""
+def load_experiment_yaml(path, data_root: str = "") -> dict:
+    """The YAML's keys, its files resolved to absolute paths (see the module's order) and the reference's
+    conventions translated."""
     path = Path(path)
     config = read_yaml(path, "experiment config") or {}
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of config keys")
+    if config.get("data_root"):  # the YAML's own root, relative to its folder; --set data_root wins
+        config["data_root"] = str((path.parent / str(config["data_root"])).resolve())
+    data_root = data_root or config.get("data_root", "")
     for key, fields in FILE_KEYS.items():
         entries = config.get(key) or []
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -40,7 +55,7 @@ def load_experiment_yaml(path) -> dict:
         for entry in entries:
             for field in fields:
                 if entry.get(field):
-                    entry[field] = find_file(entry[field], path)
+                    entry[field] = find_file(entry[field], path, data_root)
     names = {str(entry.get("name")) for entry in config.get("eval_datasets") or []}
     for entry in config.get("eval_datasets") or []:
         name = str(entry.get("name", ""))
@@ -56,6 +71,11 @@ def load_experiment_yaml(path) -> dict:
     if config.get("model_name_or_path") is None:
         config.pop("model_name_or_path", None)
     return config
+
+
+def experiment_layer(path, config: dict) -> dict:
+    """The config layer an `experiment_config` YAML gives, its files found from the config's `data_root`."""
+    return load_experiment_yaml(path, config["data_root"])
 
 
 def parse_layer_range(value: str, num_layers: int):

@@ -17,7 +17,7 @@ from runner.files import atomic_write_json
 from runner.registry import Job, SubJob
 from twohop.data import base_corpus, tables
 from twohop.data.records import read_records
-from twohop.evaluation.evaluate import run_reference_evaluations
+from twohop.evaluation.files import evaluate_block
 from twohop.training import datasets, recipes
 from twohop.training.config import FinetuneConfig, TrainingConfig, check_finetune, check_training
 
@@ -43,10 +43,11 @@ def run_variant(ctx, data_job: str) -> dict:
     ctx.log.info("training %s on %d rows from %s", ctx.run.label, len(rows), base_path(ctx))
     metrics = train({**ctx.config, "seed": ctx.seed}, base_path(ctx), rows, eval_sets, ctx.run_dir, ctx.log,
                     layers=ctx.config["layer_range"], loss_gaps=gaps)
-    if ctx.config["evaluations"] and PartialState().is_main_process:  # one process generates them
-        results = run_reference_evaluations(ctx.run_dir / "model", ctx.config["evaluations"],
-                                            ctx.input(data_job) / "data", ctx.log)
-        atomic_write_json(ctx.run_dir / "evaluations.json", results)
+    if ctx.config["evaluations"]:  # every rank evaluates its share (the evaluator's own outputs in evaluations/)
+        results = evaluate_block(ctx.run_dir / "model", ctx.config["evaluations"], ctx.input(data_job) / "data",
+                                 ctx.log, ctx.run_dir / "evaluations")
+        if PartialState().is_main_process:
+            atomic_write_json(ctx.run_dir / "evaluations.json", results)
         metrics.update({name: r["accuracy"] for name, r in results.items()})
     return metrics
 
