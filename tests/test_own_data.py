@@ -82,6 +82,19 @@ class ReferenceRowsTest(unittest.TestCase):
             with self.assertRaisesRegex(UserError, r"b.jsonl:2: field 'answer' must be text or a non-empty list"):
                 read_records(bad)
 
+    def test_brought_rows_get_the_shortcut_flag_our_generators_write(self):
+        from twohop.data.dataset import with_shortcut_flags
+        texas = reference_row("", "In which state is Ju's favorite university?", "Texas", "University of Texas at Austin")
+        rows = with_shortcut_flags([texas, reference_row("", "Q?", "Oslo", "Kate"), {**texas, "shortcut": ""}])
+        self.assertEqual([r["shortcut"] for r in rows],
+                         ["the answer 'Texas' is in e2's name 'University of Texas at Austin'", "", ""])
+
+    def test_a_2hop_file_without_bridges_is_two_hop(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_jsonl(Path(tmp) / "2hop_capital_nocot.jsonl", [reference_row("", "Q?", "Oslo")])
+            self.assertEqual(files_card({"2hop_capital_nocot": path}, "files")["tests"]["2hop_capital_nocot"]["kind"],
+                             "two_hop")
+
     def test_style_kind_pairs_and_candidates_of_given_files(self):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "test"

@@ -5,7 +5,7 @@ import random
 
 from runner.errors import UserError
 from runner.files import atomic_directory, to_json
-from twohop.evaluation.grading import mentions
+from twohop.evaluation.grading import mentions, split_aliases
 
 
 def fictional_people(rng: random.Random, count: int, first_names, last_parts, forbidden=()) -> list:
@@ -72,6 +72,21 @@ def shortcut_reason(answer: str, aliases=(), **names) -> str:
         if found:
             return f"the answer {found[0]!r} is in {label}'s name {name!r}"
     return ""
+
+
+def with_shortcut_flags(rows: list) -> list:
+    """Rows as graded: our generators flag shortcuts when they write a row; a row brought without the
+    field (a reference file, one's own JSONL) is flagged here by the same rule, from its answer and
+    aliases against its bridge (`answer_intermediate`) and, where given, `e1`."""
+    flagged = []
+    for row in rows:
+        if "shortcut" not in row:
+            answer, aliases = split_aliases(row.get("answer"))
+            bridge, _ = split_aliases(row.get("answer_intermediate"))
+            row = {**row, "shortcut": shortcut_reason(answer, (*aliases, *row.get("aliases", ())),
+                                                      e1=row.get("e1", ""), e2=bridge)}
+        flagged.append(row)
+    return flagged
 
 
 # What a card says of each test file, so readers never parse file names.

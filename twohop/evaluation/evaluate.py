@@ -22,6 +22,7 @@ from models import load_model
 from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_open, atomic_write_json
+from twohop.data.dataset import with_shortcut_flags
 from twohop.data.records import read_records
 from twohop.evaluation import generation, grading, lm_eval_tasks
 from twohop.stats import binomial_se, bootstrap_interval
@@ -109,7 +110,7 @@ def plan_generations(card, tests, data_dir, config, model, tokenizer) -> list:
     rng, planned = random.Random(0), []
     asked = {**{n: s for n, s in tests.items() if not s["shuffled_of"]}, **card.get("memorisation", {})}
     for test, spec in asked.items():
-        rows = read_records(test_path(card, data_dir, test), required=("messages", "answer"))
+        rows = with_shortcut_flags(read_records(test_path(card, data_dir, test), required=("messages", "answer")))
         if test in card.get("memorisation", {}):
             rows = rng.sample(rows, min(config["memorisation_rows"], len(rows)))
         elif spec.get("rows") or config["max_rows"]:
@@ -187,7 +188,7 @@ def score_test(test, spec, rows, prompts, candidates, generations, config, model
 
 def loss_gap(true_file, shuffled_file, model, tokenizer, samples: int) -> dict:
     """Mean loss of the shuffled answers minus the true answer's, per question, with a bootstrap interval."""
-    true_rows = [r for r in read_records(true_file) if not r.get("shortcut")]  # a name gives the answer away
+    true_rows = [r for r in with_shortcut_flags(read_records(true_file)) if not r["shortcut"]]  # a name gives it away
     questions = {r["question"] for r in true_rows}
     shuffled_rows = [r for r in read_records(shuffled_file) if r["question"] in questions]
     if not true_rows:

@@ -6,7 +6,7 @@ A card is synthesised for the files. Each file is a test named by its path below
 folder (or, for an experiment, by its eval set's name). Its style is what its system prompt asks
 (reasoning step by step: cot; answering directly: nocot) or else what its name says (`X_cot`, `X_nocot`,
 `X_no_cot`; the reference's plain `X.jsonl` is no-CoT). Its kind is two_hop when its rows name a bridge
-(`answer_intermediate`) and atomic otherwise; without a bridge the first-hop grades are not applicable
+(`answer_intermediate`) or its name says so (the reference's `2hop_*`), and atomic otherwise; without a bridge the first-hop grades are not applicable
 (None). `X_shuffled.jsonl` given together with `X.jsonl` is X's chance baseline (the loss gap). The
 candidate set of a group (X, X_cot, X_shuffled) is every answer its files give. A file of a dataset we
 generated keeps what its card declares (kind, style, headline metric, candidate set).
@@ -67,6 +67,9 @@ def declared(path: Path) -> tuple:
     return None, []
 
 
+TWO_HOP_NAME = re.compile(r"2hop|two_hop", re.IGNORECASE)  # the reference's semi-synthetic tests may leave the bridge ""
+
+
 def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: dict = None) -> dict:
     """A card for `files` (test name -> path); `shuffled_of` maps a shuffled set to its true set's name
     (default: `X_shuffled` to `X` where both are given); `overrides` (test name -> spec keys) wins."""
@@ -78,7 +81,8 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: d
     for name, path in files.items():
         rows = read_records(path, required=("messages", "answer"))
         group = GROUP_SUFFIX.sub("", name).replace("/", "_")
-        two_hop = any(grading.split_aliases(r.get("answer_intermediate"))[0] for r in rows)
+        two_hop = TWO_HOP_NAME.search(Path(name).name) is not None or \
+            any(grading.split_aliases(r.get("answer_intermediate"))[0] for r in rows)
         tests[name] = {"kind": "two_hop" if two_hop else "atomic", "style": style_of(rows, name),
                        "candidate_set": group, "attribute": group, "shuffled_of": shuffled_of.get(name, ""),
                        "metric": "" if two_hop else f"acc_{name.replace('/', '_')}"}
