@@ -150,6 +150,26 @@ class InContextJobTest(unittest.TestCase):
             self.assertNotEqual(json.loads((run / "status.json").read_text())["run_id"], first)
             self.assertEqual(len((run / "predictions.jsonl").read_text().splitlines()), 2 * (3 + 4))
 
+    def test_evaluate_twohop_files_recognises_the_layout(self):
+        from models import ensure_model, resolve_model
+        from runner.main import main
+        with tempfile.TemporaryDirectory() as tmp:
+            workspace, rows = Path(tmp) / "W", [reference_row(*c) for c in CHAINS]
+            tiny = resolve_model("tiny", workspace / "transformers")
+            ensure_model(tiny)
+            shutil.copytree(tiny.path, workspace / "transformers" / "plain")
+            given = Path(tmp) / "given"
+            given.mkdir()
+            files = [write_jsonl(given / f"all_in_context_test_{i}.jsonl", rows[i - 1:i + 2]) for i in (1, 2)]
+            self.assertEqual(main(["--workspace_path", str(workspace), "--jobs", "evaluate_twohop_files", "--model",
+                                   "plain", "--set", "cot_max_new_tokens=32", "--set", f"test_files=[{given}]"]), 0)
+            run = workspace / "experiments/evaluate_twohop/files/plain/seed_1"
+            self.check_results(json.loads((run / "in_context/results.json").read_text()),
+                               [json.loads(line) for line in (run / "in_context/predictions.jsonl").read_text().splitlines()],
+                               [str(f.resolve()) for f in files])
+            headline = json.loads((run / "results.json").read_text())["headline"]
+            self.assertEqual(sorted(headline), ["in_context_accuracy_cot_2", "in_context_accuracy_nocot_2"])
+
     def check_results(self, results: dict, predictions: list, files: list):
         self.assertEqual(results["files"], files)
         self.assertEqual(results["candidates"], 4)

@@ -19,9 +19,13 @@ from pathlib import Path
 from runner import config as typed
 from runner.errors import UserError
 from twohop.data import tables
+from models import load_model
 from twohop.data.records import read_records
+from twohop.data.reference_in_context import is_reference_in_context, read_reference_in_context
 from twohop.evaluation import grading
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
+from twohop.evaluation.in_context import evaluate_reference_files, is_main_process
+from twohop.reports.in_context import in_context_headline, write_in_context_outputs
 
 NOCOT_PROMPT = re.compile(r"\b(do not|don't|without|no)\b[^.]*\b(reason|explain|think)|\b(immediately|directly)\b",
                           re.IGNORECASE)
@@ -98,11 +102,48 @@ def files_card(files: dict, dataset: str, shuffled_of: dict = None, overrides: d
             "paths": {name: str(path) for name, path in files.items()}}
 
 
-def evaluate_files(model_path, paths, config, log, run_dir) -> dict:
-    """Every JSONL file under `paths` evaluated on the model at `model_path`, into `run_dir`."""
+def in_context_layout(path) -> bool:
+    """Whether a file's first row is in the reference's in-context layout (triplet/context/question/answer)."""
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return is_reference_in_context(json.loads(first))
+    except json.JSONDecodeError:
+        return False  # read_records names the bad line
+
+
+def read_test_file(path) -> list:
+    """A given test file read (and checked row by row) in its layout: records, or reference in-context rows."""
+    return read_reference_in_context(path) if in_context_layout(path) else read_records(path)
+
+
+def evaluate_files(model_path, paths, config, log, run_dir, title: str = "files") -> dict:
+    """Every JSONL file under `paths` evaluated on the model at `model_path`, into `run_dir`. Files in the
+    reference's in-context layout are graded no-CoT and CoT with its prompt, as `in_context` grades them,
+    into `run_dir/in_context/`; their accuracies join the headline."""
     files = collect_files(paths)
+    in_context = {name: path for name, path in files.items() if in_context_layout(path)}
+    records = {name: path for name, path in files.items() if name not in in_context}
     log.info("evaluating %d given file(s): %s", len(files), ", ".join(files))
-    return evaluate_dataset(model_path, None, config, log, run_dir, card=files_card(files, "files"))
+    report = evaluate_dataset(model_path, None, config, log, run_dir, card=files_card(records, "files")) \
+        if records else {"tests": {}, "headline": {}, "loss_gaps": {}}
+    if in_context:
+        report["in_context"] = evaluate_in_context_files(model_path, list(in_context.values()), config, log,
+                                                         run_dir / "in_context", title)
+        report["headline"].update(report["in_context"]["headline"])
+    return report
+
+
+def evaluate_in_context_files(model_path, paths: list, config: dict, log, run_dir: Path, title: str) -> dict:
+    """The reference's in-context files, no-CoT and CoT, with in_context's outputs in `run_dir`."""
+    model, tokenizer = load_model(model_path)
+    settings = {**config, "styles": ["nocot", "cot"]}
+    report, predictions = evaluate_reference_files(model, tokenizer, paths, settings, log)
+    report = {"model": str(model_path), **report}
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_in_context_outputs(report, predictions, run_dir, f"{title}: reference in-context files")
+    return {"headline": {f"in_context_{k}": v for k, v in in_context_headline(report).items()}, "files": report["files"]}
 
 
 def trained_experiment(finetune_dir: Path):

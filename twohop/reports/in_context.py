@@ -4,6 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text  # noqa: E402
 from twohop.reports.tables import fmt  # noqa: E402
 from twohop.plots import png  # noqa: E402
 
@@ -57,3 +58,16 @@ def accuracy_plot(report: dict, title: str) -> bytes:
     axis.set_title(title)
     axis.legend(fontsize=8)
     return png(figure)
+
+
+def write_in_context_outputs(report: dict, predictions: list, run_dir, title: str) -> None:
+    """predictions.jsonl, summary.md, accuracy_vs_distractors.png and results.json of an in-context evaluation."""
+    atomic_write_jsonl(run_dir / "predictions.jsonl", predictions)
+    atomic_write_text(run_dir / "summary.md", summary_markdown(report, title))
+    atomic_write_bytes(run_dir / "accuracy_vs_distractors.png", accuracy_plot(report, title))
+    atomic_write_json(run_dir / "results.json", report)
+
+
+def in_context_headline(report: dict) -> dict:
+    """Accuracy per style and distractor count."""
+    return {f"accuracy_{s['style']}_{s['n_distractors']}": s["accuracy"]["mean"] for s in report["settings"].values()}

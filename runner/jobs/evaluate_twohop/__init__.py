@@ -22,10 +22,10 @@ from runner.config import option
 from runner.errors import UserError
 from runner.registry import Job, SubJob
 from twohop.data import tables
-from twohop.data.records import read_records
 from runner.files import atomic_write_json
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_before, evaluate_dataset
-from twohop.evaluation.files import collect_files, evaluate_experiment, evaluate_files, trained_experiment
+from twohop.evaluation.files import (collect_files, evaluate_experiment, evaluate_files, read_test_file,
+                                     trained_experiment)
 from twohop.reports.evaluation import write_reports, write_semi_synthetic_report, write_seeds_summary
 from twohop.training.recipes import VARIANTS, trained_or_given
 
@@ -77,8 +77,11 @@ def run(ctx, setting: str, data_job: str) -> dict:
 def run_files(ctx) -> dict:
     finetune = ctx.config["finetune"]
     model = ctx.input(finetune) / "model" if finetune else trained_or_given(ctx.input("finetune_base"), ctx.model.path)
-    report = evaluate_files(model, ctx.config["test_files"], ctx.config, ctx.log, ctx.run_dir)
-    write_reports(report, ctx.run_dir, ctx.run.label, ctx.input(finetune) / "metrics.jsonl" if finetune else None)
+    report = evaluate_files(model, ctx.config["test_files"], ctx.config, ctx.log, ctx.run_dir, ctx.run.label)
+    if report["tests"]:
+        write_reports(report, ctx.run_dir, ctx.run.label, ctx.input(finetune) / "metrics.jsonl" if finetune else None)
+    if PartialState().is_main_process:  # with the in-context files' headline, whose outputs are in in_context/
+        atomic_write_json(ctx.run_dir / "results.json", report)
     return report["headline"]
 
 
@@ -117,7 +120,7 @@ FILES = SubJob(
     "--set finetune=<finetune sub-job> trained", run_files, FilesConfig,
     requires=lambda config: ["finetune_base"] + ([config["finetune"]] if config["finetune"] else []),
     uses_model=True, seeded=True, check=check_files, named_only=True,
-    external_files=lambda config, workspace: {path: read_records for path in collect_files(config["test_files"]).values()})
+    external_files=lambda config, workspace: {path: read_test_file for path in collect_files(config["test_files"]).values()})
 
 JOB = Job("evaluate_twohop", "evaluate fine-tuned models: CoT / no-CoT accuracy, candidates, loss gap",
           tuple(evaluation(*setting) for setting in SETTINGS) + tuple(over_seeds(s) for s, *_ in SETTINGS)

@@ -90,8 +90,6 @@ def check_config(config: dict, model=None) -> None:
             raise UserError(f"{where}: needs a model, e.g. {{backend: openai, model: gpt-4o}}")
         if spec.get("base_url"):
             check_url(f"{where}.base_url", spec["base_url"])
-        if spec and spec["backend"] != "local":
-            api_key(spec)  # the key's variable is set, before anything runs
     for model, price in config["prices"].items():
         if len(price) != 2:
             raise UserError(f"prices.{model}: {price} must be [USD per 1M input tokens, USD per 1M output tokens]")
@@ -100,6 +98,9 @@ def check_config(config: dict, model=None) -> None:
         raise UserError("grader: backend local grades with the run's local model; frontier_eval_api has none")
     if grader.get("backend") == "local" and (grader["model"] or grader["base_url"] or grader["api_key_env"]):
         raise UserError("grader: backend local is the run's own model; drop model, base_url and api_key_env")
+    for spec in [*config.get("endpoints", []), grader]:  # last: every other mistake is named first
+        if spec and spec["backend"] != "local":
+            api_key(spec)  # the key's variable is set, before anything runs
 
 
 def check_url(where: str, url: str) -> None:

@@ -18,12 +18,11 @@ from typing import Literal
 from models import load_model
 from runner.config import option
 from runner.errors import UserError
-from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from runner.registry import Job, SubJob
 from twohop.data import tables
 from twohop.data.reference_in_context import read_reference_in_context
 from twohop.evaluation.in_context import evaluate_reference_files, evaluate_settings, is_main_process
-from twohop.reports.in_context import accuracy_plot, summary_markdown
+from twohop.reports.in_context import in_context_headline, write_in_context_outputs
 from twohop.training.recipes import trained_or_given
 
 
@@ -85,11 +84,8 @@ def run(ctx) -> dict:
     report, predictions = evaluate(ctx, model, tokenizer, world)
     report = {"model": str(model_path), **report}
     if is_main_process():
-        atomic_write_jsonl(ctx.run_dir / "predictions.jsonl", predictions)
-        atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(report, ctx.run.label))
-        atomic_write_bytes(ctx.run_dir / "accuracy_vs_distractors.png", accuracy_plot(report, ctx.run.label))
-        atomic_write_json(ctx.run_dir / "results.json", report)
-    return {f"accuracy_{s['style']}_{s['n_distractors']}": s["accuracy"]["mean"] for s in report["settings"].values()}
+        write_in_context_outputs(report, predictions, ctx.run_dir, ctx.run.label)
+    return in_context_headline(report)
 
 
 def requirements(config: dict) -> tuple:
