@@ -1,0 +1,162 @@
+"""Interventions on planted mechanisms, whose true answers are known exactly, and the hook layer on
+random-init models of every family.
+
+The planted model (`mover_model`) is a 3-layer Llama whose layers are identities except for one
+"mover", decoder layer K = 2: its attention has q = k = 0 (uniform causal attention) and V = O =
+identity, so every position adds the mean of the normalised states before it; every MLP is zero.
+Token E1 carries an "answer feature" (dimension 0) that only the answer token A reads; E1' (the
+corrupting name) carries none, and the foil F reads a dimension nothing writes. So the logit
+difference A - F is exactly 0 on the corrupted prompt and positive on the clean one, and:
+patching t1 recovers 1 before K and 0 from K on, t2 the reverse, r nothing; knocking out t2 -> t1
+at K recovers 0 (the other layers' attention outputs are zero, so knocking them out changes nothing).
+"""
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from models.tiny import train_tokenizer, vocabulary_corpus
+from runner.errors import UserError
+from twohop.interp import hooks, patching
+from twohop.interp.hooks import Batch, locate, parity_check
+
+PAD, BOS, E1, E1_CORRUPT, ANSWER, FOIL = 0, 1, 6, 7, 8, 9
+HIDDEN, MOVER, LAYERS = 12, 2, 3
+CLEAN = [BOS, 2, E1, 3, 4, 5]  # t1 = 2, r = 3 and 4 (and BOS, 2 before e1), t2 = 5
+POSITIONS = {"e1": [2], "t1": 2, "r": [0, 1, 3, 4], "t2": 5}
+
+
+def mover_model(layers: int = LAYERS, mover: int = MOVER) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=12, hidden_size=HIDDEN, intermediate_size=4, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=HIDDEN // 2, tie_word_embeddings=False,
+                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=11, max_position_embeddings=32)
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for norm in [model.model.norm] + [n for layer in model.model.layers
+                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            norm.weight.fill_(1.0)
+        embeddings = model.model.embed_tokens.weight
+        for token in range(12):
+            embeddings[token, 2 + token % (HIDDEN - 2)] = 1.0  # every token has its own direction, beyond 0 and 1
+        embeddings[E1, 0] = 2.0  # E1's answer feature
+        model.lm_head.weight[ANSWER, 0] = 1.0
+        model.lm_head.weight[FOIL, 1] = 1.0
+        attention = model.model.layers[mover - 1].self_attn
+        attention.v_proj.weight.copy_(torch.eye(HIDDEN))
+        attention.o_proj.weight.copy_(torch.eye(HIDDEN))
+    return model
+
+
+def planted_item(name: str = "q") -> patching.Item:
+    corrupted = [E1_CORRUPT if t == E1 else t for t in CLEAN]
+    return patching.Item(name, CLEAN, corrupted, POSITIONS, ANSWER, FOIL)
+
+
+def grid(summary: dict, kind: str, position: str) -> list:
+    return [round(entry["recovered"], 6) for entry in summary[kind][position]]
+
+
+class PlantedMoverTest(unittest.TestCase):
+    def setUp(self):
+        self.model = mover_model()
+
+    def test_patching_recovers_exactly_what_the_mover_reads(self):
+        rows = patching.patch_chunk(self.model, [planted_item("a"), planted_item("b")], PAD)
+        summary = patching.summarise(rows, samples=10)
+        self.assertGreater(summary["effect"]["mean"], 0.1)
+        self.assertEqual(rows[0]["corrupted"], 0.0)
+        self.assertEqual(grid(summary, "patch", "t1"), [1.0, 1.0, 0.0, 0.0])  # states 0..3; the mover reads state 1
+        self.assertEqual(grid(summary, "patch", "t2"), [0.0, 0.0, 1.0, 1.0])
+        self.assertEqual(grid(summary, "patch", "r"), [0.0, 0.0, 0.0, 0.0])  # written at K, read by nobody after
+        self.assertEqual(grid(summary, "knockout", "t2->t1"), [1.0, 0.0, 1.0])  # decoder layers 1..3
+
+    def test_left_padding_changes_nothing(self):
+        short = patching.Item("short", CLEAN[1:], [t if t != E1 else E1_CORRUPT for t in CLEAN[1:]],
+                              {"e1": [1], "t1": 1, "r": [0, 2, 3], "t2": 4}, ANSWER, FOIL)
+        alone = patching.patch_chunk(self.model, [short], PAD)
+        padded = patching.patch_chunk(self.model, [planted_item(), short], PAD)[1::2]
+        for a, p in zip(alone, padded):
+            self.assertAlmostEqual(a["intervened"], p["intervened"], places=5)
+        self.assertEqual(grid(patching.summarise(padded, 10), "patch", "t1"), [1.0, 1.0, 0.0, 0.0])
+
+    def test_parity_passes_and_a_hook_that_changes_the_output_is_refused(self):
+        batch = Batch.left_padded([CLEAN, CLEAN[2:]], PAD)
+        report = parity_check(self.model, batch, knockout_layers=range(1, LAYERS + 1))
+        self.assertEqual(max(report.values()), 0.0)
+        with mock.patch.object(hooks, "_edit_cells", lambda edits, batch, combine: lambda s, h: h + 1e-3):
+            with self.assertRaises(UserError) as caught:
+                parity_check(self.model, batch)
+        self.assertNotIn("\n", str(caught.exception))
+        self.assertIn("parity check failed", str(caught.exception))
+
+    def test_knockout_needs_eager_attention(self):
+        self.model.config._attn_implementation = "sdpa"
+        batch = Batch.left_padded([CLEAN], PAD)
+        with self.assertRaisesRegex(UserError, "eager"):
+            with hooks.knockout(self.model, MOVER, patching.knockout_cells(batch, [planted_item()], "t1"), batch):
+                pass
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3", "gpt2")
+
+
+class FamiliesTest(unittest.TestCase):
+    """The hook layer on a random-init model of every family, with the embedded tokenizer's multi-token names."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tokenizer = train_tokenizer(vocabulary_corpus(), 4096)
+
+    def random_model(self, model_type: str):
+        tokens = dict(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
+                      bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if model_type == "gpt2":
+            config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128, **tokens)
+        else:
+            config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=128, **tokens)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+    def prompts(self):
+        rows = [("Ada Hughes-Marsjanska", "Where was Ada Hughes-Marsjanska's spouse born?"),
+                ("Bo", "In which city was the spouse of Bo born?")]
+        return [(e1, q, self.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                           tokenize=False)) for e1, q in rows]
+
+    def test_positions_are_found_by_span_with_multi_token_names(self):
+        (e1, question, prompt), _ = self.prompts()
+        ids, where = locate(self.tokenizer, prompt, question, e1)
+        self.assertGreater(len(where["e1"]), 1, "the test needs a multi-token name")
+        decode = lambda positions: self.tokenizer.decode([ids[p] for p in positions]).strip()  # noqa: E731
+        self.assertEqual(decode(where["e1"]), e1)
+        self.assertEqual(where["t1"], where["e1"][-1])
+        self.assertEqual(where["t2"], len(ids) - 1)
+        self.assertEqual(decode(where["r"]).replace(" ", ""), "Wherewas'sspouseborn?")
+        self.assertEqual(ids[-1], self.tokenizer.convert_tokens_to_ids("<|assistant|>"))
+        with self.assertRaisesRegex(UserError, "does not occur"):
+            locate(self.tokenizer, prompt, question, "Nobody")
+
+    def test_every_family_passes_parity_and_left_padding_keeps_the_cells(self):
+        found = [locate(self.tokenizer, p, q, e1) for e1, q, p in self.prompts()]
+        batch = Batch.left_padded([ids for ids, _ in found], self.tokenizer.pad_token_id)
+        rows, columns = batch.cells([where["t1"] for _, where in found])
+        for model_type in FAMILIES:
+            with self.subTest(model_type):
+                model = self.random_model(model_type)
+                report = parity_check(model, batch, knockout_layers=(1, 2))
+                self.assertLess(max(report.values()), 1e-4)
+                self.assertEqual(batch.input_ids[rows, columns].tolist(), [ids[w["t1"]] for ids, w in found])
+                alone = hooks.final_logits(model, Batch.left_padded([found[1][0]], self.tokenizer.pad_token_id))
+                torch.testing.assert_close(hooks.final_logits(model, batch)[1:], alone, atol=1e-5, rtol=1e-4)
+
+
+if __name__ == "__main__":
+    unittest.main()
