@@ -10,6 +10,7 @@ difference A - F is exactly 0 on the corrupted prompt and positive on the clean 
 patching t1 recovers 1 before K and 0 from K on, t2 the reverse, r nothing; knocking out t2 -> t1
 at K recovers 0 (the other layers' attention outputs are zero, so knocking them out changes nothing).
 """
+import json
 import tempfile
 import unittest
 from pathlib import Path
@@ -20,7 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from models.tiny import train_tokenizer, vocabulary_corpus
 from runner.errors import UserError
-from twohop.interp import hooks, patching
+from runner.main import main
+from runner.files import append_jsonl, resume_jsonl
+from twohop.interp import backpatching, hooks, patching
 from twohop.interp.hooks import Batch, locate, parity_check
 
 PAD, BOS, E1, E1_CORRUPT, ANSWER, FOIL = 0, 1, 6, 7, 8, 9
@@ -103,6 +106,67 @@ class PlantedMoverTest(unittest.TestCase):
                 pass
 
 
+class StubTokenizer:
+    """What back-patching asks of a tokenizer, for the planted model's 12 tokens: a reply is its token ids."""
+    pad_token_id, eos_token_id = PAD, 11
+
+    @staticmethod
+    def batch_decode(tokens, skip_special_tokens=True):
+        return [" ".join(str(t) for t in row.tolist() if t != PAD) for row in tokens]
+
+
+def planted_query(name: str, ids=CLEAN, positions=POSITIONS) -> backpatching.Query:
+    return backpatching.Query(name, ids, positions, {"answer": str(ANSWER), "e1": str(E1), "answer_intermediate": ""})
+
+
+class PlantedBackpatchTest(unittest.TestCase):
+    def setUp(self):
+        self.model = mover_model()  # layer 3 is an identity: state 3 == state 2
+        self.queries = [planted_query("a"), planted_query("b", CLEAN[1:], {"e1": [1], "t1": 1, "r": [0, 2, 3], "t2": 4})]
+
+    def replies(self, rows) -> dict:
+        return {backpatching.row_key(r): r["reply"] for r in rows}
+
+    def test_back_patching_across_an_identity_layer_changes_nothing(self):
+        pairs = [(3, 2), (2, 1)]
+        rows = [r for chunk in backpatching.grid_rows(self.model, StubTokenizer, self.queries, pairs, ("t2", "t1"), 8, 3)
+                for r in chunk]
+        self.assertEqual(len(rows), 2 * (1 + 2 * 2))
+        replies = self.replies(rows)
+        for q in ("a", "b"):
+            baseline = replies[(q, "none", None, None)]
+            self.assertTrue(baseline.startswith(str(ANSWER)), baseline)
+            self.assertEqual(replies[(q, "t2", 3, 2)], baseline)
+            self.assertEqual(replies[(q, "t1", 3, 2)], baseline)
+        batch = Batch.left_padded([q.ids for q in self.queries], PAD)
+        cache = backpatching.clean_states(self.model, batch, self.queries)
+        torch.testing.assert_close(cache["t2"][:, 3], cache["t2"][:, 2], atol=0, rtol=0)
+        self.assertFalse(torch.equal(cache["t2"][:, 2], cache["t2"][:, 1]))  # the mover wrote there
+        summary = backpatching.summarise(rows)
+        self.assertEqual((summary["n"], summary["right"]), (2, 2))
+        preserved = {(e["position"], e["source"], e["target"]): e["preserve"]["rate"] for e in summary["pairs"]}
+        self.assertEqual(preserved[("t2", 3, 2)], 1.0)
+
+    def test_a_killed_grid_continues_where_it_stopped(self):
+        pairs = backpatching.layer_pairs(LAYERS + 1)
+        self.assertEqual(pairs, [(1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (3, 2)])
+        self.assertEqual(backpatching.layer_pairs(LAYERS + 1, stride=2), [(2, 0), (3, 0), (3, 2)])
+        full = [r for c in backpatching.grid_rows(self.model, StubTokenizer, self.queries, pairs, ["t2"], 4, 2) for r in c]
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "rows.jsonl"
+            first = next(backpatching.grid_rows(self.model, StubTokenizer, self.queries, pairs, ["t2"], 4, 2))
+            append_jsonl(log, first)
+            with open(log, "a") as f:
+                f.write('{"item": "a", "cut sh')  # the kill
+            done = resume_jsonl(log)
+            self.assertEqual(done, first)
+            for chunk in backpatching.grid_rows(self.model, StubTokenizer, self.queries, pairs, ["t2"], 4, 2,
+                                                {backpatching.row_key(r) for r in done}):
+                append_jsonl(log, chunk)
+            self.assertEqual(self.replies(resume_jsonl(log)), self.replies(full))
+            self.assertEqual(len(resume_jsonl(log)), len(full))
+
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3", "gpt2")
 
 
@@ -156,6 +220,31 @@ class FamiliesTest(unittest.TestCase):
                 self.assertEqual(batch.input_ids[rows, columns].tolist(), [ids[w["t1"]] for ids, w in found])
                 alone = hooks.final_logits(model, Batch.left_padded([found[1][0]], self.tokenizer.pad_token_id))
                 torch.testing.assert_close(hooks.final_logits(model, batch)[1:], alone, atol=1e-5, rtol=1e-4)
+
+
+class InterveneJobTest(unittest.TestCase):
+    """Both sub-jobs through the real runner, on the untrained tiny model (--model as it is)."""
+
+    def test_patch_and_backpatch_write_the_house_outputs(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp) / "w"
+            code = main(["--workspace_path", str(w), "--jobs", "intervene_patch", "intervene_backpatch", "--set",
+                         "model_from=cli", "--set", "max_items=6", "--set", "intervene_backpatch.max_new_tokens=3"])
+            self.assertEqual(code, 0)
+            runs = w / "experiments" / "intervene"
+            patch, back = runs / "patch/tiny-h128-l2/seed_1", runs / "backpatch/tiny-h128-l2/seed_1"
+            for name in ("rows.jsonl", "results.json", "summary.md", "patching_heatmap.png", "knockout.png"):
+                self.assertTrue((patch / name).is_file(), name)
+            rows = [json.loads(line) for line in (patch / "rows.jsonl").read_text().splitlines()]
+            self.assertEqual(len(rows), 6 * (3 * 3 + 2))  # 6 items x (states 0..2 x {t1, r, t2} + knockout at 1, 2)
+            results = json.loads((patch / "results.json").read_text())
+            self.assertEqual(results["summary"]["n"], 6)
+            self.assertEqual([e["recovered"] for e in results["summary"]["patch"]["t2"]][-1], 1.0)  # the last state
+            self.assertEqual(max(results["parity"].values()), 0.0)
+            back_rows = (back / "rows.jsonl").read_text().splitlines()
+            self.assertEqual(len(back_rows), 6 * (1 + 3))  # unpatched + pairs (1,0), (2,0), (2,1) at t2
+            self.assertTrue((back / "backpatch.png").is_file())
+            self.assertIn("Oracle fix rate", (back / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -160,6 +160,19 @@ def summarise(rows: list, samples: int = 1000) -> dict:
     effects = {row["item"]: row["clean"] - row["corrupted"] for row in rows}
     mean, se = stats.mean_se(list(effects.values()))
     out = {"n": len(effects), "effect": {"mean": mean, "se": se}, "patch": {}, "knockout": {}}
-    for (kind, position, layer), members in sorted(groups.items()):
+    order = {position: i for i, position in enumerate(POSITIONS)}
+    for (kind, position, layer), members in sorted(groups.items(), key=lambda g: (order.get(g[0][1], 9), g[0])):
         out[kind].setdefault(position, []).append({"layer": layer, **recovered(members, samples)})
     return out
+
+
+def sweep(model, items: list, pad_id: int, batch_size: int, knockout_to: str = "t1", progress=None) -> list:
+    """Every row of the patching grid and the knockout curve, `batch_size` items at a time (items of
+    one length together, so little padding is run)."""
+    ordered = sorted(items, key=lambda item: len(item.clean))
+    rows = []
+    for start in range(0, len(ordered), batch_size):
+        rows += patch_chunk(model, ordered[start:start + batch_size], pad_id, knockout_to=knockout_to)
+        if progress:
+            progress(min(start + batch_size, len(ordered)), len(ordered))
+    return rows
