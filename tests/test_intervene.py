@@ -208,6 +208,22 @@ class FamiliesTest(unittest.TestCase):
         with self.assertRaisesRegex(UserError, "does not occur"):
             locate(self.tokenizer, prompt, question, "Nobody")
 
+    def test_corrupted_items_differ_from_the_clean_ones_only_in_e1(self):
+        def row(e1, e3):
+            question = f"Where was {e1}'s spouse born?"
+            return {"messages": [{"role": "system", "content": "Answer directly."}, {"role": "user", "content": question},
+                                 {"role": "assistant", "content": e3}], "question": question, "answer": e3, "e1": e1}
+        rows = [row("Ada Hughes-Marsjanska", "Oslo"), row("Bo", "Lima"), row("Thalia Donnelly-Rosenthal", "Rome")]
+        items, skipped = patching.pair_items(self.tokenizer, {"test": rows})
+        self.assertEqual((len(items), skipped), (2, 1))  # Bo's name has no partner of its length
+        for item in items:
+            differ = [i for i, (a, b) in enumerate(zip(item.clean, item.corrupted)) if a != b]
+            self.assertTrue(differ and set(differ) <= set(item.positions["e1"]), differ)
+            self.assertEqual(len(item.clean), len(item.corrupted))
+            self.assertEqual(self.tokenizer.decode([item.corrupted[p] for p in item.positions["e1"]]).strip(),
+                             item.info["e1_corrupt"])
+            self.assertNotEqual(item.answer, item.foil)
+
     def test_every_family_passes_parity_and_left_padding_keeps_the_cells(self):
         found = [locate(self.tokenizer, p, q, e1) for e1, q, p in self.prompts()]
         batch = Batch.left_padded([ids for ids, _ in found], self.tokenizer.pad_token_id)
