@@ -101,10 +101,13 @@ def run_patch(ctx) -> dict:
             "effect_se": summary["effect"]["se"]}
 
 
+def check_backpatch(config: dict, model=None) -> None:
+    if not config["positions"]:
+        raise UserError("positions: empty; give t2 and/or t1, e.g. --set positions=[t2,t1]")
+
+
 def run_backpatch(ctx) -> dict:
     config = ctx.config
-    if not config["positions"]:
-        raise UserError("positions: empty; give t2 and/or t1")
     model, tokenizer, tests, path = load(ctx, eager=False)
     queries = backpatching.queries(tokenizer, tests, config["max_items"])
     parity = parity_check(model, Batch.left_padded([q.ids for q in queries[:config["batch_size"]]],
@@ -136,5 +139,5 @@ JOB = Job("intervene", "causal interventions on two-hop questions: activation pa
            "knockout t2 -> e1 per layer", run_patch, PatchConfig, requires=requires, uses_model=True, seeded=True),
     SubJob("intervene", "backpatch", "back-patching (Hopping Too Late): later states copied into earlier layers at "
            "t2 / t1, greedy replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig,
-           requires=requires, uses_model=True, seeded=True),
+           requires=requires, uses_model=True, seeded=True, check=check_backpatch),
 ))
