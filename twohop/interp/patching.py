@@ -49,10 +49,10 @@ def first_reply_token(tokenizer, answer: str) -> int:
     return generation.reply_ids(tokenizer, [answer])[0][0]
 
 
-def corrupt(tokenizer, row: dict, prompt: str, other: dict):
-    """The item for `row` corrupted with `other`'s e1, or None where the two do not line up token for
-    token outside e1's mention or their answers start with the same token."""
-    ids, positions = locate(tokenizer, prompt, row["question"], row["e1"])
+def corrupt(tokenizer, row: dict, prompt: str, clean: tuple, other: dict, item_id: str):
+    """The item for `row` (its prompt, and `clean` = locate(...) of it) corrupted with `other`'s e1, or
+    None where the two prompts differ outside e1's mention or their answers start with the same token."""
+    ids, positions = clean
     start = prompt.rfind(row["question"]) + row["question"].find(row["e1"])
     swapped = prompt[:start] + other["e1"] + prompt[start + len(row["e1"]):]
     question = row["question"].replace(row["e1"], other["e1"], 1)
@@ -62,34 +62,35 @@ def corrupt(tokenizer, row: dict, prompt: str, other: dict):
     if (len(corrupted) != len(ids) or corrupted_positions != positions or answer == foil
             or any(ids[i] != corrupted[i] for i in outside)):
         return None
-    return Item(str(row.get("id", row["e1"])), ids, corrupted, positions, answer, foil,
+    return Item(item_id, ids, corrupted, positions, answer, foil,
                 {"e1": row["e1"], "e1_corrupt": other["e1"], "e3": row["answer"], "e3_corrupt": other["answer"]})
 
 
 def pair_items(tokenizer, groups: dict, seed: int = 0, max_items: int = 0) -> tuple:
     """(items, skipped): each two-hop row (records with messages, question, answer, e1) paired with
     another row of its group (a test file: the same relation) whose e1 has the same token length,
-    chosen in a seeded order; rows with no such partner are skipped."""
+    chosen in a seeded order; rows with no such partner are skipped. Stops at `max_items` (0: all)."""
     rng, items, skipped = random.Random(seed), [], 0
     for name, rows in groups.items():
         for index, row in enumerate(rows):
+            if max_items and len(items) == max_items:
+                return items, skipped
             prompt = generation.prompt_text(tokenizer, row["messages"])
+            clean = locate(tokenizer, prompt, row["question"], row["e1"])
             others = [o for o in rows if o["e1"] != row["e1"]]
             rng.shuffle(others)
-            item = next((found for other in others if (found := corrupt(tokenizer, row, prompt, other))), None)
+            item = next((found for other in others
+                         if (found := corrupt(tokenizer, row, prompt, clean, other, f"{name}:{index}"))), None)
             if item is None:
                 skipped += 1
-                continue
-            item.id = f"{name}:{index}"
-            items.append(item)
-    if max_items:
-        items = items[:max_items]
+            else:
+                items.append(item)
     return items, skipped
 
 
 def logit_difference(logits: torch.Tensor, items: list) -> list:
     """logit(e3) - logit(e3') at the last position, per item."""
-    rows = torch.arange(len(items))
+    rows = torch.arange(len(items), device=logits.device)
     answers = torch.tensor([i.answer for i in items], device=logits.device)
     foils = torch.tensor([i.foil for i in items], device=logits.device)
     return (logits[rows, answers] - logits[rows, foils]).tolist()
