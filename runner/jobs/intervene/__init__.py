@@ -14,6 +14,7 @@ no-CoT tests of that setting's dataset. Every run starts with the hooks' parity 
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from models import load_model
@@ -62,11 +63,12 @@ def requires(config: dict) -> list:
 
 
 def load(ctx, eager: bool) -> tuple:
-    """(model, tokenizer, {test: rows}) of the run's setting."""
+    """(model, tokenizer, {test: rows}, the model's path) of the run's setting, on the GPU if there is one."""
     path = ctx.input(f"finetune_{ctx.config['setting']}") / "model" if ctx.config["model_from"] == "finetune" \
         else ctx.model.path
-    model, tokenizer = load_model(path, attn_implementation="eager" if eager else None)
-    ctx.log.info("model %s", path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 there: the parity check's tolerance follows
+    model, tokenizer = load_model(path, device, attn_implementation="eager" if eager else None)
+    ctx.log.info("model %s on %s", path, device)
     return model, tokenizer, two_hop_tests(ctx.input(SETTINGS[ctx.config["setting"]]) / "data"), str(path)
 
 
