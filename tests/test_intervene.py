@@ -238,6 +238,13 @@ class FamiliesTest(unittest.TestCase):
                 self.assertEqual(batch.input_ids[rows, columns].tolist(), [ids[w["t1"]] for ids, w in found])
                 alone = hooks.final_logits(model, Batch.left_padded([found[1][0]], self.tokenizer.pad_token_id))
                 torch.testing.assert_close(hooks.final_logits(model, batch)[1:], alone, atol=1e-5, rtol=1e-4)
+                # Knocking out t2 -> t1 in layer 1 changes the logits at t2 and nowhere else.
+                cut = (rows, torch.full_like(rows, batch.width - 1), columns)
+                before = hooks.final_logits(model, batch, last_only=False)
+                with hooks.knockout(model, 1, cut, batch):
+                    after = hooks.final_logits(model, batch, last_only=False)
+                changed = (after - before).abs().amax(-1) > 1e-6
+                self.assertEqual(changed.nonzero().tolist(), [[0, batch.width - 1], [1, batch.width - 1]])
 
 
 class InterveneJobTest(unittest.TestCase):
