@@ -109,6 +109,8 @@ def backpatch_plot(summary: dict, states: int, title: str) -> bytes:
             if e["position"] == position and e["fix"]["rate"] is not None:
                 grid[e["source"], e["target"]] = e["fix"]["rate"]
         image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower")
+        axis.set_xticks(range(states))
+        axis.set_yticks(range(states))
         axis.set_xlabel("target state (patched into)")
         axis.set_ylabel("source state (copied from)")
         axis.set_title(f"fix rate at {position}", fontsize=9)
