@@ -2,7 +2,9 @@
 
 Sub-jobs read the model a finetune sub-job trained (`setting`, default `spouses`: the
 separate-documents model, seeded) or, with `model_from=cli`, `--model` as it is, and the two-hop
-no-CoT tests of that setting's dataset. Every run starts with the hooks' parity check.
+no-CoT tests of that setting's dataset. `<kind>_samedoc` and `<kind>_universities` are the same with
+that setting as default, in run folders of their own (changing `setting` of one sub-job replaces its
+earlier run, as any config change does). Every run starts with the hooks' parity check.
 - `patch`: clean -> corrupted residual patching over states x {t1, r, t2} and attention knockout
   t2 -> e1 per layer (`twohop.interp.patching`). Writes rows.jsonl (item x layer x position),
   results.json, summary.md, patching_heatmap.png, knockout.png.
@@ -136,10 +138,20 @@ def run_backpatch(ctx) -> dict:
             "best_pair_preserve": best["preserve"]["rate"] if best else None}
 
 
-JOB = Job("intervene", "causal interventions on two-hop questions: activation patching, knockout, back-patching", (
-    SubJob("intervene", "patch", "clean -> corrupted residual patching over layers x {t1, r, t2}, attention "
-           "knockout t2 -> e1 per layer", run_patch, PatchConfig, requires=requires, uses_model=True, seeded=True),
-    SubJob("intervene", "backpatch", "back-patching (Hopping Too Late): later states copied into earlier layers at "
-           "t2 / t1, greedy replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig,
-           requires=requires, uses_model=True, seeded=True, check=check_backpatch),
-))
+# The settings compared with the default (spouses: facts in separate documents), each with its own run
+# folders: both facts in one document, and a semi-synthetic type (fact B from pretraining).
+COMPARED = ("samedoc", "universities")
+KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t2}, attention knockout t2 -> e1 "
+          "per layer", run_patch, PatchConfig, None),
+         ("backpatch", "back-patching (Hopping Too Late): later states copied into earlier layers at t2 / t1, greedy "
+          "replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig, check_backpatch))
+
+
+def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
+    return SubJob("intervene", f"{kind}_{setting}" if setting else kind, help + f" ({setting or 'spouses'})", run,
+                  config, {"setting": setting} if setting else {}, requires=requires, uses_model=True, seeded=True,
+                  check=check)
+
+
+JOB = Job("intervene", "causal interventions on two-hop questions: activation patching, knockout, back-patching",
+          tuple(subjob(*kind) for kind in KINDS) + tuple(subjob(*kind, s) for kind in KINDS for s in COMPARED))
