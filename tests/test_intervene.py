@@ -28,7 +28,7 @@ from runner.files import append_jsonl, resume_jsonl
 from twohop.interp import backpatching, hooks, patching
 from twohop.interp.hooks import Batch, locate, parity_check
 
-PAD, BOS, E1, E1_CORRUPT, ANSWER, FOIL = 0, 1, 6, 7, 8, 9
+PAD, BOS, E1, E1_CORRUPT, ANSWER, FOIL, DEFAULT = 0, 1, 6, 7, 8, 9, 10
 HIDDEN, MOVER, LAYERS = 12, 2, 3
 CLEAN = [BOS, 2, E1, 3, 4, 5]  # t1 = 2, r = 3 and 4 (and BOS, 2 before e1), t2 = 5
 POSITIONS = {"e1": [2], "t1": 2, "r": [0, 1, 3, 4], "t2": 5}
@@ -121,6 +121,28 @@ def planted_query(name: str, ids=CLEAN, positions=POSITIONS) -> backpatching.Que
     return backpatching.Query(name, ids, positions, {"answer": str(ANSWER), "e1": str(E1), "answer_intermediate": ""})
 
 
+def hop_too_late_model() -> LlamaForCausalLM:
+    """2 layers answering too late: decoder layer 1's MLP is the second hop (bridge feature, dimension 3 ->
+    answer feature, dimension 1), decoder layer 2 the first (its attention moves E1's feature, dimension 0,
+    to every later position as the bridge feature). The answer never forms; a default token wins."""
+    model = mover_model(layers=2, mover=2)
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens.weight
+        embeddings.zero_()
+        for token in range(12):
+            embeddings[token, 4 + token % 8] = 1.0
+        embeddings[E1, 0] = 2.0
+        mlp = model.model.layers[0].mlp
+        mlp.gate_proj.weight[0, 3], mlp.up_proj.weight[0, 3], mlp.down_proj.weight[1, 0] = 4.0, 4.0, 10.0
+        attention = model.model.layers[1].self_attn
+        attention.v_proj.weight.zero_()
+        attention.v_proj.weight[3, 0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[ANSWER, 1] = 1.0
+        model.lm_head.weight[DEFAULT, 4 + CLEAN[-1] % 8] = 0.5  # reads the last prompt token
+    return model
+
+
 class PlantedBackpatchTest(unittest.TestCase):
     def setUp(self):
         self.model = mover_model()  # layer 3 is an identity: state 3 == state 2
@@ -148,6 +170,20 @@ class PlantedBackpatchTest(unittest.TestCase):
         self.assertEqual((summary["n"], summary["right"]), (2, 2))
         preserved = {(e["position"], e["source"], e["target"]): e["preserve"]["rate"] for e in summary["pairs"]}
         self.assertEqual(preserved[("t2", 3, 2)], 1.0)
+
+    def test_back_patching_fixes_a_model_that_hops_too_late_only_from_the_mover_to_before_the_second_hop(self):
+        model = hop_too_late_model()
+        control = planted_query("control", [E1_CORRUPT if t == E1 else t for t in CLEAN])
+        pairs = backpatching.layer_pairs(3)
+        rows = [r for chunk in backpatching.grid_rows(model, StubTokenizer, [self.queries[0], control], pairs,
+                                                      ("t2", "t1"), 16, 1) for r in chunk]
+        fixed = {(r["item"], r["position"], r["source"], r["target"]) for r in rows if r["correct"]}
+        self.assertEqual(fixed, {("a", "t2", 2, 0)})  # source >= the mover's output, target before the second hop
+        self.assertEqual({r["reply"] for r in rows if r["item"] == "control"}, {str(DEFAULT)})
+        summary = backpatching.summarise([r for r in rows if r["item"] == "a"])
+        self.assertEqual((summary["accuracy"]["rate"], summary["oracle_fix"]["any"]["rate"]), (0.0, 1.0))
+        self.assertEqual(summary["best_pair"]["fix"]["rate"], 1.0)
+        self.assertEqual((summary["best_pair"]["source"], summary["best_pair"]["target"]), (2, 0))
 
     def test_a_killed_grid_continues_where_it_stopped(self):
         pairs = backpatching.layer_pairs(LAYERS + 1)
