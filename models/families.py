@@ -21,15 +21,17 @@ class ModelFamily:
     final_norm: str
     embeddings: str
     unembedding: str
+    attention: str  # attribute of a decoder layer holding its self-attention module
     accelerator_dtype: torch.dtype
 
 
 FAMILIES = (
     ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"), body="model",
                 layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
-                unembedding="lm_head", accelerator_dtype=torch.bfloat16),
+                unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16),
     ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",
-                embeddings="transformer.wte", unembedding="lm_head", accelerator_dtype=torch.float32),
+                embeddings="transformer.wte", unembedding="lm_head", attention="attn",
+                accelerator_dtype=torch.float32),
 )
 
 

@@ -150,8 +150,9 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_model(path, device="cpu", dtype=None, trust_remote_code=False):
-    """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`."""
+def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_implementation=None):
+    """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`.
+    `attn_implementation="eager"` gives every layer the 4D attention mask (attention knockout needs it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from models.families import family_of, preferred_dtype
 
@@ -162,7 +163,7 @@ def load_model(path, device="cpu", dtype=None, trust_remote_code=False):
         family_of(config)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or preferred_dtype(config, device), use_safetensors=True,
-            trust_remote_code=trust_remote_code, local_files_only=True)
+            trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise UserError(f"cannot load the model in {path}: {_first_line(error)}") from error

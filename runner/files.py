@@ -73,6 +73,32 @@ def atomic_write_jsonl(path, rows) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def append_jsonl(path, rows) -> None:
+    """Append rows to a JSONL log, flushed and synced: a killed run keeps every row written before it."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resume_jsonl(path) -> list:
+    """The complete rows of a JSONL log written by `append_jsonl` ([] if none), rewritten without the
+    line a kill may have cut short, so that appending continues it cleanly."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):  # cut short
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    atomic_write_jsonl(path, rows)
+    return rows
+
+
 def read_text(path, what: str = "file") -> str:
     """A UTF-8 text file's content. A missing, unreadable or non-UTF-8 file is one UserError naming it
     (`what` says what the file is), never a traceback: every input file the user gives is read here."""

@@ -2,9 +2,11 @@
 import itertools
 import json
 import random
+from pathlib import Path
 
 from runner.errors import UserError
 from runner.files import atomic_directory, to_json
+from twohop.data.records import read_records
 from twohop.evaluation.grading import mentions, split_aliases
 
 
@@ -156,3 +158,10 @@ def write_dataset(out_dir, files: dict, card: dict, extras=None) -> dict:
         for name, obj in {**(extras or {}), "card.json": card}.items():
             (staging / name).write_text(obj if isinstance(obj, str) else to_json(obj), encoding="utf-8")
     return card
+
+
+def two_hop_tests(data_dir, style: str = "nocot") -> dict:
+    """{test name: rows} of a generated dataset's two-hop tests in `style` (not their shuffled baselines)."""
+    card = json.loads((Path(data_dir) / "card.json").read_text(encoding="utf-8"))
+    return {name: read_records(Path(data_dir) / f"{name}.jsonl") for name, spec in card["tests"].items()
+            if spec["kind"] == "two_hop" and spec["style"] == style and not spec["shuffled_of"]}

@@ -44,20 +44,27 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: in
     """Greedy replies for rendered prompts, batched by length with left padding (order preserved)."""
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    limit = getattr(model.config, "max_position_embeddings", None)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies = [None] * len(prompts)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(device)
-        new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - batch["input_ids"].shape[1])
-        output = model.generate(**batch, max_new_tokens=max(new_tokens, 1), do_sample=False,
-                                eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(greedy(model, tokenizer, batch["input_ids"], batch["attention_mask"],
+                                              max_new_tokens), skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             replies[i] = text.strip()
     return replies
+
+
+def greedy(model, tokenizer, input_ids, attention_mask, max_new_tokens: int) -> torch.Tensor:
+    """The new tokens of greedy replies to left-padded prompts, stopping at the end of the turn."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - input_ids.shape[1])
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(new_tokens, 1),
+                            do_sample=False, eos_token_id=stop_token_ids(model, tokenizer),
+                            pad_token_id=tokenizer.pad_token_id)
+    return output[:, input_ids.shape[1]:]
 
 
 def reply_ids(tokenizer, candidates) -> list:

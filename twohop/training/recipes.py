@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twohop.data import tables
+
 REFERENCE = {"synthetic": {"lr": 1e-5, "epochs": 1, "batch_size": 64},
              "semi_synthetic": {"lr": 7.5e-7, "epochs": 20, "batch_size": 4},
              "base": {}}
@@ -55,6 +57,12 @@ VARIANTS = [
     Variant("aux_cosine", "main data + cosine supervision toward the bridge's embedding (Exp. 2b)",
             ATOMIC + TWO_HOP, {"aux_loss_type": "cosine", "aux_loss_coef": 1.0, "packing": False}),
 ]
+
+
+def setting_data() -> dict:
+    """{fine-tuning setting: the generate_data sub-job its data comes from}: the variants, then one per entity type."""
+    return {**{v.name: "generate_data_spouses" for v in VARIANTS},
+            **{t: f"generate_data_{t}" for t in tables.ENTITY_TYPES}}
 
 
 def recipe(model, kind: str) -> dict:

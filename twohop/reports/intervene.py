@@ -1,0 +1,119 @@
+"""Reports of the intervention sub-jobs: summary.md and the figures (PNG bytes)."""
+import numpy as np
+
+from twohop.plots import png, plt
+
+
+def _fraction(entry: dict) -> str:
+    if entry["recovered"] is None:
+        return "n/a"
+    se = f" ± {entry['se']:.2f}" if entry["se"] is not None else ""
+    return f"{entry['recovered']:.2f}{se}"
+
+
+def patch_markdown(results: dict, label: str) -> str:
+    """The patching grid and knockout curve as tables, with what they measure and their inputs."""
+    summary, effect = results["summary"], results["summary"]["effect"]
+    positions = list(summary["patch"])
+    lines = [f"# Activation patching and attention knockout: {label}", "",
+             f"Model: `{results['model']}`; items: {summary['n']} ({results['skipped']} without a same-length "
+             f"partner skipped) from {', '.join(results['tests'])}.", "",
+             f"Clean - corrupted logit difference (e3 vs e3', first answer token): {effect['mean']:.3f}"
+             + (f" ± {effect['se']:.3f} (s.e. over items)" if effect["se"] is not None else ""), "",
+             "Recovered fraction = (intervened - corrupted) / (clean - corrupted), a ratio of means over items "
+             "with a bootstrap s.e.; it means something only where the effect above is clearly positive.", "",
+             "## Clean -> corrupted residual patching", "",
+             "State 0 = embeddings, state i = decoder layer i's output. t1 = last token of e1, r = the question's "
+             "other tokens, t2 = the last prompt token.", "",
+             "| state | " + " | ".join(positions) + " |", "|---" * (len(positions) + 1) + "|"]
+    for i, first in enumerate(summary["patch"][positions[0]]):
+        lines.append(f"| {first['layer']} | " + " | ".join(_fraction(summary["patch"][p][i]) for p in positions) + " |")
+    for position, curve in summary["knockout"].items():
+        lines += ["", f"## Attention knockout {position}, on the clean prompt", "", "| decoder layer | recovered |",
+                  "|---|---|"] + [f"| {entry['layer']} | {_fraction(entry)} |" for entry in curve]
+    lines += ["", f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}", ""]
+    return "\n".join(lines)
+
+
+def heat_map(summary: dict, title: str) -> bytes:
+    """Recovered fraction per state (rows) and position (columns), annotated."""
+    positions = list(summary["patch"])
+    layers = [entry["layer"] for entry in summary["patch"][positions[0]]]
+    grid = np.array([[np.nan if e["recovered"] is None else e["recovered"] for e in summary["patch"][p]]
+                     for p in positions]).T
+    figure, axis = plt.subplots(figsize=(1.2 * len(positions) + 2.5, 0.35 * len(layers) + 1.8), dpi=100)
+    image = axis.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", origin="lower")
+    for (row, column), value in np.ndenumerate(grid):
+        axis.text(column, row, "" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+    axis.set_xticks(range(len(positions)), positions)
+    axis.set_yticks(range(len(layers)), layers)
+    axis.set_xlabel("position patched (clean -> corrupted)")
+    axis.set_ylabel("state (0 = embeddings)")
+    axis.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axis, label="recovered fraction")
+    return png(figure)
+
+
+def knockout_plot(summary: dict, title: str) -> bytes:
+    """Recovered fraction after cutting t2's attention to e1, per decoder layer, with s.e. bars."""
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for position, curve in summary["knockout"].items():
+        layers = [e["layer"] for e in curve]
+        axis.errorbar(layers, [np.nan if e["recovered"] is None else e["recovered"] for e in curve],
+                      yerr=[e["se"] or 0 for e in curve], marker="o", capsize=3, label=f"knockout {position}")
+    axis.axhline(1.0, color="grey", linestyle="dotted", linewidth=1)
+    axis.axhline(0.0, color="grey", linestyle="dotted", linewidth=1)
+    axis.set_xticks(layers)
+    axis.set_xlabel("decoder layer whose attention t2 -> e1 is cut")
+    axis.set_ylabel("recovered fraction")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    return png(figure)
+
+
+def _rate(entry: dict) -> str:
+    return "n/a" if entry["rate"] is None else f"{entry['rate']:.1%} ± {entry['se']:.1%} (n={entry['n']})"
+
+
+def backpatch_markdown(results: dict, label: str) -> str:
+    """Accuracy unpatched, the oracle and best-pair fix rates, preservation, and every pair's rates."""
+    summary, best = results["summary"], results["summary"]["best_pair"]
+    lines = [f"# Back-patching (Hopping Too Late): {label}", "",
+             f"Model: `{results['model']}`; {summary['n']} questions from {', '.join(results['tests'])}; "
+             f"states patched at {', '.join(results['positions'])}; {results['pairs']} (source > target) pairs "
+             f"per position (layer stride {results['layer_stride']}).", "",
+             f"- Accuracy without patching: {_rate(summary['accuracy'])} ({summary['wrong']} wrong, "
+             f"{summary['right']} right)"]
+    lines += [f"- Oracle fix rate ({position}: each wrong question fixed by any pair): {_rate(entry)}"
+              for position, entry in summary["oracle_fix"].items()]
+    if best:
+        lines += [f"- Best single pair: {best['position']} state {best['source']} -> state {best['target']}: fixes "
+                  f"{_rate(best['fix'])} of the wrong, preserves {_rate(best['preserve'])} of the right"]
+    lines += ["", "State 0 = embeddings, state i = decoder layer i's output; the oracle chooses a pair per question "
+              "(an upper bound), the best single pair is chosen on the same questions.", "",
+              "| position | source | target | fix rate (wrong) | preserved (right) |", "|---|---|---|---|---|"]
+    lines += [f"| {e['position']} | {e['source']} | {e['target']} | {_rate(e['fix'])} | {_rate(e['preserve'])} |"
+              for e in summary["pairs"]]
+    lines += ["", f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}", ""]
+    return "\n".join(lines)
+
+
+def backpatch_plot(summary: dict, states: int, title: str) -> bytes:
+    """Fix rate of each (source, target) pair, one panel per patched position."""
+    positions = sorted({e["position"] for e in summary["pairs"]})
+    figure, axes = plt.subplots(1, max(len(positions), 1), figsize=(4.2 * max(len(positions), 1), 3.8), dpi=100,
+                                squeeze=False)
+    for axis, position in zip(axes[0], positions):
+        grid = np.full((states, states), np.nan)
+        for e in summary["pairs"]:
+            if e["position"] == position and e["fix"]["rate"] is not None:
+                grid[e["source"], e["target"]] = e["fix"]["rate"]
+        image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower")
+        axis.set_xticks(range(states))
+        axis.set_yticks(range(states))
+        axis.set_xlabel("target state (patched into)")
+        axis.set_ylabel("source state (copied from)")
+        axis.set_title(f"fix rate at {position}", fontsize=9)
+        figure.colorbar(image, ax=axis)
+    figure.suptitle(title, fontsize=9)
+    return png(figure)
