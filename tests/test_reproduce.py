@@ -123,7 +123,8 @@ class ReproduceTest(unittest.TestCase):
             markdown = (study / "report.md").read_text()
             for row in rows.values():
                 self.assertIn(f"| {row['setting']} | {row['runs']} | {row['n']} | {100 * row['nocot']:.1f}% |", markdown)
-            self.assertEqual(len(report["findings"]), 6)
+            self.assertEqual(len(report["findings"]), 7)
+            self.assertTrue(report["findings"][-1]["claim"].startswith("semi-synthetic: no-CoT loss gap"))
             for name in ("figure1.png", "loss_gap.png", "semi_synthetic/accuracy_by_type.png"):
                 self.assertEqual((study / name).read_bytes()[:4], b"\x89PNG", name)
             # One progress line per run, the last with nothing left.
