@@ -1,17 +1,18 @@
 """Resolve `--model` to a local folder and load it with the ordinary Hugging Face Auto classes.
 
 `--model` is, in this order: an embedded tiny preset (built on demand into
-`W/transformers/<preset>/`), a folder name under `W/transformers/`, or a path. Only local files
-are read, `trust_remote_code` is off unless asked for, and weights must be safetensors.
+`W/transformers/<preset>/`), a folder under `W/transformers/` (`org/name` is the same relative path), a
+path, or a Hugging Face hub name found in the local cache or downloaded into it (models.hub). Only local
+files are loaded, `trust_remote_code` is off unless asked for, and weights must be safetensors.
 """
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.errors import UserError
+from runner.errors import UserError, first_line
 from runner.files import atomic_directory, atomic_write_json, read_json, read_text, sha256_file
-from models import tiny
+from models import hub, tiny
 from models.families import family_named
 
 DEFAULT_MODEL = "tiny"
@@ -25,31 +26,45 @@ class ModelRef:
     path: Path
     embedded_preset: str = None  # set for the project's own tiny models
     seed: int = 0
+    source: str = "path"  # embedded | workspace | path | hf_cache: which step of resolve_model found it
 
 
-def resolve_model(name: str, transformers_dir, seed: int = 0) -> ModelRef:
+def resolve_model(name: str, transformers_dir, seed: int = 0, download: bool = True) -> ModelRef:
+    """`--model` in this order: an embedded preset, `W/transformers/<name>`, an existing path, the Hugging Face
+    cache (offline), a download into that cache (models.hub; only with `download` and a reachable hub)."""
     if not name.strip():
-        raise UserError("--model is empty; give an embedded preset (tiny), a folder name under W/transformers/ "
-                        "or a path")
+        raise UserError("--model is empty; give an embedded preset (tiny), a folder name under W/transformers/, "
+                        "a path or a Hugging Face name (org/name)")
     transformers_dir = Path(transformers_dir)
     preset = tiny.ALIASES.get(name, name)
     if preset in tiny.PRESETS:
         tag = preset if seed == 0 else f"{preset}-seed{seed}"
-        return ModelRef(name, tag, transformers_dir / tag, embedded_preset=preset, seed=seed)
-    candidates = [transformers_dir / name, Path(name).expanduser()]
-    for path in candidates:
+        return ModelRef(name, tag, transformers_dir / tag, embedded_preset=preset, seed=seed, source="embedded")
+    folders = {"workspace": transformers_dir / name, "path": Path(name).expanduser()}
+    for source, path in folders.items():
         if path.is_dir():
-            path = path.resolve()
-            if path.parent == transformers_dir.resolve():
-                tag = path.name
-            else:
-                tag = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-            return ModelRef(name, tag, path)
-    looked = ", ".join(str(p) for p in candidates)
-    raise UserError(
-        f"model {name!r} not found: looked for an embedded preset ({', '.join([*tiny.ALIASES, *tiny.PRESETS])}) "
-        f"and for a folder at {looked}. Put a Hugging Face model folder there or pass --model tiny."
-    )
+            return ModelRef(name, _folder_tag(path.resolve(), transformers_dir.resolve()), path.resolve(),
+                            source=source)
+    looked = [f"an embedded preset ({', '.join([*tiny.ALIASES, *tiny.PRESETS])})",
+              *(f"a folder at {path}" for path in dict.fromkeys(folders.values()))]
+    hub_name = hub.parse_hub_name(name)
+    if hub_name is None:
+        looked.append("the Hugging Face cache: skipped, not a hub name (org/name[@revision])")
+    else:
+        try:
+            return ModelRef(name, hub_name.tag, hub.locate(hub_name, download), source="hf_cache")
+        except hub.NotOnHub as where:
+            looked.append(str(where))
+    download_hint = f"download it (`hf download {hub_name.repo_id}`), " if hub_name else ""
+    raise UserError(f"model {name!r} not found; looked for: {'; '.join(looked)}. Put a Hugging Face model folder "
+                    f"there, {download_hint}or pass --model tiny.")
+
+
+def _folder_tag(path: Path, transformers_dir: Path) -> str:
+    """W/transformers/org/name -> org--name (as its hub name would be); any other folder -> name-<hash of path>."""
+    if path.is_relative_to(transformers_dir) and path != transformers_dir:
+        return "--".join(path.relative_to(transformers_dir).parts)
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def ensure_model(ref: ModelRef) -> Path:
@@ -133,7 +148,7 @@ def check_safetensors(file: Path) -> None:
         with safe_open(file, framework="pt") as weights:
             weights.keys()
     except (SafetensorError, OSError) as error:
-        raise UserError(f"weights file {file} does not read ({_first_line(error)}): truncated or corrupted? "
+        raise UserError(f"weights file {file} does not read ({first_line(error)}): truncated or corrupted? "
                         "Copy or save it again") from None
 
 
@@ -142,12 +157,8 @@ def check_tokenizer(path: Path) -> None:
     try:
         AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:  # whatever stops it from loading is what this check is for
-        raise UserError(f"the tokenizer in {path} does not load ({type(error).__name__}: {_first_line(error)}); "
+        raise UserError(f"the tokenizer in {path} does not load ({type(error).__name__}: {first_line(error)}); "
                         "save it again with tokenizer.save_pretrained") from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_implementation=None):
@@ -166,15 +177,19 @@ def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_imp
             trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot load the model in {path}: {_first_line(error)}") from error
+        raise UserError(f"cannot load the model in {path}: {first_line(error)}") from error
     if tokenizer.pad_token is None:  # Llama-3 ships none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
 
 
 def model_fingerprint(path) -> str:
-    """Identity of a model folder's contents, cheap even for multi-GB weights."""
+    """Identity of a model folder's contents, cheap even for multi-GB weights. A Hugging Face cache snapshot
+    is its commit hash (immutable on the hub: a new revision is a new snapshot folder)."""
     path = Path(path)
+    commit = hub.snapshot_commit(path)
+    if commit:
+        return hashlib.sha256(f"hf-snapshot:{commit}".encode()).hexdigest()[:16]
     parts = []
     for file in sorted(path.iterdir()):
         if not file.is_file() or file.name == "embedded.json":

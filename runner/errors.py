@@ -7,3 +7,9 @@ Its message must name the file, key or value at fault and say what to do.
 
 class UserError(Exception):
     """Bad input from the user: a name, a config value, a missing file."""
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message cut to its first line (its type's name if it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
