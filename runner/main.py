@@ -56,7 +56,9 @@ def parse_args(argv):
                              "instead of waiting for it (not the opposite of --wait, which is for SLURM)")
     parser.add_argument("--model", default=None,
                         help="model for sub-jobs that use one: an embedded preset (tiny, tiny-h128-l2, "
-                             "tiny-h256-l4), a folder name under W/transformers/, or a path (default: tiny)")
+                             "tiny-h256-l4), a folder name under W/transformers/, a path, or a Hugging Face name "
+                             "org/name[@revision] from the local cache, downloaded there if the hub is reachable "
+                             "(default: tiny)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="N",
                         help="seeds for seeded sub-jobs; each seed is its own run (default: 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -116,7 +118,7 @@ def help_config(registry, args) -> str:
     from models import DEFAULT_MODEL, resolve_model
     transformers = Workspace(args.workspace_path).transformers if args.workspace_path else Path("transformers")
     name = DEFAULT_MODEL if args.model is None else args.model
-    model = resolve_model(name, transformers) if subjob.uses_model else None
+    model = resolve_model(name, transformers, download=False) if subjob.uses_model else None
     header = (f"{subjob.full_name}: {subjob.help}\nconfig keys (--set KEY=VALUE)"
               + (f", with the defaults for model {model.name}:" if model else ":"))
     return "\n".join([header, *typed.describe(subjob.config, subjob.default_config(model))])
@@ -151,7 +153,8 @@ def main(argv=None, registry=None) -> int:
         if slurm_overrides and args.launcher != "slurm":
             raise UserError("--set slurm.*: SLURM resources apply only with --launcher slurm")
         from models import DEFAULT_MODEL, resolve_model
-        model = resolve_model(DEFAULT_MODEL if args.model is None else args.model, workspace.transformers)
+        model = resolve_model(DEFAULT_MODEL if args.model is None else args.model, workspace.transformers,
+                              download=not args.dry_run)
         plan = build_plan(registry, requested, model, args.seeds, overrides,
                           with_prerequisites=not args.no_deps)
         command = ["runner/main.py", *(argv if argv is not None else sys.argv[1:])]

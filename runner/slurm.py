@@ -61,9 +61,8 @@ def child_command(planned, overrides: dict, scopes, workspace, force: bool) -> l
     schema = run.subjob.config
     applicable = {k: v for k, v in scoped_overrides(overrides, run, scopes).items() if typed.field_at(schema, k)}
     command = ["runner/main.py", "--workspace_path", str(workspace.root), "--jobs", run.name, "--no_deps"]
-    if run.model is not None:  # a preset or a name under W/transformers as written; any other folder by its full path
-        named = run.model.embedded_preset or (workspace.transformers / run.model.name).is_dir()
-        command += ["--model", run.model.name if named else str(run.model.path)]
+    if run.model is not None:  # a preset, a name under W/transformers or a hub name as written; a path in full
+        command += ["--model", str(run.model.path) if run.model.source == "path" else run.model.name]
     if run.seed is not None:
         command += ["--seeds", str(run.seed)]
     elif run.subjob.seeds_from_cli:  # it reads the seeds of its config, which defaulted to this invocation's --seeds
