@@ -124,6 +124,12 @@ def check_finetune(config: dict, model=None) -> None:
         if not entry["dataset_file"] or not entry["metric_name"]:
             raise UserError("each entry of evaluations needs dataset_file and metric_name")
     wanted = config["model_name_or_path"]
-    if wanted and model is not None and wanted.rstrip("/").split("/")[-1] not in (model.name, model.path.name):
+    if wanted and model is not None and _last_part(wanted) not in (_last_part(model.name), model.path.name):
         raise UserError(f"model_name_or_path {wanted!r} (from the experiment config) is not the run's model "
-                        f"{model.name!r}; pass --model {wanted.rstrip('/').split('/')[-1]} or delete the key")
+                        f"{model.name!r}; pass --model {_last_part(wanted)} (a folder under W/transformers/) or "
+                        f"--model {wanted.rstrip('/')} (a Hugging Face name), or delete the key")
+
+
+def _last_part(model_name: str) -> str:
+    """meta-llama/Llama-3.1-8B-Instruct@main -> Llama-3.1-8B-Instruct: what a model name and a folder share."""
+    return model_name.split("@")[0].rstrip("/").split("/")[-1]
