@@ -135,7 +135,8 @@ def check_adapter(config: dict, model=None) -> None:
         plain = typed.defaults(TrainingConfig)
         for key, default in typed.defaults(AdapterTrainingConfig).items():
             if key not in plain and config[key] != default:
-                raise UserError(f"{key}={config[key]} applies to an adapter, but peft is ''; set peft=lora or drop it")
+                value = str(config[key]).lower() if isinstance(config[key], bool) else config[key]
+                raise UserError(f"{key}={value} applies to an adapter, but peft is ''; set peft=lora or drop it")
 
 
 def check_finetune(config: dict, model=None) -> None:
