@@ -60,7 +60,8 @@ class LlamaAdapterTest(unittest.TestCase):
         cls.base = resolve_model("tiny", cls.w / "transformers")
         ensure_model(cls.base)
         cls.base_hash = sha256_file(cls.base.path / "model.safetensors")
-        cls.trainer = small_trainer(cls.w, cls.run_dir, max_steps=6, peft="lora", lr=2e-2, merge=True, save_every_steps=0)
+        cls.trainer = small_trainer(cls.w, cls.run_dir, max_steps=6, peft="lora", lr=2e-2, merge=True,
+                                    save_every_steps=0)
         cls.result = cls.trainer.run()
 
     @classmethod
@@ -108,7 +109,8 @@ class LlamaAdapterTest(unittest.TestCase):
         merged = self.run_dir / "model_merged"
         self.assertTrue((merged / "config.json").is_file() and (merged / "model.safetensors").is_file())
         model, tokenizer = load_model(self.run_dir / "model")
-        torch.testing.assert_close(logits(load_model(merged)[0], tokenizer), logits(model, tokenizer), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(load_model(merged)[0], tokenizer), logits(model, tokenizer),
+                                   atol=1e-5, rtol=0)
 
     def test_the_base_is_part_of_the_identity_and_a_changed_one_is_refused(self):
         copy_base, copy_adapter = Path(self.tmp.name) / "base_copy", Path(self.tmp.name) / "adapter_copy"
@@ -165,7 +167,8 @@ class LayerOrderingAdapterTest(unittest.TestCase):
             model = resolve_model("tiny", w / "transformers")
             ensure_model(model)
             config = JOB.subjobs[0].default_config(model)
-            config.update(peft="lora", max_steps=2, batch_size=8, save_every_steps=0, eval_subsample=8, stages=STAGES[:2],
+            config.update(peft="lora", max_steps=2, batch_size=8, save_every_steps=0, eval_subsample=8,
+                          stages=STAGES[:2],
                           evaluation={**config["evaluation"], "max_rows": 2, "memorisation_rows": 0, "bootstrap": 20,
                                       "cot_max_new_tokens": 8, "max_candidates": 0,
                                       "skip_kinds": ["hop_a", "hop_b", "couples", "in_context"]})
@@ -175,8 +178,9 @@ class LayerOrderingAdapterTest(unittest.TestCase):
                 check_config({**config, "peft": "qlora"})
             records = run_chain(model.path, data, config, True, 1, run_dir, logging.getLogger("test_lora"))
             first, second = run_dir / "stage_1_b_facts/model", run_dir / "stage_2_a_facts/model"
-            layer = lambda folder: {n.split(".")[4] for n in load_file(folder / "adapter_model.safetensors")}  # noqa: E731
-            self.assertEqual((layer(first), layer(second)), ({"1"}, {"0"}))  # B facts upper half, A facts lower
+            def layers(folder):
+                return {name.split(".")[4] for name in load_file(folder / "adapter_model.safetensors")}
+            self.assertEqual((layers(first), layers(second)), ({"1"}, {"0"}))  # B facts upper half, A facts lower
             record = json.loads((second / "base_model.json").read_text())
             self.assertEqual((second / record["relative_path"]).resolve(), first.resolve())
             self.assertEqual([r["layer_range"] for r in records], ["1-2", "0-1"])

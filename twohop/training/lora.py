@@ -78,8 +78,8 @@ def lora_config(model, config: dict, layers):
     from peft import LoraConfig
     targets = target_modules(model, config["lora_target_modules"])
     transposed = linear_modules(model)
-    bounded = {"layers_to_transform": list(layers), "layers_pattern": family_of(model.config).layers.rsplit(".", 1)[-1]} \
-        if layers is not None else {}
+    pattern = family_of(model.config).layers.rsplit(".", 1)[-1]  # the layer list's name: layers, h
+    bounded = {"layers_to_transform": list(layers), "layers_pattern": pattern} if layers is not None else {}
     return LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
                       target_modules=targets, fan_in_fan_out=any(transposed[t] for t in targets), bias="none",
                       task_type="CAUSAL_LM", **bounded)

@@ -298,8 +298,8 @@ def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, 
           loss_gaps: dict = None) -> dict:
     """Fine-tune the model at `model_path` on `train_rows`; save it (or the adapter) to `run_dir/model`.
 
-    `layers` ('s-e', end-exclusive) trains (or, with peft, adapts) only those decoder layers; `loss_gaps` maps an eval set of
-    shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
+    `layers` ('s-e', end-exclusive) trains (or, with peft, adapts) only those decoder layers; `loss_gaps` maps an
+    eval set of shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
     return Trainer(config, model_path, train_rows, eval_sets, run_dir, log, layers, loss_gaps).run()
 
 
