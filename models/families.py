@@ -1,6 +1,6 @@
 """Per-architecture facts, kept in one place so every job treats Llama-3, Qwen2.5 and the tiny
 model the same way: where the decoder layers, final norm, embeddings and unembedding live, and
-which dtype to use on an accelerator.
+which dtype to use on an accelerator, and which linear modules LoRA adapts by default.
 
 Loss masking needs no per-model marker: it is derived from each tokenizer's own chat template
 (the rendered prompt with `add_generation_prompt=True` is a prefix of the rendered conversation).
@@ -23,15 +23,18 @@ class ModelFamily:
     unembedding: str
     attention: str  # attribute of a decoder layer holding its self-attention module
     accelerator_dtype: torch.dtype
+    lora_targets: tuple  # names of the linear modules LoRA adapts by default (attention and MLP)
 
 
+LLAMA_LIKE = dict(body="model", layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
+                  unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16)
 FAMILIES = (
-    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"), body="model",
-                layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
-                unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16),
+    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"), **LLAMA_LIKE,
+                lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ModelFamily(("phi3",), **LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",
                 embeddings="transformer.wte", unembedding="lm_head", attention="attn",
-                accelerator_dtype=torch.float32),
+                accelerator_dtype=torch.float32, lora_targets=("c_attn", "c_proj", "c_fc")),
 )
 
 

@@ -3,7 +3,8 @@
 `--model` is, in this order: an embedded tiny preset (built on demand into
 `W/transformers/<preset>/`), a folder under `W/transformers/` (`org/name` is the same relative path), a
 path, or a Hugging Face hub name found in the local cache or downloaded into it (models.hub). Only local
-files are loaded, `trust_remote_code` is off unless asked for, and weights must be safetensors.
+files are loaded, `trust_remote_code` is off unless asked for, and weights must be safetensors. A folder
+can also hold a LoRA adapter (`models.adapters`): it loads as its base with the adapter merged in.
 """
 import hashlib
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from runner.errors import UserError, first_line
 from runner.files import atomic_directory, atomic_write_json, read_json, read_text, sha256_file
 from models import hub, tiny
+from models.adapters import ADAPTER_WEIGHTS, base_candidates, is_adapter, merge_adapter
 from models.families import family_named
 
 DEFAULT_MODEL = "tiny"
@@ -110,6 +112,8 @@ def check_model_folder(path: Path) -> None:
     reads and its size matches what the header declares (a truncated or corrupted file fails here)."""
     if not path.is_dir():
         raise UserError(f"model folder {path} is a file; give a folder saved with save_pretrained")
+    if is_adapter(path):
+        return check_adapter_folder(path)
     problems = []
     if not (path / "config.json").is_file():
         problems.append("no config.json")
@@ -128,6 +132,30 @@ def check_model_folder(path: Path) -> None:
     family_named(config.get("model_type"), f"{path / 'config.json'}: model_type")
     for weights in sorted(path.glob("*.safetensors")):
         check_safetensors(weights)
+
+
+def check_adapter_folder(path: Path) -> None:
+    """An adapter folder: its weights read, its tokenizer is there, and its base is the model it was trained on."""
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"adapter folder {path} has no {ADAPTER_WEIGHTS} (pickled adapters are not loaded); "
+                        "save it with save_pretrained(..., safe_serialization=True)")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise UserError(f"adapter folder {path} is not usable: no tokenizer.json or tokenizer.model")
+    check_safetensors(path / ADAPTER_WEIGHTS)
+    check_model_folder(adapter_base(path))
+
+
+def adapter_base(path: Path) -> Path:
+    """The base model folder of the adapter in `path`, refused unless it is the one the adapter was trained on."""
+    candidates, trained_on = base_candidates(path)
+    base = next((folder.resolve() for folder in candidates if folder.is_dir()), None)
+    if base is None:
+        raise UserError(f"the base model of adapter {path} is missing (looked for {', '.join(map(str, candidates))}); "
+                        "put it back or rerun the fine-tune")
+    if model_fingerprint(base) != trained_on:
+        raise UserError(f"the base model {base} of adapter {path} changed since the adapter was trained on it; "
+                        "rerun the fine-tune")
+    return base
 
 
 def _read_model_json(file: Path) -> dict:
@@ -161,31 +189,57 @@ def check_tokenizer(path: Path) -> None:
                         "save it again with tokenizer.save_pretrained") from None
 
 
-def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_implementation=None):
+def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_implementation=None,
+               quantize_4bit=False):
     """Load (model, tokenizer) from a local folder; the model is in eval mode on `device`.
-    `attn_implementation="eager"` gives every layer the 4D attention mask (attention knockout needs it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    `attn_implementation="eager"` gives every layer the 4D attention mask (attention knockout needs it).
+    An adapter folder loads as its base (loaded with these arguments) with the adapter merged in.
+    `quantize_4bit` stores the weights in 4 bits with bitsandbytes (QLoRA's frozen base; a CUDA `device`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from models.families import family_of, preferred_dtype
 
     path = Path(path)
     check_model_folder(path)
+    if is_adapter(path):
+        model, _ = load_model(adapter_base(path), device, dtype, trust_remote_code, attn_implementation, quantize_4bit)
+        return merge_adapter(model, path).eval(), _load_tokenizer(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         family_of(config)
+        placement = _four_bit(config, device) if quantize_4bit else {}
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or preferred_dtype(config, device), use_safetensors=True,
-            trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+            trust_remote_code=trust_remote_code, local_files_only=True, attn_implementation=attn_implementation,
+            **placement)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise UserError(f"cannot load the model in {path}: {first_line(error)}") from error
+    return (model if quantize_4bit else model.to(device)).eval(), _load_tokenizer(path, trust_remote_code)
+
+
+def _four_bit(config, device) -> dict:
+    """from_pretrained's arguments for NF4 weights (double quantisation) placed on `device` as they load."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    from models.families import family_of
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=family_of(config).accelerator_dtype)
+    return {"quantization_config": quantization, "device_map": {"": torch.device(device)}}
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot load the tokenizer in {path}: {first_line(error)}") from error
     if tokenizer.pad_token is None:  # Llama-3 ships none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return tokenizer
 
 
 def model_fingerprint(path) -> str:
-    """Identity of a model folder's contents, cheap even for multi-GB weights. A Hugging Face cache snapshot
-    is its commit hash (immutable on the hub: a new revision is a new snapshot folder)."""
+    """Identity of a model folder's contents, cheap even for multi-GB weights; an adapter's covers its base's. A
+    Hugging Face cache snapshot is its commit hash (immutable on the hub: a new revision is a new snapshot folder)."""
     path = Path(path)
     commit = hub.snapshot_commit(path)
     if commit:
@@ -199,4 +253,6 @@ def model_fingerprint(path) -> str:
             parts.append(f"{file.name}:{sha256_file(file)}")
         else:
             parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    if is_adapter(path):
+        parts.append(f"base:{model_fingerprint(adapter_base(path))}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,13 +1,16 @@
 """Typed training configs: the trainer's hyper-parameters, the data a fine-tune reads, and the
 reference repo's experiment YAML as a layer of those keys.
 
-`TrainingConfig` is what `trainer.train` reads; `FinetuneConfig` adds what a fine-tuning sub-job
-trains on and evaluates (its own lists, or an experiment YAML in the reference format whose keys are
-applied between the recipe and `--set`). Every key is read by the code that runs or refused.
+`TrainingConfig` is what `trainer.train` reads; `AdapterTrainingConfig` adds LoRA / QLoRA through
+`peft` (read by `twohop.training.lora`; a config without these keys, the tiny model's pretraining,
+trains every parameter); `FinetuneConfig` adds what a fine-tuning sub-job trains on and evaluates
+(its own lists, or an experiment YAML in the reference format whose keys are applied between the
+recipe and `--set`). Every key is read by the code that runs or refused.
 """
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from runner import config as typed
 from runner.config import option
 from runner.errors import UserError
 from twohop.training.experiment import experiment_layer
@@ -41,6 +44,19 @@ class TrainingConfig:
 
 
 @dataclass
+class AdapterTrainingConfig(TrainingConfig):
+    peft: Literal["", "lora", "qlora"] = option(
+        "", "'': train the weights themselves; lora: train a LoRA adapter (model/ holds the adapter); qlora: the "
+            "same over a 4-bit base (bitsandbytes, CUDA). LoRA usually wants a higher lr than full fine-tuning")
+    lora_rank: int = option(8, "rank r of each LoRA update", minimum=1)
+    lora_alpha: float = option(16.0, "LoRA scaling: the update is multiplied by lora_alpha / lora_rank", minimum=0.0)
+    lora_dropout: float = option(0.05, "dropout on the LoRA branch's input while training", minimum=0.0, maximum=1.0)
+    lora_target_modules: list[str] = option([], "names of the linear modules adapted, e.g. [q_proj, v_proj] ([]: the "
+                                                "model family's attention and MLP projections)")
+    merge: bool = option(False, "also save the base with the adapter merged in, as a full model in model_merged/")
+
+
+@dataclass
 class TrainEntry:
     name: str = option("", "the file's name in logs")
     dataset_file: str = option("", "JSONL records: relative to the data prerequisite's folder, or absolute")
@@ -70,11 +86,12 @@ class EvaluationEntry:
 
 
 @dataclass
-class FinetuneConfig(TrainingConfig):
+class FinetuneConfig(AdapterTrainingConfig):
     train_fraction: float = option(1.0, "share of each training file used, seeded (an entry's own wins)",
                                    minimum=0.0, maximum=1.0)
     eval_subsample: int = option(256, "rows per eval set for the loss evaluations during training", minimum=1)
-    layer_range: str = option("", "'s-e': train decoder layers s..e-1 only (end-exclusive); '': all parameters")
+    layer_range: str = option("", "'s-e': train decoder layers s..e-1 only (end-exclusive; with peft, adapt "
+                                      "only those); '': all parameters")
     model_name_or_path: str = option("", "the model an experiment file was written for: it must name --model's "
                                          "model (its folder name or the last part of a hub name)")
     train_datasets: list[TrainEntry] = option([], "the training files")
@@ -109,8 +126,22 @@ def check_training(config: dict) -> None:
             raise UserError("wandb=true but the wandb package is not installed; pip install wandb or drop it") from None
 
 
+def check_adapter(config: dict, model=None) -> None:
+    """The adapter keys: set only with peft; then checked against the model (twohop.training.lora)."""
+    if config["peft"]:
+        from twohop.training.lora import check_for_model
+        check_for_model(config, model)
+    else:
+        plain = typed.defaults(TrainingConfig)
+        for key, default in typed.defaults(AdapterTrainingConfig).items():
+            if key not in plain and config[key] != default:
+                value = str(config[key]).lower() if isinstance(config[key], bool) else config[key]
+                raise UserError(f"{key}={value} applies to an adapter, but peft is ''; set peft=lora or drop it")
+
+
 def check_finetune(config: dict, model=None) -> None:
     check_training(config)
+    check_adapter(config, model)
     check_fraction(config["train_fraction"])
     for entry in config["train_datasets"]:
         if entry["train_fraction"] is not None:

@@ -3,7 +3,8 @@
 `<run>/stage_<k>_<name>/` holds the stage's training run (model/, metrics.jsonl, checkpoints while
 it trains) and `eval/` (the evaluator's results.json, predictions, summary). `stage.json` is written
 last, so a resumed chain skips the finished stages and continues at the first unfinished one (whose
-trainer resumes from its own checkpoint).
+trainer resumes from its own checkpoint). With `peft`, each stage saves an adapter over the previous
+stage's model folder (`models.adapters`), on the stage's layers only.
 """
 import json
 import random
@@ -18,7 +19,7 @@ from runner.files import atomic_write_json
 from twohop.data.records import read_records
 from twohop.evaluation.evaluate import EvaluationConfig, evaluate_dataset
 from twohop.reports.evaluation import write_reports
-from twohop.training.config import TrainingConfig
+from twohop.training.config import AdapterTrainingConfig
 from twohop.training.datasets import whole_blocks
 from twohop.training.recipes import subsample
 
@@ -51,7 +52,7 @@ class Stage:
 
 
 @dataclass
-class LayerOrderingConfig(TrainingConfig):
+class LayerOrderingConfig(AdapterTrainingConfig):
     train_fraction: float = option(1.0, "share of each stage's training files used, seeded", minimum=0.0,
                                    maximum=1.0)
     eval_subsample: int = option(256, "rows per tracked eval set during training", minimum=1)
@@ -75,9 +76,16 @@ def check_stages(stages) -> None:
 
 
 def check_config(config: dict, model=None) -> None:
-    from twohop.training.config import check_fraction, check_training
+    from twohop.training.config import check_adapter, check_fraction, check_training
     check_training(config)
+    if config["peft"] == "qlora":  # stage 2 on: the base is the previous stage's adapter
+        raise UserError("peft=qlora: each stage trains over the previous stage's adapter, which does not merge "
+                        "exactly into 4-bit weights; use peft=lora")
+    check_adapter(config, model)
     check_fraction(config["train_fraction"])
+    if config["peft"] and config["delete_finished_weights"]:
+        raise UserError("delete_finished_weights: with peft each stage's adapter builds on the previous stage's "
+                        "folder, which must stay; drop one of the two")
     if config["aux_loss_type"]:  # the atomic stages' rows have no question prefix to supervise
         raise UserError("aux_loss_type: the layer-ordering stages train without the auxiliary loss; use finetune_aux_*")
     check_stages(config["stages"])

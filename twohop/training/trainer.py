@@ -3,7 +3,9 @@
 Each rank trains on its own share of length-grouped batches; AdamW with warm-up and clipping;
 evaluation at the start and every N steps (loss and teacher-forced accuracy per eval set, so the
 shuffled-minus-true loss gap is tracked); metrics to metrics.jsonl; checkpoints that resume exactly.
-`train(config, ...)` reads the keys of `twohop.training.config.TrainingConfig` plus `seed`.
+`train(config, ...)` reads the keys of `twohop.training.config.TrainingConfig` plus `seed`, and those
+of `AdapterTrainingConfig` when present: with `peft`, a LoRA adapter trains over the frozen base
+(`twohop.training.lora`) and is what checkpoints and `model/` hold.
 """
 import json
 import math
@@ -21,7 +23,7 @@ from models import load_model
 from models.families import decoder_layers
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_text
-from twohop.training import checkpoint
+from twohop.training import checkpoint, lora
 from twohop.training.batching import collate, encode_rows, length_grouped_batches, pack
 from twohop.training.experiment import parse_layer_range
 from twohop.stats import bootstrap_interval
@@ -73,10 +75,8 @@ class Trainer:
         torch.manual_seed(config["seed"])
         self.checkpoints = run_dir / "checkpoints"
         self.resume_from = checkpoint.latest_checkpoint(self.checkpoints)
-        self.model, self.tokenizer = load_model(self.resume_from / "model" if self.resume_from else model_path,
-                                                dtype=torch.float32)
-        self.model.train()
-        freeze_outside(self.model, parse_layer_range(layers, len(decoder_layers(self.model))))
+        self.model_path = Path(model_path)
+        self._load(layers)
         self.with_aux = bool(config["aux_loss_type"]) and config["aux_loss_coef"] > 0
         self._encode(train_rows, eval_sets)
         self._schedule()
@@ -86,6 +86,21 @@ class Trainer:
         main = self.accelerator.is_main_process
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.logged["metrics_lines"]) if main else None
         self.wandb = _maybe_wandb(config, run_dir) if main else None
+
+    def _load(self, layers: str) -> None:
+        """The model to train: every parameter (those of `layers` only, if given), or a LoRA adapter over the
+        frozen base (on `layers` only). `self.saved` is what checkpoints and model/ save: the model or the adapter."""
+        checkpoint_model = self.resume_from / "model" if self.resume_from else None
+        if lora.mode(self.config):
+            base, self.tokenizer = lora.load_base(self.model_path, self.config, self.accelerator.device)
+            layer_range = parse_layer_range(layers, len(decoder_layers(base)))
+            self.saved = lora.attach(base, self.config, layer_range, checkpoint_model)
+            self.model = self.saved.get_base_model()  # the transformers model, with peft's LoRA layers inside
+        else:
+            self.model, self.tokenizer = load_model(checkpoint_model or self.model_path, dtype=torch.float32)
+            freeze_outside(self.model, parse_layer_range(layers, len(decoder_layers(self.model))))
+            self.saved = self.model
+        self.model.train()
 
     def _encode(self, train_rows, eval_sets) -> None:
         config = self.config
@@ -200,7 +215,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 logged = {"loss_window": self.loss_window, "aux_window": self.aux_window,
                           "metrics_lines": self.metrics.lines}
-                checkpoint.save_checkpoint(self.checkpoints / f"step_{step}", self.unwrapped, self.tokenizer,
+                checkpoint.save_checkpoint(self.checkpoints / f"step_{step}", self.saved, self.tokenizer,
                                            self.optimizer, self.scheduler, dict(self.position), logged)
                 checkpoint.prune_checkpoints(self.checkpoints, keep=1)
 
@@ -251,12 +266,10 @@ class Trainer:
         return self.finish(final)
 
     def finish(self, final: dict) -> dict:
-        """Save the model (rank 0), drop checkpoints, record the data order; the run's figures."""
+        """Save the model or adapter (rank 0), drop checkpoints, record the data order; the run's figures."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            with atomic_directory(self.run_dir / "model") as staging:
-                self.unwrapped.save_pretrained(staging, safe_serialization=True)
-                self.tokenizer.save_pretrained(staging)
+            self.save(self.run_dir / "model")
             checkpoint.prune_checkpoints(self.checkpoints, keep=0)
         self.accelerator.wait_for_everyone()  # every rank may read model/ next (evaluation, the next stage)
         atomic_write_text(self.run_dir / f"data_order_rank{self.rank}.json",
@@ -269,13 +282,24 @@ class Trainer:
                 "final_train_loss": self.last_loss, "trainable_parameters": sum(p.numel() for p in self.trainable),
                 **{k: v for k, v in final.items() if k != "event"}}
 
+    def save(self, folder: Path) -> None:
+        """The trained model, or the adapter with the base it was trained on named (and with merge=true, the merged
+        model in model_merged/ beside it)."""
+        with atomic_directory(folder) as staging:
+            self.saved.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            if lora.mode(self.config):
+                lora.name_base(staging, folder, self.model_path)
+        if lora.mode(self.config) and self.config["merge"]:
+            lora.save_merged(folder, folder.parent / "model_merged", self.accelerator.device)
+
 
 def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, log, layers: str = "",
           loss_gaps: dict = None) -> dict:
-    """Fine-tune the model at `model_path` on `train_rows`; save it to `run_dir/model`.
+    """Fine-tune the model at `model_path` on `train_rows`; save it (or the adapter) to `run_dir/model`.
 
-    `layers` ('s-e', end-exclusive) trains only those decoder layers; `loss_gaps` maps an eval set of
-    shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
+    `layers` ('s-e', end-exclusive) trains (or, with peft, adapts) only those decoder layers; `loss_gaps` maps an
+    eval set of shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
     return Trainer(config, model_path, train_rows, eval_sets, run_dir, log, layers, loss_gaps).run()
 
 
