@@ -156,6 +156,22 @@ class Executor:
         files = subjob.external_files(planned.config, self.workspace)  # {path: its reader}
         return {str(p): sha256_file(p) if Path(p).is_file() else "missing" for p in files}
 
+    def runs_to_execute(self, plan) -> set:
+        """The runs of `plan` (in dependency order) that `execute` will not skip: not done with the same
+        inputs, forced, or after a prerequisite that runs again (which gives it a new input)."""
+        will_run = set()
+        for planned in plan:
+            model = planned.run.model
+            unchanged = (model is None or model.path.is_dir()) and self.done_with_same_inputs(planned)
+            if not unchanged or set(planned.prerequisites) & will_run:
+                will_run.add(planned.run)
+        return will_run
+
+    def done_with_same_inputs(self, planned) -> bool:
+        previous = self.read_status(planned.run.run_dir(self.workspace))
+        return (previous.get("state") == "done" and not (self.force and planned.requested)
+                and previous.get("fingerprint") == self.input_fingerprint(planned))
+
     # ---- one run ---------------------------------------------------------------------------
     def execute(self, planned) -> Outcome:
         run = planned.run
@@ -187,9 +203,8 @@ class Executor:
 
     def _cached(self, planned, run_dir: Path):
         """The outcome of skipping a run done with the same inputs (perhaps by the lock's last holder)."""
-        previous = self.read_status(run_dir)
-        if (previous.get("state") == "done" and not (self.force and planned.requested)
-                and previous.get("fingerprint") == self.input_fingerprint(planned)):
+        if self.done_with_same_inputs(planned):
+            previous = self.read_status(run_dir)
             log.info("skip %s: done with the same inputs (%s); --force reruns it", planned.run.label, run_dir)
             return self._record(Outcome(planned.run, "cached", run_dir, previous.get("duration_s", 0.0)))
         return None

@@ -98,14 +98,23 @@ def setup_logging(workspace: Workspace) -> Path:
 
 
 def describe_plan(plan, executor) -> str:
-    lines = ["plan:"]
+    """Each run of the plan: why it is there, its state now, whether it will run or be skipped as done (the
+    executor's own test: same inputs, no prerequisite running again), and what it needs."""
+    lines, will_run = ["plan:"], executor.runs_to_execute(plan)
     for i, planned in enumerate(plan, 1):
         run = planned.run
         run_dir = run.run_dir(executor.workspace)
         status = executor.read_status(run_dir).get("state", "not run")
+        if run not in will_run:
+            action = "will be skipped"
+        elif status == "done":
+            action = "forced: will run again" if executor.force and planned.requested else \
+                "will run again: its inputs changed"
+        else:
+            action = "will run"
         why = "requested" if planned.requested else "prerequisite"
         needs = f"; needs {', '.join(r.label for r in planned.prerequisites)}" if planned.prerequisites else ""
-        lines.append(f"  {i}. {run.label}  ({why}; now: {status}{needs})")
+        lines.append(f"  {i}. {run.label}  ({why}; now: {status}, {action}{needs})")
         lines.append(f"     -> {run_dir}")
     return "\n".join(lines)
 

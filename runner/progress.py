@@ -30,21 +30,8 @@ class Progress:
         self.history = self._load(self.history_path)
         self.typical = self._load(TYPICAL)
         self.started = time.time()
-        self.will_run = set()  # runs expected to execute (not skipped as done)
-        for planned in plan:
-            if not self._will_skip(planned):
-                self.will_run.add(planned.run)
+        self.will_run = executor.runs_to_execute(plan)  # the others are skipped as done
         self.measured, self.typical_of_measured = 0.0, 0.0  # for the machine-speed scale
-
-    def _will_skip(self, planned) -> bool:
-        """Done with the same inputs, and no prerequisite will run again (plans are in dependency order)."""
-        status = self.executor.read_status(planned.run.run_dir(self.executor.workspace))
-        if status.get("state") != "done" or (self.executor.force and planned.requested):
-            return False
-        if set(planned.prerequisites) & self.will_run:
-            return False
-        model = planned.run.model
-        return (model is None or model.path.is_dir()) and status.get("fingerprint") == self.executor.input_fingerprint(planned)
 
     @staticmethod
     def _load(path) -> dict:

@@ -124,6 +124,21 @@ class RunnerTest(unittest.TestCase):
         self.assertEqual((use_dir / "derived.txt").read_text(), "ABAB")
         self.assertEqual(json.loads((make_dir / "config.json").read_text())["config"]["repeat"], 2)
 
+    def test_dry_run_says_what_a_real_run_will_do(self):
+        """A done run whose inputs changed shows as 'will run again', never just 'done' (the plan uses the
+        executor's own test), and so does its consumer; an unchanged one 'will be skipped'."""
+        self.assertEqual(self.cli("--jobs", "beta_use")[0], 0)
+        _, out, _ = self.cli("--jobs", "beta_use", "--dry_run")
+        self.assertIn("alpha_make  (prerequisite; now: done, will be skipped)", out)
+        _, out, _ = self.cli("--jobs", "beta_use", "--set", "repeat=2", "--dry_run")
+        self.assertIn("alpha_make  (prerequisite; now: done, will run again: its inputs changed)", out)
+        self.assertIn("beta_use  (requested; now: done, will run again: its inputs changed", out)
+        _, out, _ = self.cli("--jobs", "beta_use", "--force", "--dry_run")
+        self.assertIn("beta_use  (requested; now: done, forced: will run again", out)
+        code, _, err = self.cli("--jobs", "beta_use", "--set", "repeat=2")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("skip alpha_make", err)
+
     # ---- SIGKILL -----------------------------------------------------------------------------
     def test_sigkill_mid_write_leaves_nothing_final_and_rerun_completes(self):
         run_dir = self.exp / "alpha" / "slow"
