@@ -9,7 +9,7 @@ the rows are written rather than hoped for by whoever reads them.
 
 A row is a chat row (system, user = the prompt, assistant = the answer name) for the ordinary
 finetune and evaluate machinery, and carries the raw completion (`prompt`, `completion` = " " +
-answer) for a base model without a chat template (finetune's `text_format=completion`). For
+answer) for a base model without a chat template (finetune trains such a model on raw text). For
 patching it carries `corrupted_prompt` (the answer's and the foil's names swapped everywhere: the
 same tokens but at those mentions; its answer is the foil's name), `candidates` (the prompt's
 names) and `mentions` (each name mention's slot, token index and character offsets).
@@ -33,8 +33,8 @@ SPLIT = ("names: the usable names are split (seeded) into training and held-out 
          "fillers are shared")
 FORMATS = {
     "chat": "messages: system, user (the prompt), assistant (the answer name)",
-    "completion": "prompt + completion (' ' + the answer): finetune's text_format=completion trains on the "
-                  "tokenizer's BOS (if any) and the prompt as context, the completion alone as target",
+    "completion": "prompt + completion (' ' + the answer): a model without a chat template is fine-tuned on "
+                  "the tokenizer's BOS (if any) and the prompt as context, the completion alone as target",
     "mentions": "token: index into tokenizer(prompt, add_special_tokens=False).input_ids, the same in "
                 "corrupted_prompt (add 1 where BOS is prepended); char / corrupted_char: the name's character "
                 "offset in prompt / corrupted_prompt",
