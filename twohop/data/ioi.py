@@ -31,6 +31,8 @@ TEMPLATES = tables.DATA / "templates" / "ioi.yaml"
 SPLIT = ("names: the usable names are split (seeded) into training and held-out names; every test prompt's "
          "names are held-out names, so no test prompt shares a name with any training prompt; templates and "
          "fillers are shared")
+CHANCE = ("families[f].chance: picking one of the prompt's names (1/names_per_prompt), IOI's chance; "
+          "tests[...].chance: picking one of all held-out names")
 FORMATS = {
     "chat": "messages: system, user (the prompt), assistant (the answer name)",
     "completion": "prompt + completion (' ' + the answer): a model without a chat template is fine-tuned on "
@@ -295,7 +297,7 @@ def generate(ctx) -> dict:
             "tokenizer": {"chat_template": bool(tokenizer.chat_template), "bos_token": tokenizer.bos_token},
             "names": {"listed": len(names) + len(left_out), "single_token": len(names), "left_out": left_out,
                       "train": train_names, "test": test_names},
-            "split": SPLIT, "formats": FORMATS, "families": cards, "tests": tests,
+            "split": SPLIT, "chance": CHANCE, "formats": FORMATS, "families": cards, "tests": tests,
             "candidate_sets": {"test_names": test_names}, "memorisation": {}, "fewshot": {}}
     card = write_dataset(ctx.run_dir / "data", files, card)
     ctx.log.info("wrote %d IOI families, %d rows, %d of %d names usable", len(cards), sum(card["files"].values()),
