@@ -1,6 +1,6 @@
 """Model resolution, loading, per-family facts, and the embedded tiny model."""
-from models.loading import (DEFAULT_MODEL, ModelRef, check_model, ensure_model, load_model, model_fingerprint,
-                            resolve_model)
+from models.loading import (DEFAULT_MODEL, ModelRef, check_model, ensure_model, load_model, load_tokenizer,
+                            model_fingerprint, resolve_model)
 
-__all__ = ["DEFAULT_MODEL", "ModelRef", "check_model", "ensure_model", "load_model", "model_fingerprint",
+__all__ = ["DEFAULT_MODEL", "ModelRef", "check_model", "ensure_model", "load_model", "load_tokenizer", "model_fingerprint",
            "resolve_model"]

@@ -180,10 +180,15 @@ def check_safetensors(file: Path) -> None:
                         "Copy or save it again") from None
 
 
-def check_tokenizer(path: Path) -> None:
+def load_tokenizer(path):
+    """A local model folder's tokenizer alone (data made for one model's tokenizer needs no weights)."""
     from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def check_tokenizer(path: Path) -> None:
     try:
-        AutoTokenizer.from_pretrained(path, local_files_only=True)
+        load_tokenizer(path)
     except Exception as error:  # whatever stops it from loading is what this check is for
         raise UserError(f"the tokenizer in {path} does not load ({type(error).__name__}: {first_line(error)}); "
                         "save it again with tokenizer.save_pretrained") from None

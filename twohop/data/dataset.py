@@ -92,7 +92,7 @@ def with_shortcut_flags(rows: list) -> list:
 
 
 # What a card says of each test file, so readers never parse file names.
-TEST_KINDS = ("hop_a", "hop_b", "two_hop", "couples", "in_context")
+TEST_KINDS = ("hop_a", "hop_b", "two_hop", "couples", "in_context", "ioi")
 TEST_FIELDS = {"kind": "what is asked: " + ", ".join(TEST_KINDS), "style": "nocot or cot",
                "candidate_set": "the card's candidate set its answers come from"}
 OPTIONAL_FIELDS = {"attribute": "", "shuffled_of": "", "metric": ""}

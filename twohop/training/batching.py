@@ -3,7 +3,9 @@
 Each record's messages go through the model's own chat template: the prompt (every turn but the
 last, with the generation prompt) is context, the assistant reply and its end-of-turn token are
 the target. Prompt and reply are tokenized separately and concatenated, so the loss mask is exact
-for any template and matches what the model sees at generation time.
+for any template and matches what the model sees at generation time. A base model without a chat
+template (GPT-2) trains on raw text instead: rows that carry `prompt` and `completion` (the IOI
+rows do) give the context and the target.
 """
 import random
 
@@ -38,6 +40,29 @@ def encode_chat(tokenizer, messages, max_length: int) -> dict:
         raise UserError(f"a training row has {len(ids)} tokens, more than max_length={max_length} "
                         f"(prompt starts {prompt[:60]!r}); raise max_length or shorten the data")
     return {"input_ids": ids, "labels": [IGNORE] * len(prompt_ids) + reply_ids, "prompt_length": len(prompt_ids)}
+
+
+def encode_completion(tokenizer, row, max_length: int) -> dict:
+    """Raw text: the tokenizer's BOS (if it has one) and `prompt` are context, `completion` alone is the
+    target. No end-of-text is appended: a one-name completion is the whole loss, so there is no
+    end-of-text token for the model to learn in its place (seed note 004's fine-tune collapsed to it)."""
+    if not all(isinstance(row.get(key), str) and row.get(key) for key in ("prompt", "completion")):
+        raise UserError("the model's tokenizer has no chat template, so it trains on raw text: rows need text "
+                        f"fields 'prompt' and 'completion' (as the IOI rows have); this row has {sorted(row)}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + len(target) > max_length:
+        raise UserError(f"a training row has {len(prompt_ids) + len(target)} tokens, more than max_length={max_length} "
+                        f"(prompt starts {row['prompt'][:60]!r}); raise max_length or shorten the data")
+    return {"input_ids": prompt_ids + target, "labels": [IGNORE] * len(prompt_ids) + target,
+            "prompt_length": len(prompt_ids)}
+
+
+def text_format(tokenizer) -> str:
+    """chat when the tokenizer has a chat template, else completion (raw text). Not a config key: the model
+    decides, and a new key would change the fingerprint of every finished training run."""
+    return "chat" if tokenizer.chat_template else "completion"
 
 
 def pack(examples, max_length: int, rng: random.Random) -> list:
@@ -120,9 +145,11 @@ def aux_annotations(tokenizer, example: dict, row: dict) -> dict:
 
 
 def encode_rows(tokenizer, rows, config, with_aux=False) -> list:
+    chat = text_format(tokenizer) == "chat"
     examples = []
     for row in rows:
-        example = encode_chat(tokenizer, row["messages"], config["max_length"])
+        example = encode_chat(tokenizer, row["messages"], config["max_length"]) if chat \
+            else encode_completion(tokenizer, row, config["max_length"])
         if with_aux:
             example.update(aux_annotations(tokenizer, example, row))
         examples.append(example)

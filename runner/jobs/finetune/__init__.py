@@ -1,7 +1,8 @@
 """finetune: config-driven fine-tuning, the tiny model's pretraining, every training variant.
 
 Sub-jobs are generated from the library's catalogue (`twohop.training.recipes`): the study variants
-(which training files, which extra config) and one semi-synthetic sub-job per entity type. Each
+(which training files, which extra config), one semi-synthetic sub-job per entity type and one per
+IOI family (`ioi_<family>`: trains that family, tracks every family's test). Each
 trains from the output of `finetune_base` (the tiny model's pretraining; for a real model that is the
 model itself) and saves `model/` (safetensors + tokenizer + config) in its run folder. A reference
 experiment YAML (`--set experiment_config=...`) replaces the recipe's keys; its `evaluations:`
@@ -15,7 +16,7 @@ from accelerate import PartialState
 from runner.config import option
 from runner.files import atomic_write_json
 from runner.registry import Job, SubJob
-from twohop.data import base_corpus, tables
+from twohop.data import base_corpus, ioi, tables
 from twohop.data.records import read_records
 from twohop.evaluation.files import evaluate_block
 from twohop.training import datasets, recipes
@@ -84,6 +85,10 @@ SUBJOBS = [
     finetune(entity_type, f"semi-synthetic: learn favorite {spec['noun']}s (Exp. 4)", f"generate_data_{entity_type}",
              partial(recipes.semi_synthetic_recipe, list(spec["attributes"])))
     for entity_type, spec in tables.entity_schema().items()
+] + [
+    finetune(f"ioi_{family}", f"IOI (seed 004), train {family}: {spec['help']}", "generate_data_ioi",
+             partial(recipes.ioi_recipe, family, list(ioi.families())))
+    for family, spec in ioi.families().items()
 ]
 
 JOB = Job("finetune", "fine-tune models on the study's data (and pretrain the tiny model)", tuple(SUBJOBS))
