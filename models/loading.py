@@ -180,15 +180,10 @@ def check_safetensors(file: Path) -> None:
                         "Copy or save it again") from None
 
 
-def load_tokenizer(path):
-    """A local model folder's tokenizer alone (data made for one model's tokenizer needs no weights)."""
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def check_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
     try:
-        load_tokenizer(path)
+        AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:  # whatever stops it from loading is what this check is for
         raise UserError(f"the tokenizer in {path} does not load ({type(error).__name__}: {first_line(error)}); "
                         "save it again with tokenizer.save_pretrained") from None
@@ -207,7 +202,7 @@ def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_imp
     check_model_folder(path)
     if is_adapter(path):
         model, _ = load_model(adapter_base(path), device, dtype, trust_remote_code, attn_implementation, quantize_4bit)
-        return merge_adapter(model, path).eval(), _load_tokenizer(path, trust_remote_code)
+        return merge_adapter(model, path).eval(), load_tokenizer(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         family_of(config)
@@ -218,7 +213,7 @@ def load_model(path, device="cpu", dtype=None, trust_remote_code=False, attn_imp
             **placement)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise UserError(f"cannot load the model in {path}: {first_line(error)}") from error
-    return (model if quantize_4bit else model.to(device)).eval(), _load_tokenizer(path, trust_remote_code)
+    return (model if quantize_4bit else model.to(device)).eval(), load_tokenizer(path, trust_remote_code)
 
 
 def _four_bit(config, device) -> dict:
@@ -231,7 +226,8 @@ def _four_bit(config, device) -> dict:
     return {"quantization_config": quantization, "device_map": {"": torch.device(device)}}
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool):
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """A local model folder's tokenizer, with a pad token (data made for one model's tokenizer needs no weights)."""
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
