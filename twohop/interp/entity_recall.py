@@ -161,7 +161,8 @@ def build_items(tokenizer, tests: dict, one_hop_tests: dict, swaps: dict, seed: 
 def entity_recall(model, states: torch.Tensor, bridge: torch.Tensor) -> torch.Tensor:
     """ENTREC [items, states] of residual states [items, states, hidden]: the log-probability of each
     item's `bridge` token under the logit lens (final norm, then unembedding)."""
-    logits = unembed(model, final_norm(model)(states)).float()
+    logits = unembed(model, final_norm(model)(states))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.log_softmax(-1).gather(-1, bridge.view(-1, 1, 1).expand(-1, states.shape[1], 1)).squeeze(-1)
 
 
