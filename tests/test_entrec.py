@@ -113,6 +113,9 @@ class PlantedRecallTest(unittest.TestCase):
         self.assertEqual(curve(summary, "second_hop"), [1.0, 1.0, 0.0, None])
         self.assertEqual([r["derivative"] for r in rows if r["state"] == 2], [0.0, 0.0])
         self.assertEqual(curve(summary, "traversal_e1"), [None, 1.0, 0.0, None])
+        self.assertEqual(summary["median_abs_cosine"][2], 0.0)
+        self.assertGreater(summary["median_abs_cosine"][1], 1e-3)
+        self.assertEqual((summary["best"]["second_hop"]["state"], summary["best"]["second_hop"]["frequency"]), (1, 1.0))
 
     def test_a_metric_whose_gradient_is_identically_zero_is_refused(self):
         def kl_with_itself(logits, _one_hop):
@@ -181,16 +184,19 @@ class ItemsTest(unittest.TestCase):
                 "answer_intermediate": e2, "auxiliary_loss_prefix": prefix, "e1": e1}
 
     def test_the_mention_ends_at_e1_or_at_the_relation_word_after_it(self):
-        rows = [self.row("Ada Hughes-Marsjanska", "Bo Lind-Ahl", "In which city was the spouse of Ada Hughes-Marsjanska "
-                         "born?", "In which city was the spouse of Ada Hughes-Marsjanska"),
+        rows = [self.row("Ada Hughes-Marsjanska", "Bo Lind-Ahl",
+                         "In which city was the spouse of Ada Hughes-Marsjanska born?",
+                         "In which city was the spouse of Ada Hughes-Marsjanska"),
                 self.row("Cy Moss-Reed", "Dee Park-Lowe", "Where was Cy Moss-Reed's spouse born?",
                          "Where was Cy Moss-Reed's spouse"),
                 self.row("Eve Stone-Hale", "Bo Fenn-Ward", "Where was Eve Stone-Hale's spouse born?",
                          "Where was Eve Stone-Hale's spouse")]
         one_hop = {"test/b": [{"messages": [{"role": "user", "content": f"Where was {e2} born?"},
                                             {"role": "assistant", "content": "Oslo"}],
-                               "question": f"Where was {e2} born?", "e2": e2} for e2 in ("Bo Lind-Ahl", "Dee Park-Lowe")]}
-        items, skipped = entity_recall.build_items(self.tokenizer, {"test/2hop": rows}, one_hop, {"spouse": "architect"})
+                               "question": f"Where was {e2} born?", "e2": e2}
+                              for e2 in ("Bo Lind-Ahl", "Dee Park-Lowe")]}
+        items, skipped = entity_recall.build_items(self.tokenizer, {"test/2hop": rows}, one_hop,
+                                                   {"spouse": "architect"})
         self.assertEqual([i.id for i in items], ["test/2hop:0", "test/2hop:1"])
         self.assertEqual(skipped, {"no_one_hop": 1, "no_e1_partner": 0, "no_relation_swap": 0})
         decode = lambda prompt: self.tokenizer.decode(prompt.ids[:prompt.end + 1])  # noqa: E731

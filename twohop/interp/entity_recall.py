@@ -24,25 +24,30 @@ university" (" university"); never the last prompt token.
   tokens, not recall: its logit lens is the mention-end token's embedding, so a frequency away from
   0.5 there is a property of the substituted tokens.
 - Second hop. CnstScore = -1/2 (H(p2, p1) + H(p1, p2)), minus the mean of the two cross-entropies
-  between the next-token distributions after the two-hop prompt (p2) and after the one-hop question
-  about e2 with the second relation ("In which city was e2 born?": p1, held fixed). Adding alpha times
-  grad ENTREC(l) to state l at the mention end, d CnstScore / d alpha at alpha = 0 is
-  grad_{x_l} CnstScore . grad_{x_l} ENTREC(l); the second hop happens at l when it is positive.
-  One forward and one backward pass give the score's gradient at every state: a zero vector with
-  requires_grad is added at the mention end of each state (`add_to_states`) and `torch.autograd.grad`
-  differentiates with respect to all of them at once; the ENTREC gradients are local (norm and
-  unembedding of each state). The last state is left out: nothing after it reads the mention end.
+  between the next-token distributions after the two-hop prompt (p2) and after a one-hop question
+  about e2 with the second relation (p1, held fixed). The one-hop question is the dataset's own: the
+  first second-hop test row about e2 (and the same attribute), e.g. "In what city was e2 born?",
+  rendered from its own messages (the shipped ones have no system prompt, as in training; the two-hop
+  prompt keeps its own). Adding alpha grad ENTREC(l) to state l at the mention end,
+  d CnstScore / d alpha at alpha = 0 is grad_{x_l} CnstScore . grad_{x_l} ENTREC(l); the second hop
+  happens at l when it is positive. One forward and one backward pass give the score's gradient at
+  every state: a zero vector with requires_grad is added at the mention end of each state
+  (`add_to_states`) and `torch.autograd.grad` differentiates with respect to all of them at once; the
+  ENTREC gradients are local (norm and unembedding of each state). The last state is left out:
+  nothing after it reads the mention end. Each row also carries the cosine of the two gradients: a
+  derivative whose cosine is near float precision has no reliable sign.
 - Traversal at l: both hops at l for the same item (per substitution). Two independent coin flips
   would give 0.25; the headline compares it with 0.5, as the hops.
 
 A score whose gradient with respect to every state at the mention end is identically zero, or that
 does not depend on them (a divergence of a distribution with itself, a score of detached logits),
 measures nothing: it is refused with one line, not reported as "no second hop". Frequencies per state
-come with their binomial standard error and z against 0.5; the largest over states is also given, and
-is biased upwards by that choice.
+come with their binomial standard error and z against 0.5; the largest over states 1 on is also
+given, and is biased upwards by that choice.
 """
 import random
 import re
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -111,11 +116,11 @@ def swap_relation(prefix: str, e1: str, swaps: dict):
     return None
 
 
-def make_item(tokenizer, row: dict, partners: list, one_hop_row: dict, swaps: dict, item_id: str) -> Item:
-    """The item of a two-hop row; `partners`: rows whose e1 may substitute row's (the first is taken)."""
+def make_item(tokenizer, row: dict, partner, one_hop_row: dict, swaps: dict, item_id: str) -> Item:
+    """The item of a two-hop row; `partner`: the row whose e1 substitutes row's (None: no e1 substitution)."""
     prefix, question, e1 = descriptive_mention(row), row["question"], row["e1"]
     prompt = render(tokenizer, row, question, prefix)
-    substituted, partner = {kind: None for kind in SUBSTITUTIONS}, partners[0] if partners else None
+    substituted = {kind: None for kind in SUBSTITUTIONS}
     if partner:
         other = partner["e1"]
         substituted["e1"] = render(tokenizer, row, question.replace(e1, other, 1), prefix.replace(e1, other, 1))
@@ -151,7 +156,7 @@ def build_items(tokenizer, tests: dict, one_hop_tests: dict, swaps: dict, seed: 
                 continue
             partners = [o for o in rows if o["e1"] != row["e1"]
                         and bridges[o["answer_intermediate"]] != bridges[row["answer_intermediate"]]]
-            items.append(make_item(tokenizer, row, rng.sample(partners, min(1, len(partners))), target, swaps,
+            items.append(make_item(tokenizer, row, rng.choice(partners) if partners else None, target, swaps,
                                    f"{name}:{index}"))
     return items, {"no_one_hop": no_one_hop,
                    **{f"no_{label}": sum(i.substituted[kind] is None for i in items)
@@ -162,7 +167,7 @@ def entity_recall(model, states: torch.Tensor, bridge: torch.Tensor) -> torch.Te
     """ENTREC [items, states] of residual states [items, states, hidden]: the log-probability of each
     item's `bridge` token under the logit lens (final norm, then unembedding)."""
     logits = unembed(model, final_norm(model)(states))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to float32; float64 stays
     return logits.log_softmax(-1).gather(-1, bridge.view(-1, 1, 1).expand(-1, states.shape[1], 1)).squeeze(-1)
 
 
@@ -175,7 +180,8 @@ def consistency(two_hop_logits: torch.Tensor, one_hop_logits: torch.Tensor) -> t
 def _gradient(name: str, output: torch.Tensor, inputs: list) -> list:
     """d output.sum() / d each input; one line refusing an output that does not depend on the inputs or
     whose gradient is identically zero (or not finite)."""
-    grads = torch.autograd.grad(output.sum(), inputs, allow_unused=True) if output.requires_grad else [None] * len(inputs)
+    grads = (torch.autograd.grad(output.sum(), inputs, allow_unused=True) if output.requires_grad
+             else [None] * len(inputs))
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     finite = all(g.isfinite().all() for g in grads)
     if not finite or not any(g.any() for g in grads):
@@ -190,10 +196,12 @@ def _at(states: dict, cells: tuple) -> torch.Tensor:
     return torch.stack([states[s][cells] for s in sorted(states)], 1)
 
 
-def second_hop(model, prompts: list, bridge: torch.Tensor, metric, pad_id: int) -> tuple:
-    """(score [items], ENTREC [items, states], d score / d alpha [items, states - 1]) of one forward and
-    one backward pass, where alpha scales grad ENTREC(l) added to state l at each prompt's mention end and
-    `metric` maps the last-position logits [items, vocab] to a score per item."""
+def second_hop(model, prompts: list, bridge: torch.Tensor, metric, pad_id: int) -> dict:
+    """{score [items], entrec [items, states], derivative [items, states - 1], cosine [items, states - 1]}
+    of one forward and one backward pass: derivative = d score / d alpha where alpha scales grad ENTREC(l)
+    added to state l at each prompt's mention end, cosine = that of the two gradients (a derivative whose
+    cosine is near float precision, ~1e-6, has no reliable sign); `metric` maps the last-position logits
+    [items, vocab] to a score per item."""
     device = next(model.parameters()).device
     batch = Batch.left_padded([p.ids for p in prompts], pad_id, device)
     cells = batch.cells([p.end for p in prompts])
@@ -209,7 +217,10 @@ def second_hop(model, prompts: list, bridge: torch.Tensor, metric, pad_id: int) 
     with torch.enable_grad():
         recall = entity_recall(model, at_end, bridge)
     recall_grad = _gradient("entity recall", recall, [at_end])[0][:, :-1].to(score_grads.dtype)
-    return score.detach(), recall.detach(), (score_grads * recall_grad).sum(-1)
+    derivative = (score_grads * recall_grad).sum(-1)
+    norms = score_grads.norm(dim=-1) * recall_grad.norm(dim=-1)
+    return {"consistency": score.detach(), "entrec": recall.detach(), "derivative": derivative,
+            "cosine": torch.where(norms > 0, derivative / norms, torch.zeros_like(norms))}
 
 
 @torch.no_grad()
@@ -232,14 +243,16 @@ def substituted_recall(model, items: list, kind: str, bridge: torch.Tensor, pad_
     return out
 
 
-def item_rows(item: Item, score: float, recall: list, derivative: list, substituted: dict) -> list:
-    """One row per state: ENTREC real and substituted, the derivative, and the hops' verdicts (None where
-    not measured: no substitute, a tie, or the last state for the second hop)."""
+def item_rows(item: Item, measured: dict, substituted: dict) -> list:
+    """One row per state: ENTREC real and substituted, the derivative and its cosine, and the hops'
+    verdicts (None where not measured: no substitute, a tie, or the last state for the second hop).
+    `measured`: this item's part of `second_hop`'s result, as lists."""
     rows = []
-    for state, value in enumerate(recall):
-        row = {"item": item.id, **item.info, "state": state, "entrec": value, "consistency": score,
-               "derivative": derivative[state] if state < len(derivative) else None}
-        row["second_hop"] = None if row["derivative"] is None else row["derivative"] > 0
+    for state, value in enumerate(measured["entrec"]):
+        last = state == len(measured["derivative"])
+        row = {"item": item.id, **item.info, "state": state, "entrec": value, "consistency": measured["consistency"],
+               **{key: None if last else measured[key][state] for key in ("derivative", "cosine")}}
+        row["second_hop"] = None if last else row["derivative"] > 0
         for kind in SUBSTITUTIONS:
             other = substituted[kind] and substituted[kind][state]
             row[f"entrec_{kind}"] = other
@@ -256,11 +269,11 @@ def chunk_rows(model, items: list, pad_id: int, metric=None) -> list:
     bridge = torch.tensor([item.bridge for item in items], device=device)
     with torch.no_grad():
         one_hop = final_logits(model, Batch.left_padded([item.one_hop for item in items], pad_id, device))
-    score, recall, derivative = second_hop(model, [item.prompt for item in items], bridge,
-                                           lambda logits: (metric or consistency)(logits, one_hop), pad_id)
+    measured = second_hop(model, [item.prompt for item in items], bridge,
+                          lambda logits: (metric or consistency)(logits, one_hop), pad_id)
     substituted = {kind: substituted_recall(model, items, kind, bridge, pad_id) for kind in SUBSTITUTIONS}
     return [row for k, item in enumerate(items)
-            for row in item_rows(item, score[k].item(), recall[k].tolist(), derivative[k].tolist(),
+            for row in item_rows(item, {key: values[k].tolist() for key, values in measured.items()},
                                  {kind: values[k] for kind, values in substituted.items()})]
 
 
@@ -285,14 +298,17 @@ def frequency(verdicts: list, state: int) -> dict:
 
 def summarise(rows: list) -> dict:
     """Per state: each measure's frequency (with s.e., z and n), ties of each substitution, mean ENTREC
-    (real and substituted) and mean derivative; per measure the state of the largest frequency."""
+    (real and substituted), mean derivative and median |cosine|; per measure the entry of the largest
+    frequency over decoder layers' outputs (states 1 on: state 0 compares token embeddings)."""
     states = sorted({r["state"] for r in rows})
     at = {s: [r for r in rows if r["state"] == s] for s in states}
     curves = {m: [frequency([r[m] for r in at[s]], s) for s in states] for m in MEASURES}
     mean = lambda key, s: stats.mean_se([r[key] for r in at[s]])[0]  # noqa: E731
+    cosines = {s: [abs(r["cosine"]) for r in at[s] if r["cosine"] is not None] for s in states}
     return {"n": len({r["item"] for r in rows}), "states": states, "curves": curves,
             "ties": {kind: [sum(r[f"entrec_{kind}"] == r["entrec"] for r in at[s]) for s in states]
                      for kind in SUBSTITUTIONS},
             "mean": {key: [mean(key, s) for s in states] for key in ("entrec", "entrec_e1", "entrec_r1", "derivative")},
-            "best": {m: max((e for e in curve if e["n"]), key=lambda e: e["frequency"], default=None)
+            "median_abs_cosine": [statistics.median(cosines[s]) if cosines[s] else None for s in states],
+            "best": {m: max((e for e in curve if e["n"] and e["state"] > 0), key=lambda e: e["frequency"], default=None)
                      for m, curve in curves.items()}}

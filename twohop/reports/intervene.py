@@ -134,29 +134,39 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+ENTREC_METHOD = ("ENTREC(l) = log-probability of e2's first token under the logit lens of state l (0 = embeddings) "
+                 "at the end of the descriptive mention (the end of `auxiliary_loss_prefix`: e1's last token or the "
+                 "relation word after e1). First hop: ENTREC higher on the real prompt than on the e1- or "
+                 "r1-substituted one (ties, where the substitution has not reached the mention end, are not counted; "
+                 "state 0 compares token embeddings, not recall). Second hop: d CnstScore / d alpha > 0 when alpha "
+                 "grad ENTREC(l) is added at state l (none at the last state). Traversal: both. Frequency ± binomial "
+                 "s.e., z against 0.5 (for traversal, two independent coin flips would give 0.25).")
+
+
+def _entrec_scores(summary: dict) -> list:
+    """Table rows: mean ENTREC (real, substituted), ties, mean derivative, median |cosine| per state."""
+    mean, ties = summary["mean"], summary["ties"]
+    return [f"| {s} | " + " | ".join([_number(mean["entrec"][i]), _number(mean["entrec_e1"][i]),
+                                      _number(mean["entrec_r1"][i]), f"{ties['e1'][i]} / {ties['r1'][i]}",
+                                      _number(mean["derivative"][i]), _number(summary["median_abs_cosine"][i])]) + " |"
+            for i, s in enumerate(summary["states"])]
+
+
 def entrec_markdown(results: dict, label: str) -> str:
     """The three hops' frequencies per state against 0.5, ties, mean scores, and what was compared."""
-    summary, skipped = results["summary"], results["skipped"]
-    states, curves, mean = summary["states"], summary["curves"], summary["mean"]
+    summary, skipped, curves = results["summary"], results["skipped"], results["summary"]["curves"]
     lines = [f"# Entity recall and consistency (Yang et al. 2024): {label}", "",
              f"Model: `{results['model']}`; {summary['n']} two-hop questions from {', '.join(results['tests'])} "
-             f"({skipped['no_one_hop']} without a one-hop question about their e2 skipped; {skipped['no_e1_partner']} "
-             f"without an e1 substitute, {skipped['no_relation_swap']} without a relation swap).", "",
-             "ENTREC(l) = log-probability of e2's first token under the logit lens of state l (0 = embeddings) at "
-             "the end of the descriptive mention (the end of `auxiliary_loss_prefix`: e1's last token or the relation "
-             "word after e1). First hop: ENTREC higher on the real prompt than on the e1- or r1-substituted one "
-             "(ties, where the substitution has not reached the mention end, are not counted; state 0 compares "
-             "token embeddings, not recall). Second hop: d CnstScore / d alpha > 0 when alpha grad ENTREC(l) is added at state "
-             "l (none at the last state). Traversal: both. Frequency ± binomial s.e., z against 0.5 (for traversal, "
-             "two independent coin flips would give 0.25).", "",
+             f"({skipped['no_one_hop']} without a one-hop question about their e2 skipped; "
+             f"{skipped['no_e1_partner']} without an e1 substitute, {skipped['no_relation_swap']} without a relation "
+             f"swap); one-hop questions from {', '.join(results['one_hop_tests'])}.", "", ENTREC_METHOD, "",
              "| state | " + " | ".join(ENTREC_LABELS[m] for m in curves) + " |", "|---" * (len(curves) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(_frequency(curves[m][i]) for m in curves) + " |" for i, s in enumerate(states)]
-    lines += ["", "| state | mean ENTREC real | e1-substituted | r1-substituted | ties e1 / r1 | mean derivative |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {s} | {_number(mean['entrec'][i])} | {_number(mean['entrec_e1'][i])} | {_number(mean['entrec_r1'][i])}"
-              f" | {summary['ties']['e1'][i]} / {summary['ties']['r1'][i]} | {_number(mean['derivative'][i])} |"
-              for i, s in enumerate(states)]
-    lines += ["", "Largest frequency over states (biased upwards by the choice of state):", ""]
+    lines += [f"| {s} | " + " | ".join(_frequency(curves[m][i]) for m in curves) + " |"
+              for i, s in enumerate(summary["states"])]
+    lines += ["", "| state | mean ENTREC real | e1-substituted | r1-substituted | ties e1 / r1 | mean derivative | "
+              "median abs cosine of the two gradients |", "|---|---|---|---|---|---|---|"] + _entrec_scores(summary)
+    lines += ["", "Largest frequency over states 1 on (state 0 compares token embeddings; the maximum is biased "
+              "upwards by the choice of state):", ""]
     lines += [f"- {ENTREC_LABELS[m]}: " + (f"{_frequency(best)} at state {best['state']}" if best else "n/a")
               for m, best in summary["best"].items()]
     lines += ["", f"Relation swaps: {results['relation_swaps']}", "",
@@ -167,13 +177,13 @@ def entrec_markdown(results: dict, label: str) -> str:
 def entrec_plot(summary: dict, title: str) -> bytes:
     """First-hop, second-hop and traversal frequencies per state with s.e. bars, 0.5 (and 0.25) marked."""
     figure, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
-    styles = {"first_hop_e1": ("C0", "-"), "first_hop_r1": ("C0", "--"), "second_hop": ("C1", "-"),
-              "traversal_e1": ("C2", "-"), "traversal_r1": ("C2", "--")}
+    styles = {"first_hop_e1": ("C0", "-", "o"), "first_hop_r1": ("C0", "--", "s"), "second_hop": ("C1", "-", "^"),
+              "traversal_e1": ("C2", "-", "o"), "traversal_r1": ("C2", "--", "s")}
     for measure, curve in summary["curves"].items():
         shown = [e for e in curve if e["frequency"] is not None]
-        color, line = styles[measure]
+        color, line, marker = styles[measure]
         axis.errorbar([e["state"] for e in shown], [e["frequency"] for e in shown], yerr=[e["se"] for e in shown],
-                      color=color, linestyle=line, marker="o", capsize=3, label=ENTREC_LABELS[measure])
+                      color=color, linestyle=line, marker=marker, capsize=3, label=ENTREC_LABELS[measure])
     axis.axhline(0.5, color="grey", linestyle="dashed", linewidth=1, label="0.5")
     axis.axhline(0.25, color="grey", linestyle="dotted", linewidth=1, label="0.25 (traversal, independent hops)")
     axis.set_ylim(-0.05, 1.05)

@@ -172,7 +172,8 @@ def run_entrec(ctx) -> dict:
     items, skipped = entity_recall.build_items(tokenizer, tests, one_hop, config["relation_swaps"],
                                                config["pair_seed"], config["max_items"])
     if not items:
-        raise UserError(f"no question of {', '.join(tests)} has a one-hop question about its e2 in {', '.join(one_hop)}")
+        raise UserError(f"no question of {', '.join(tests)} has a one-hop question about its e2 in "
+                        f"{', '.join(one_hop) or 'the dataset (it has no second-hop test)'}")
     parity = parity_check(model, Batch.left_padded([i.prompt.ids for i in items[:config["batch_size"]]],
                                                    tokenizer.pad_token_id))
     ctx.log.info("parity check passed (%s); %d items, skipped %s", parity, len(items), skipped)
@@ -184,8 +185,9 @@ def run_entrec(ctx) -> dict:
     atomic_write_json(ctx.run_dir / "results.json", results)
     atomic_write_text(ctx.run_dir / "summary.md", report.entrec_markdown(results, ctx.run.label))
     atomic_write_bytes(ctx.run_dir / "entrec.png", report.entrec_plot(summary, ctx.run.label))
-    return {"n": summary["n"], **{f"{m}_max": best["frequency"] if best else None for m, best in summary["best"].items()},
-            **{f"{m}_max_state": best["state"] if best else None for m, best in summary["best"].items()}}
+    best = summary["best"]
+    return {"n": summary["n"], **{f"{m}_max": e["frequency"] if e else None for m, e in best.items()},
+            **{f"{m}_max_state": e["state"] if e else None for m, e in best.items()}}
 
 
 # The settings compared with the default (spouses: facts in separate documents), each with its own run
