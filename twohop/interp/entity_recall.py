@@ -22,7 +22,10 @@ university" (" university"); never the last prompt token.
   substitution has not reached the mention end by state l (state 0 when the mention-end token itself
   is unchanged): the item is not counted at that state, and ties are reported. State 0 compares
   tokens, not recall: its logit lens is the mention-end token's embedding, so a frequency away from
-  0.5 there is a property of the substituted tokens.
+  0.5 there is a property of the substituted tokens. An r1 substitute changes the mention's own words,
+  and with them what the lens predicts next for any name: on the tiny models the default swaps lower
+  or raise the lens probability of another question's e2 as much as of this one's, so there the r1
+  comparison reports the substitute word, not recall; the e1 comparison has no such confound.
 - Second hop. CnstScore = -1/2 (H(p2, p1) + H(p1, p2)), minus the mean of the two cross-entropies
   between the next-token distributions after the two-hop prompt (p2) and after a one-hop question
   about e2 with the second relation (p1, held fixed). The one-hop question is the dataset's own: the

@@ -143,8 +143,9 @@ def run_backpatch(ctx) -> dict:
             "best_pair_preserve": best["preserve"]["rate"] if best else None}
 
 
-# r1 substitutes for the shipped questions' relation words (the first found in the mention is swapped):
-# other relations the tiny models have seen as single tokens, so the swap changes the relation and nothing else.
+# r1 substitutes for the shipped questions' relation words (the first found in the mention is swapped): other
+# relations' words that the tiny models' tokenizer holds as single tokens, so the swapped prompt has no unseen
+# token. A substitute also changes what the lens predicts next for any name (see twohop.interp.entity_recall).
 RELATION_SWAPS = {"husband or wife": "architect", "wedded partner": "architect", "marriage partner": "architect",
                   "spouse": "architect", "married": "designed", "wed": "designed", "favorite": "designed"}
 
