@@ -160,8 +160,18 @@ def write_dataset(out_dir, files: dict, card: dict, extras=None) -> dict:
     return card
 
 
+def _tests(data_dir, keep) -> dict:
+    """{test name: rows} of a generated dataset's tests whose card entry `keep` accepts."""
+    card = json.loads((Path(data_dir) / "card.json").read_text(encoding="utf-8"))
+    return {name: read_records(Path(data_dir) / f"{name}.jsonl") for name, spec in card["tests"].items() if keep(spec)}
+
+
 def two_hop_tests(data_dir, style: str = "nocot") -> dict:
     """{test name: rows} of a generated dataset's two-hop tests in `style` (not their shuffled baselines)."""
-    card = json.loads((Path(data_dir) / "card.json").read_text(encoding="utf-8"))
-    return {name: read_records(Path(data_dir) / f"{name}.jsonl") for name, spec in card["tests"].items()
-            if spec["kind"] == "two_hop" and spec["style"] == style and not spec["shuffled_of"]}
+    return _tests(data_dir, lambda spec: spec["kind"] == "two_hop" and spec["style"] == style and not spec["shuffled_of"])
+
+
+def second_hop_tests(data_dir) -> dict:
+    """{test name: rows} of a generated dataset's second-hop tests: questions about e2 with the relation r2
+    (each row names its `e2`, and its `attribute` where the dataset has several)."""
+    return _tests(data_dir, lambda spec: spec["kind"] == "hop_b")

@@ -1,7 +1,7 @@
 """Reports of the intervention sub-jobs: summary.md and the figures (PNG bytes)."""
 import numpy as np
 
-from twohop.plots import png, plt
+from twohop.plots import finish_layer_plot, png, plt
 
 
 def _fraction(entry: dict) -> str:
@@ -117,3 +117,74 @@ def backpatch_plot(summary: dict, states: int, title: str) -> bytes:
         figure.colorbar(image, ax=axis)
     figure.suptitle(title, fontsize=9)
     return png(figure)
+
+
+ENTREC_LABELS = {"first_hop_e1": "first hop (vs e1-substituted)", "first_hop_r1": "first hop (vs r1-substituted)",
+                 "second_hop": "second hop (d CnstScore > 0)", "traversal_e1": "traversal (e1)",
+                 "traversal_r1": "traversal (r1)"}
+
+
+def _frequency(entry: dict) -> str:
+    if entry["frequency"] is None:
+        return "n/a"
+    return f"{entry['frequency']:.2f} ± {entry['se']:.2f} (n={entry['n']}, z={entry['z']:+.1f})"
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+ENTREC_METHOD = ("ENTREC(l) = log-probability of e2's first token under the logit lens of state l (0 = embeddings) "
+                 "at the end of the descriptive mention (the end of `auxiliary_loss_prefix`: e1's last token or the "
+                 "relation word after e1). First hop: ENTREC higher on the real prompt than on the e1- or "
+                 "r1-substituted one (ties, where the substitution has not reached the mention end, are not counted; "
+                 "state 0 compares token embeddings, not recall). Second hop: d CnstScore / d alpha > 0 when alpha "
+                 "grad ENTREC(l) is added at state l (none at the last state). Traversal: both. Frequency ± binomial "
+                 "s.e., z against 0.5 (for traversal, two independent coin flips would give 0.25).")
+
+
+def _entrec_scores(summary: dict) -> list:
+    """Table rows: mean ENTREC (real, substituted), ties, mean derivative, median |cosine| per state."""
+    mean, ties = summary["mean"], summary["ties"]
+    return [f"| {s} | " + " | ".join([_number(mean["entrec"][i]), _number(mean["entrec_e1"][i]),
+                                      _number(mean["entrec_r1"][i]), f"{ties['e1'][i]} / {ties['r1'][i]}",
+                                      _number(mean["derivative"][i]), _number(summary["median_abs_cosine"][i])]) + " |"
+            for i, s in enumerate(summary["states"])]
+
+
+def entrec_markdown(results: dict, label: str) -> str:
+    """The three hops' frequencies per state against 0.5, ties, mean scores, and what was compared."""
+    summary, skipped, curves = results["summary"], results["skipped"], results["summary"]["curves"]
+    lines = [f"# Entity recall and consistency (Yang et al. 2024): {label}", "",
+             f"Model: `{results['model']}`; {summary['n']} two-hop questions from {', '.join(results['tests'])} "
+             f"({skipped['no_one_hop']} without a one-hop question about their e2 skipped; "
+             f"{skipped['no_e1_partner']} without an e1 substitute, {skipped['no_relation_swap']} without a relation "
+             f"swap); one-hop questions from {', '.join(results['one_hop_tests'])}.", "", ENTREC_METHOD, "",
+             "| state | " + " | ".join(ENTREC_LABELS[m] for m in curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(_frequency(curves[m][i]) for m in curves) + " |"
+              for i, s in enumerate(summary["states"])]
+    lines += ["", "| state | mean ENTREC real | e1-substituted | r1-substituted | ties e1 / r1 | mean derivative | "
+              "median abs cosine of the two gradients |", "|---|---|---|---|---|---|---|"] + _entrec_scores(summary)
+    lines += ["", "Largest frequency over states 1 on (state 0 compares token embeddings; the maximum is biased "
+              "upwards by the choice of state):", ""]
+    lines += [f"- {ENTREC_LABELS[m]}: " + (f"{_frequency(best)} at state {best['state']}" if best else "n/a")
+              for m, best in summary["best"].items()]
+    lines += ["", f"Relation swaps: {results['relation_swaps']}", "",
+              f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}", ""]
+    return "\n".join(lines)
+
+
+def entrec_plot(summary: dict, title: str) -> bytes:
+    """First-hop, second-hop and traversal frequencies per state with s.e. bars, 0.5 (and 0.25) marked."""
+    figure, axis = plt.subplots(figsize=(6.5, 4), dpi=100)
+    styles = {"first_hop_e1": ("C0", "-", "o"), "first_hop_r1": ("C0", "--", "s"), "second_hop": ("C1", "-", "^"),
+              "traversal_e1": ("C2", "-", "o"), "traversal_r1": ("C2", "--", "s")}
+    for measure, curve in summary["curves"].items():
+        shown = [e for e in curve if e["frequency"] is not None]
+        color, line, marker = styles[measure]
+        axis.errorbar([e["state"] for e in shown], [e["frequency"] for e in shown], yerr=[e["se"] for e in shown],
+                      color=color, linestyle=line, marker=marker, capsize=3, label=ENTREC_LABELS[measure])
+    axis.axhline(0.5, color="grey", linestyle="dashed", linewidth=1, label="0.5")
+    axis.axhline(0.25, color="grey", linestyle="dotted", linewidth=1, label="0.25 (traversal, independent hops)")
+    axis.set_ylim(-0.05, 1.05)
+    return finish_layer_plot(axis, figure, summary["states"], "frequency over questions", title, legend_size=7)

@@ -12,6 +12,11 @@ earlier run, as any config change does). Every run starts with the hooks' parity
   state, the source state copied into the target at t2 (and/or t1) on the prompt pass, then greedy
   generation, graded. Rows are appended to rows.jsonl as they finish (a killed run continues);
   results.json, summary.md, backpatch.png.
+- `entrec`: the DeepMind scores (`twohop.interp.entity_recall`): entity recall of e2 (logit lens at the
+  end of the descriptive mention) against e1- and r1-substituted prompts (first hop), and the sign of
+  the consistency score's derivative along the entity-recall gradient per state (second hop), from one
+  backward pass; frequencies per state against 0.5. Writes rows.jsonl (item x state), results.json,
+  summary.md, entrec.png.
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -25,8 +30,8 @@ from runner.errors import UserError
 from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
                           resume_jsonl)
 from runner.registry import Job, SubJob
-from twohop.data.dataset import two_hop_tests
-from twohop.interp import backpatching, patching
+from twohop.data.dataset import second_hop_tests, two_hop_tests
+from twohop.interp import backpatching, entity_recall, patching
 from twohop.interp.hooks import Batch, n_states, parity_check
 from twohop.reports import intervene as report
 from twohop.training.recipes import setting_data
@@ -138,13 +143,64 @@ def run_backpatch(ctx) -> dict:
             "best_pair_preserve": best["preserve"]["rate"] if best else None}
 
 
+# r1 substitutes for the shipped questions' relation words (the first found in the mention is swapped): other
+# relations' words that the tiny models' tokenizer holds as single tokens, so the swapped prompt has no unseen
+# token. A substitute also changes what the lens predicts next for any name (see twohop.interp.entity_recall).
+RELATION_SWAPS = {"husband or wife": "architect", "wedded partner": "architect", "marriage partner": "architect",
+                  "spouse": "architect", "married": "designed", "wed": "designed", "favorite": "designed"}
+
+
+@dataclass
+class EntrecConfig(Source):
+    pair_seed: int = option(0, "seed of each question's choice of substituting e1 (one whose e2 starts with "
+                            "another token)")
+    relation_swaps: dict[str, str] = option(RELATION_SWAPS, "r1 substitution: the first of these words found in the "
+                                            "descriptive mention (outside e1) is replaced by its value; questions "
+                                            "with none get no r1 comparison")
+
+
+def check_entrec(config: dict, model=None) -> None:
+    swaps = config["relation_swaps"]
+    if not swaps or any(not old.strip() or old == new for old, new in swaps.items()):
+        raise UserError(f"relation_swaps: {swaps}: give words to swap for other words, e.g. "
+                        "--set 'relation_swaps={spouse: architect}'")
+
+
+def run_entrec(ctx) -> dict:
+    config = ctx.config
+    model, tokenizer, tests, path = load(ctx, eager=False)
+    one_hop = second_hop_tests(ctx.input(SETTINGS[config["setting"]]) / "data")
+    items, skipped = entity_recall.build_items(tokenizer, tests, one_hop, config["relation_swaps"],
+                                               config["pair_seed"], config["max_items"])
+    if not items:
+        raise UserError(f"no question of {', '.join(tests)} has a one-hop question about its e2 in "
+                        f"{', '.join(one_hop) or 'the dataset (it has no second-hop test)'}")
+    parity = parity_check(model, Batch.left_padded([i.prompt.ids for i in items[:config["batch_size"]]],
+                                                   tokenizer.pad_token_id))
+    ctx.log.info("parity check passed (%s); %d items, skipped %s", parity, len(items), skipped)
+    rows = entity_recall.sweep(model, items, tokenizer.pad_token_id, config["batch_size"], progress_bar("entrec"))
+    summary = entity_recall.summarise(rows)
+    results = {"model": path, "tests": list(tests), "one_hop_tests": list(one_hop), "skipped": skipped,
+               "relation_swaps": config["relation_swaps"], "parity": parity, "summary": summary}
+    atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
+    atomic_write_json(ctx.run_dir / "results.json", results)
+    atomic_write_text(ctx.run_dir / "summary.md", report.entrec_markdown(results, ctx.run.label))
+    atomic_write_bytes(ctx.run_dir / "entrec.png", report.entrec_plot(summary, ctx.run.label))
+    best = summary["best"]
+    return {"n": summary["n"], **{f"{m}_max": e["frequency"] if e else None for m, e in best.items()},
+            **{f"{m}_max_state": e["state"] if e else None for m, e in best.items()}}
+
+
 # The settings compared with the default (spouses: facts in separate documents), each with its own run
 # folders: both facts in one document, and a semi-synthetic type (fact B from pretraining).
 COMPARED = ("samedoc", "universities")
 KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t2}, attention knockout t2 -> e1 "
           "per layer", run_patch, PatchConfig, None),
          ("backpatch", "back-patching (Hopping Too Late): later states copied into earlier layers at t2 / t1, greedy "
-          "replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig, check_backpatch))
+          "replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig, check_backpatch),
+         ("entrec", "entity recall of e2 at the descriptive mention vs e1-/r1-substituted prompts, and the "
+          "consistency score's derivative along the entity-recall gradient per layer (Yang et al. 2024)", run_entrec,
+          EntrecConfig, check_entrec))
 
 
 def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
