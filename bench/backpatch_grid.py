@@ -113,8 +113,8 @@ def naive_grid(model, tokenizer, queries: list, pairs: list, max_new_tokens: int
 # --- Ours, and the comparison.
 
 def our_grid(model, tokenizer, queries: list, pairs: list, max_new_tokens: int, batch_size: int) -> dict:
-    rows = [row for chunk in backpatching.grid_rows(model, tokenizer, queries, pairs, ["t2"], batch_size, max_new_tokens)
-            for row in chunk]
+    chunks = backpatching.grid_rows(model, tokenizer, queries, pairs, ["t2"], batch_size, max_new_tokens)
+    rows = [row for chunk in chunks for row in chunk]
     return {(r["item"], r["source"], r["target"]): r["reply"] for r in rows}
 
 
@@ -126,7 +126,8 @@ def timed(function):
 
 def changed(replies: dict) -> int:
     """Patched replies that differ from their question's unpatched one: the patch does something."""
-    return sum(reply != replies[(item, None, None)] for (item, source, _), reply in replies.items() if source is not None)
+    return sum(reply != replies[(item, None, None)]
+               for (item, source, _), reply in replies.items() if source is not None)
 
 
 def compare(name: str, model, tokenizer, queries: list, args) -> tuple:
@@ -158,7 +159,8 @@ def main():
     parser.add_argument("--deep_items", type=int, default=4, help="questions for the 12-layer random-init model")
     parser.add_argument("--layer_stride", type=int, default=1, help="every n-th state as source and target")
     parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=16, help="ours: questions per clean pass, rows per generation")
+    parser.add_argument("--batch_size", type=int, default=16, 
+                        help="ours: questions per clean pass, rows per generation")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
