@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from runner.errors import UserError
 from runner.main import main
 from tests import test_intervene as intervene_tests
+from tests.test_intervene import StubTokenizer  # not a TestCase: safe to import by name
 from twohop.interp import patchscope
 from twohop.interp.backpatching import Query
 from twohop.interp.hooks import Batch, final_logits, locate, patch_states
@@ -63,11 +64,11 @@ def planted(name: str = "q", pad: int = 0) -> tuple:
     return query, [patchscope.Description("entity", TARGET, 2, controls)]
 
 
-def run_rows(model, items, target_state, states=range(LAYERS + 1), positions=("t1", "t2"), batch_size=64) -> list:
+def run_rows(model, items, target_state, positions=("t1", "t2"), batch_size=64, done=frozenset()) -> list:
     queries = [q for q, _ in items]
-    described = {q.id: d for q, d in items}
-    return [r for chunk in patchscope.scope_rows(model, intervene_tests.StubTokenizer, queries, described, positions, list(states),
-                                                 target_state, batch_size, 3) for r in chunk]
+    pairs = patchscope.state_pairs(LAYERS + 1, [], target_state)
+    return [r for chunk in patchscope.scope_rows(model, StubTokenizer, queries, {q.id: d for q, d in items}, positions,
+                                                 pairs, batch_size, 3, done) for r in chunk]
 
 
 def labels(rows, position, item="q") -> list:
@@ -110,11 +111,10 @@ class PlantedPatchscopeTest(unittest.TestCase):
 
     def test_a_killed_run_continues_to_the_same_rows(self):
         full = run_rows(self.model, [planted()], target_state=LAYERS)
-        first = next(patchscope.scope_rows(self.model, intervene_tests.StubTokenizer, [planted()[0]], {"q": planted()[1]}, ["t1", "t2"],
-                                           list(range(LAYERS + 1)), LAYERS, 4, 3))
-        rest = [r for chunk in patchscope.scope_rows(self.model, intervene_tests.StubTokenizer, [planted()[0]], {"q": planted()[1]},
-                                                     ["t1", "t2"], list(range(LAYERS + 1)), LAYERS, 4, 3,
-                                                     {patchscope.row_key(r) for r in first}) for r in chunk]
+        pairs = patchscope.state_pairs(LAYERS + 1, [], LAYERS)
+        first = next(patchscope.scope_rows(self.model, StubTokenizer, [planted()[0]], {"q": planted()[1]}, ["t1", "t2"],
+                                           pairs, 4, 3))
+        rest = run_rows(self.model, [planted()], target_state=LAYERS, done={patchscope.row_key(r) for r in first})
         self.assertEqual(len(first), 4)
         as_set = lambda rows: {json.dumps(r, sort_keys=True) for r in rows}  # noqa: E731
         self.assertEqual(as_set(first + rest), as_set(full))
@@ -122,7 +122,8 @@ class PlantedPatchscopeTest(unittest.TestCase):
 
     def test_a_self_patchscope_is_the_identity(self):
         query, _ = planted()
-        self.assertEqual(patchscope.self_check(self.model, intervene_tests.StubTokenizer, query, ["t1", "t2"], range(LAYERS + 1), 3), 8)
+        states = range(LAYERS + 1)
+        self.assertEqual(patchscope.self_check(self.model, StubTokenizer, query, ["t1", "t2"], states, 3), 8)
         batch = Batch.left_padded([query.ids], PAD)
         cache = patchscope.clean_states(self.model, batch, [query])
         with torch.no_grad():
@@ -138,7 +139,7 @@ class PlantedPatchscopeTest(unittest.TestCase):
         foreign = patchscope.clean_states(self.model, Batch.left_padded([other.ids], PAD), [other])
         with mock.patch.object(patchscope, "clean_states", lambda *a: foreign):
             with self.assertRaisesRegex(UserError, "self-Patchscope check failed") as caught:
-                patchscope.self_check(self.model, intervene_tests.StubTokenizer, query, ["t2"], range(LAYERS + 1), 3)
+                patchscope.self_check(self.model, StubTokenizer, query, ["t2"], states, 3)
         self.assertNotIn("\n", str(caught.exception))
 
 
@@ -157,6 +158,30 @@ class ClassifyTest(unittest.TestCase):
         self.assertEqual(patchscope.classify("Rome", patchscope.entities(
             {"e1": "Bo", "answer_intermediate": ["Ada Ng", "Ada"], "answer": "Oslo", "aliases": ["Rome"]})),
             {"label": "e3", "named": ["e3"]})
+
+
+class SummaryTest(unittest.TestCase):
+    @staticmethod
+    def row(item, position, label, source=None, generation="g"):
+        return {"item": item, "prompt": "entity", "position": position, "source": source, "target": source,
+                "label": label, "generation": generation}
+
+    def test_what_the_unpatched_placeholder_prompt_names_is_not_read_from_the_state(self):
+        rows = [{"item": i, "prompt": None, "position": "question", "source": None, "target": None, "label": "other",
+                 "generation": "", "correct": i == "b"} for i in "abc"]
+        rows += [self.row("a", "placeholder", "e2"), self.row("a", "t1", "e2", 0), self.row("a", "t1", "e2", 1)]
+        rows += [self.row("b", "placeholder", "other"), self.row("b", "t1", "other", 0), self.row("b", "t1", "e2", 1),
+                 self.row("b", "t1", "e2", 2, generation="h")]
+        rows += [self.row("c", "placeholder", "other"), self.row("c", "t1", "e3", 0, generation="h")]
+        summary = patchscope.summarise(rows)
+        found = summary["prompts"]["entity"]
+        e2 = found["readable"]["e2_at_t1"]
+        self.assertEqual((e2["all"]["rate"], e2["all"]["control_names_it"], e2["all"]["earliest"]),
+                         (1 / 3, 1, {"1": 1}))  # a's e2 is the placeholder prompt's own answer
+        self.assertEqual((e2["right"]["rate"], e2["right"]["n"], e2["wrong"]["rate"]), (1.0, 1, 0.0))
+        self.assertEqual([e["e2"]["rate"] for e in found["by_source"]["t1"]], [1 / 3, 1.0, 1.0])  # states 0, 1, 2
+        self.assertEqual([e["changed"]["rate"] for e in found["by_source"]["t1"]], [1 / 3, 0.0, 1.0])
+        self.assertEqual(summary["accuracy"]["rate"], 1 / 3)
 
 
 class DescriptionPromptTest(unittest.TestCase):
@@ -202,15 +227,17 @@ class DescriptionPromptTest(unittest.TestCase):
         for model_type in intervene_tests.FAMILIES:
             with self.subTest(model_type):
                 model = self.families.random_model(model_type)
-                self.assertEqual(patchscope.self_check(model, self.tokenizer, self.queries[0], ["t1", "t2"], range(3), 3), 6)
+                checked = patchscope.self_check(model, self.tokenizer, self.queries[0], ["t1", "t2"], range(3), 3)
+                self.assertEqual(checked, 6)
 
-    def test_states_outside_the_model_are_refused(self):
-        self.assertEqual(patchscope.check_states(3, [], "same"), [0, 1, 2])
-        self.assertEqual(patchscope.check_states(3, [2, 0], 1), [2, 0])
+    def test_state_pairs_and_states_outside_the_model_are_refused(self):
+        self.assertEqual(patchscope.state_pairs(3, [], "same"), [(0, 0), (1, 1), (2, 2)])
+        self.assertEqual(patchscope.state_pairs(3, [2, 0], 1), [(2, 1), (0, 1)])
+        self.assertEqual(patchscope.state_pairs(2, [], "all"), [(0, 0), (0, 1), (1, 0), (1, 1)])
         with self.assertRaisesRegex(UserError, "states 0..2"):
-            patchscope.check_states(3, [0, 3], "same")
+            patchscope.state_pairs(3, [0, 3], "same")
         with self.assertRaisesRegex(UserError, r"states \[5\]"):
-            patchscope.check_states(3, [], 5)
+            patchscope.state_pairs(3, [], 5)
 
 
 class PatchscopeJobTest(unittest.TestCase):
@@ -224,9 +251,11 @@ class PatchscopeJobTest(unittest.TestCase):
             for name in ("rows.jsonl", "results.json", "summary.md", "patchscope.png"):
                 self.assertTrue((run / name).is_file(), name)
             rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
-            self.assertEqual(len(rows), 4 * (1 + 2 * (4 + 2 * 3)))  # question + 2 prompts x (4 controls + t1/t2 x 3 states)
+            # Per item: the question, and per prompt 4 controls and t1 / t2 at 3 states.
+            self.assertEqual(len(rows), 4 * (1 + 2 * (4 + 2 * 3)))
             results = json.loads((run / "results.json").read_text())
-            self.assertEqual((results["render"], results["source_states"], results["self_check"]), ("chat", [0, 1, 2], 6))
+            self.assertEqual((results["render"], results["source_states"], results["self_check"], results["pairs"]),
+                             ("chat", [0, 1, 2], 6, 3))
             self.assertEqual(set(results["summary"]["prompts"]["entity"]["readable"]), {"e2_at_t1", "e3_at_t2"})
             self.assertIn("e2 at t1", (run / "summary.md").read_text())
 

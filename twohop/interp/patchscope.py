@@ -2,12 +2,21 @@
 
 A residual state of the two-hop prompt at position t1 (the last token of e1's mention) or t2 (the
 last prompt token) and source state s (0 = embeddings, i = decoder layer i's output) is written into
-the placeholder token "x" of a description prompt at a target state (`target_state`: the same state
-s, as the Patchscopes paper and Hopping Too Late do by default, or one fixed state), on the prompt
-pass only; the same model then generates greedily from the patched prompt, and the generation's first
-line is classified as e1, e2 (the bridge), e3 (the answer) or other: the item entity whose name (or an
-alias) the grader (`twohop.evaluation.grading`) finds stated first, a name counting only outside a
-mention of the others ("Austin" inside "University of Texas at Austin" names the university).
+the placeholder token "x" of a description prompt at a target state, on the prompt pass only; the
+same model then generates greedily from the patched prompt, and the generation's first line is
+classified as e1, e2 (the bridge), e3 (the answer) or other: the item entity whose name (or an alias)
+the grader (`twohop.evaluation.grading`) finds stated first, a name counting only outside a mention
+of the others ("Austin" inside "University of Texas at Austin" names the university).
+
+The target state (`state_pairs`): "same" (target = source, the Patchscopes convention: the vector
+enters the layers that read it in the model's own pass, in the basis and scale they expect), "all"
+(every target for every source, read as "any target", as Hopping Too Late's entity-description
+analysis does: L^2 generations per position), or one fixed state (an early one gives every source
+state all of the target's layers, at the price of feeding late states to layers that never see
+them). Where the placeholder is not the last prompt token (chat rendering), only the target's layers
+after the target state can read the patch through attention: patching the last state changes
+nothing, and in a 2-layer model state 1 is read by one layer only; with the placeholder last (raw
+rendering) the last state sets the first generated token (a logit lens).
 
 Two description prompts (`PROMPTS`), each rendered as a chat user turn (for a model with a chat
 template: it answers a question, it does not continue text) or as raw text after BOS (a base model):
@@ -16,8 +25,6 @@ template: it answers a question, it does not continue text) or as raw text after
 - `entity`, entity description: chat "Tell me about x"; raw three few-shot lines "name: name" over
   entities of the run's own test set (people, cities, attribute values), chosen per item and never
   naming, or named inside, that item's own e1, e2 or e3, then "x".
-With target = source and a chat rendering, patching the last state changes nothing (no later token
-reads it at the placeholder); with a raw rendering it sets the first generated token (a logit lens).
 
 Each item also gets controls: its unpatched two-hop reply (graded, which splits the headlines into
 answered right or wrong, and classified), and each prompt with e1, e2 or e3 written in place of x, or
@@ -25,10 +32,13 @@ with x itself, unpatched. A prompt whose text control already turns e1's name in
 answers "Tell me about e1" with e1's spouse) reads e2 from any state that only encodes e1: read the
 headlines beside the controls.
 
-Headlines per prompt: the share of items whose t1 state names e2 and whose t2 state names e3 at any
-source state, with the earliest such state, over all items and split by the unpatched answer.
-Rows are generated a chunk of items at a time (one clean pass caches every state at t1 and t2;
-`backpatching.patched_replies` writes each row's own patch), so a killed run can continue.
+Headlines per prompt (`readable`): the share of items whose t1 state names e2 and whose t2 state
+names e3 at some source state while the unpatched placeholder prompt does not (a prompt that always
+answers with one university would otherwise "read" it for that university's items), with the
+earliest such state, over all items and split by the unpatched answer; per cell, also the share of
+generations the patch changed at all. Rows are generated a chunk of items at a time (one clean pass
+caches every state at t1 and t2; `backpatching.patched_replies` writes each row's own patch), so a
+killed run can continue.
 
 Exactness: a self-Patchscope (a prompt's own state written back into itself at the same state and
 position) is the identity, checked at the start of every run by `self_check` (after the hooks'
@@ -141,16 +151,16 @@ def descriptions(tokenizer, queries: list, kinds, style: str) -> dict:
     return {q.id: [describe(tokenizer, q, kind, style, pool) for kind in kinds] for q in queries}
 
 
-def item_jobs(index: int, query: Query, described: list, positions, states, target_state) -> list:
+def item_jobs(index: int, query: Query, described: list, positions, pairs) -> list:
     """[(prompt kind, backpatching job)] of one item: its unpatched reply, every control, and every
-    (position, source state) patched into each description's placeholder."""
+    position's source state patched into each description's placeholder at its target state, for
+    every (source, target) of `pairs`."""
     jobs = [(None, (query, index, "question", None, None))]
     for d in described:
         jobs += [(d.kind, (Query(query.id, ids, {}, query.record), index, name, None, None))
                  for name, ids in d.controls.items()]
         target = Query(query.id, d.ids, {p: d.placeholder for p in positions}, query.record)
-        jobs += [(d.kind, (target, index, p, s, s if target_state == "same" else target_state))
-                 for p in positions for s in states]
+        jobs += [(d.kind, (target, index, p, s, t)) for p in positions for s, t in pairs]
     return jobs
 
 
@@ -169,14 +179,14 @@ def scope_row(kind, job: tuple, generation: str) -> dict:
     return row
 
 
-def scope_rows(model, tokenizer, queries: list, described: dict, positions, states, target_state, batch_size: int,
+def scope_rows(model, tokenizer, queries: list, described: dict, positions, pairs, batch_size: int,
                max_new_tokens: int, done=frozenset()):
     """Yield the rows of every item (see `item_jobs`) a chunk of items at a time, skipping keys in `done`."""
     device = next(model.parameters()).device
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         todo = [(kind, job) for i, q in enumerate(chunk)
-                for kind, job in item_jobs(i, q, described[q.id], positions, states, target_state)
+                for kind, job in item_jobs(i, q, described[q.id], positions, pairs)
                 if (q.id, kind, job[2], job[3], job[4]) not in done]
         if not todo:
             continue
@@ -188,25 +198,33 @@ def scope_rows(model, tokenizer, queries: list, described: dict, positions, stat
             yield [scope_row(kind, job, reply) for (kind, job), reply in zip(part, replies)]
 
 
-def check_states(states: int, source_states: list, target_state) -> list:
-    """The source states to read (all where `source_states` is empty), refused outside 0..states-1."""
-    wanted = list(source_states) or list(range(states))
-    bad = [s for s in wanted + ([] if target_state == "same" else [target_state]) if not 0 <= s < states]
+def state_pairs(states: int, source_states: list, target_state) -> list:
+    """(source, target) state pairs: every source state (all where `source_states` is empty) written
+    into the same state ("same"), every state ("all", as Hopping Too Late does) or one fixed state;
+    refused outside 0..states-1."""
+    sources = list(source_states) or list(range(states))
+    targets = [] if target_state in ("same", "all") else [target_state]
+    bad = [s for s in sources + targets if not 0 <= s < states]
     if bad:
         raise UserError(f"states {bad}: this model has states 0..{states - 1} (0 = embeddings)")
-    return wanted
+    if target_state == "same":
+        return [(s, s) for s in sources]
+    return [(s, t) for s in sources for t in (range(states) if target_state == "all" else targets)]
 
 
 def share(hits: int, n: int) -> dict:
     return {"rate": hits / n if n else None, "se": stats.binomial_se(hits / n, n) if n else None, "n": n}
 
 
-def readable(rows: list, groups: dict, position: str, label: str) -> dict:
-    """Per group of items: the share whose `position` names `label` at any source state, and the
-    earliest such state (median and minimum over those items, and how many at each state)."""
+def readable(rows: list, groups: dict, position: str, label: str, control: dict) -> dict:
+    """Per group of items: the share whose `position` names `label` at some source state (any target)
+    while the unpatched placeholder prompt (`control`: {item: row}) does not (a prompt that always
+    names one university names it for that university's items: that is not read from the state), the
+    earliest such state (median and minimum over those items, and how many at each state), and how
+    many items the control already names it for (left out of `rate`'s numerator)."""
     states = {}
     for r in rows:
-        if r["position"] == position and r["source"] is not None and r["label"] == label:
+        if r["position"] == position and r["label"] == label and control[r["item"]]["label"] != label:
             states.setdefault(r["item"], set()).add(r["source"])
     out = {}
     for group, items in groups.items():
@@ -214,7 +232,8 @@ def readable(rows: list, groups: dict, position: str, label: str) -> dict:
         out[group] = {**share(len(earliest), len(items)),
                       "earliest_median": statistics.median(earliest) if earliest else None,
                       "earliest_min": min(earliest) if earliest else None,
-                      "earliest": {str(s): c for s, c in sorted(Counter(earliest).items())}}
+                      "earliest": {str(s): c for s, c in sorted(Counter(earliest).items())},
+                      "control_names_it": sum(control[i]["label"] == label for i in items)}
     return out
 
 
@@ -224,34 +243,44 @@ def label_shares(rows: list) -> dict:
     return {label: share(counts[label], len(rows)) for label in LABELS}
 
 
-def curves(rows: list) -> dict:
-    """{position: [{source, target, label shares}]}: what each patched (position, source, target) names."""
-    cells = {}
+def cells(rows: list, control: dict, keys=("position", "source")) -> dict:
+    """{position: [{source (and target), e1..other, changed}]}: per patched cell, the share of items
+    whose generation names each label (in any of their rows: any target, for keys without it) and
+    the share whose generation differs from their unpatched placeholder prompt's (the patch was read)."""
+    grouped = {}
     for r in rows:
-        if r["source"] is not None:
-            cells.setdefault((r["position"], r["source"], r["target"]), []).append(r)
+        grouped.setdefault(tuple(r[k] for k in keys), {}).setdefault(r["item"], []).append(r)
     out = {}
-    for (position, source, target), members in sorted(cells.items(), key=lambda c: (c[0][0], c[0][1], c[0][2])):
-        out.setdefault(position, []).append({"source": source, "target": target, **label_shares(members)})
+    for key, items in sorted(grouped.items()):
+        entry = dict(zip(keys[1:], key[1:]))
+        for label in LABELS:
+            entry[label] = share(sum(any(r["label"] == label for r in found) for found in items.values()), len(items))
+        entry["changed"] = share(sum(any(r["generation"] != control[i]["generation"] for r in found)
+                                     for i, found in items.items()), len(items))
+        out.setdefault(key[0], []).append(entry)
     return out
 
 
 def summarise(rows: list) -> dict:
     """Accuracy of the unpatched replies, and per description prompt the headlines (`readable` for
-    e2 at t1 and e3 at t2, over all items and split right / wrong), the curves and the controls."""
+    e2 at t1 and e3 at t2, over all items and split right / wrong), what each source state names
+    (any target) and each (source, target) pair, and the controls."""
     correct = {r["item"]: r["correct"] for r in rows if r["position"] == "question"}
     groups = {"all": list(correct), "right": [i for i, c in correct.items() if c],
               "wrong": [i for i, c in correct.items() if not c]}
     out = {"n": len(correct), "accuracy": share(len(groups["right"]), len(correct)),
-           "right": len(groups["right"]), "wrong": len(groups["wrong"]), "prompts": {}}
+           "right": len(groups["right"]), "wrong": len(groups["wrong"]),
+           "question_labels": label_shares([r for r in rows if r["position"] == "question"]), "prompts": {}}
     for kind in sorted({r["prompt"] for r in rows if r["prompt"]}):
         mine = [r for r in rows if r["prompt"] == kind]
-        positions = {r["position"] for r in mine}
+        control = {r["item"]: r for r in mine if r["position"] == "placeholder"}
+        patched = [r for r in mine if r["source"] is not None]
+        positions = {r["position"] for r in patched}
         out["prompts"][kind] = {
-            "readable": {f"{label}_at_{p}": readable(mine, groups, p, label) for p, label in HEADLINES if p in positions},
-            "curves": curves(mine),
-            "controls": {c: label_shares([r for r in mine if r["position"] == c]) for c in CONTROLS if c in positions}}
-    out["question_labels"] = label_shares([r for r in rows if r["position"] == "question"])
+            "readable": {f"{label}_at_{p}": readable(patched, groups, p, label, control)
+                         for p, label in HEADLINES if p in positions},
+            "by_source": cells(patched, control), "pairs": cells(patched, control, ("position", "source", "target")),
+            "controls": {c: label_shares([r for r in mine if r["position"] == c]) for c in CONTROLS}}
     return out
 
 

@@ -69,13 +69,15 @@ class PatchscopeConfig(Source):
                                                   "decoded: t1 (e1's last token), t2 (the last prompt token)")
     source_states: list[int] = option([], "residual states read there (0 = embeddings, i = decoder layer i's "
                                       "output); empty: all", minimum=0)
-    target_state: Literal["same"] | int = option("same", "the description prompt's state the source state is "
-                                                 "written into: same (= the source state) or a fixed state", minimum=0)
+    target_state: Literal["same", "all"] | int = option("same", "the description prompt's state a source state is "
+                                                        "written into: same (= the source state), all (every state, "
+                                                        "read as any), or a fixed state", minimum=0)
     prompts: list[Literal["entity", "identity"]] = option(["entity", "identity"], "description prompts: entity "
                                                           "(entity description) and/or identity (token identity)")
     render: Literal["auto", "chat", "raw"] = option("auto", "description prompts as a chat user turn or raw text "
                                                     "after BOS; auto: chat where the tokenizer has a chat template")
-    max_new_tokens: int = option(16, "tokens generated per description and per unpatched reply", minimum=1)
+    max_new_tokens: int = option(10, "tokens generated per description and per unpatched reply (Hopping Too Late: 10)",
+                                minimum=1)
 
 
 def requires(config: dict) -> list:
@@ -167,28 +169,29 @@ def run_patchscope(ctx) -> dict:
     config = ctx.config
     model, tokenizer, tests, path = load(ctx, eager=False)
     queries = backpatching.queries(tokenizer, tests, config["max_items"])
-    states = patchscope.check_states(n_states(model), config["source_states"], config["target_state"])
+    pairs = patchscope.state_pairs(n_states(model), config["source_states"], config["target_state"])
+    states = sorted({source for source, _ in pairs})
     parity = parity_check(model, Batch.left_padded([q.ids for q in queries[:config["batch_size"]]],
                                                    tokenizer.pad_token_id))
     checked = patchscope.self_check(model, tokenizer, queries[0], config["positions"], states, config["max_new_tokens"])
     style = patchscope.render_style(tokenizer, config["render"])
     described = patchscope.descriptions(tokenizer, queries, config["prompts"], style)
     rows = resume_jsonl(ctx.run_dir / "rows.jsonl")
-    ctx.log.info("parity check passed (%s), self-Patchscope identity on %d replies; %d questions x %s x states %s, "
-                 "%s prompts; %d rows done before", parity, checked, len(queries), config["positions"], states, style,
-                 len(rows))
+    ctx.log.info("parity check passed (%s), self-Patchscope identity on %d replies; %d questions x %s x %d (source, "
+                 "target) state pairs, %s prompts; %d rows done before", parity, checked, len(queries),
+                 config["positions"], len(pairs), style, len(rows))
     update = progress_bar("patchscope")
-    total = len(queries) * (1 + len(config["prompts"]) * (4 + len(config["positions"]) * len(states)))
-    for chunk in patchscope.scope_rows(model, tokenizer, queries, described, config["positions"], states,
-                                       config["target_state"], config["batch_size"], config["max_new_tokens"],
+    total = len(queries) * (1 + len(config["prompts"]) * (4 + len(config["positions"]) * len(pairs)))
+    for chunk in patchscope.scope_rows(model, tokenizer, queries, described, config["positions"], pairs,
+                                       config["batch_size"], config["max_new_tokens"],
                                        {patchscope.row_key(r) for r in rows}):
         append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
         rows += chunk
         update(len(rows), total)
     summary = patchscope.summarise(rows)
     results = {"model": path, "tests": list(tests), "render": style, "target_state": config["target_state"],
-               "source_states": states, "prompt_examples": patchscope.example_prompts(tokenizer, described),
-               "parity": parity, "self_check": checked, "summary": summary}
+               "source_states": states, "pairs": len(pairs), "parity": parity, "self_check": checked,
+               "prompt_examples": patchscope.example_prompts(tokenizer, described), "summary": summary}
     atomic_write_json(ctx.run_dir / "results.json", results)
     atomic_write_text(ctx.run_dir / "summary.md", report.patchscope_markdown(results, ctx.run.label))
     atomic_write_bytes(ctx.run_dir / "patchscope.png", report.patchscope_plot(summary, ctx.run.label))
