@@ -91,6 +91,7 @@ class PlantedPatchscopeTest(unittest.TestCase):
         e2_at_t1 = summary["prompts"]["entity"]["readable"]["e2_at_t1"]["all"]
         self.assertEqual((e2_at_t1["rate"], e2_at_t1["earliest_min"], e2_at_t1["earliest"]), (1.0, 1, {"1": 1}))
         self.assertEqual(summary["prompts"]["entity"]["readable"]["e3_at_t2"]["all"]["rate"], 0.0)
+        self.assertEqual(summary["prompts"]["entity"]["readable"]["e1_at_t1"]["all"]["earliest"], {"0": 1})
         self.assertEqual((summary["n"], summary["wrong"]), (1, 1))
 
     def test_a_same_state_target_makes_the_hops_itself_and_the_text_control_shows_it(self):
@@ -256,7 +257,8 @@ class PatchscopeJobTest(unittest.TestCase):
             results = json.loads((run / "results.json").read_text())
             self.assertEqual((results["render"], results["source_states"], results["self_check"], results["pairs"]),
                              ("chat", [0, 1, 2], 6, 3))
-            self.assertEqual(set(results["summary"]["prompts"]["entity"]["readable"]), {"e2_at_t1", "e3_at_t2"})
+            self.assertEqual(set(results["summary"]["prompts"]["entity"]["readable"]),
+                             {"e2_at_t1", "e3_at_t2", "e1_at_t1", "e2_at_t2"})
             self.assertIn("e2 at t1", (run / "summary.md").read_text())
 
     def test_no_prompt_is_refused_before_anything_runs(self):

@@ -33,7 +33,8 @@ answers "Tell me about e1" with e1's spouse) reads e2 from any state that only e
 headlines beside the controls.
 
 Headlines per prompt (`readable`): the share of items whose t1 state names e2 and whose t2 state
-names e3 at some source state while the unpatched placeholder prompt does not (a prompt that always
+names e3 (and, beside them, t1 e1 and t2 e2) at some source state while the unpatched placeholder
+prompt does not (a prompt that always
 answers with one university would otherwise "read" it for that university's items), with the
 earliest such state, over all items and split by the unpatched answer; per cell, also the share of
 generations the patch changed at all. Rows are generated a chunk of items at a time (one clean pass
@@ -64,7 +65,9 @@ SHOTS = 3
 PROMPTS = {("identity", "chat"): COPY_PROMPTS[1].replace("{names}", "{x}"), ("identity", "raw"): PATCHSCOPE,
            ("entity", "chat"): "Tell me about {x}", ("entity", "raw"): "{shots}{x}"}
 LABELS = ("e1", "e2", "e3", "other")
-HEADLINES = (("t1", "e2"), ("t2", "e3"))  # (position, the entity it should name)
+# (position, entity named): the bridge at t1 and the answer at t2 (the headlines), then e1 at t1 (does the
+# prompt read the mention's own entity at all) and the bridge at t2 (still there when the answer is due).
+HEADLINES = (("t1", "e2"), ("t2", "e3"), ("t1", "e1"), ("t2", "e2"))
 CONTROLS = ("text_e1", "text_e2", "text_e3", "placeholder")
 
 
