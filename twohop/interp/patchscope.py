@@ -95,9 +95,10 @@ def classify(generation: str, named_entities: dict) -> dict:
 
 def render_style(tokenizer, render: str) -> str:
     """chat or raw: `render`, or for auto, chat where the tokenizer has a chat template."""
-    if render != "auto":
-        return render
-    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if render == "chat" and not has_template:
+        raise UserError("render=chat: this tokenizer has no chat template; use render=raw (or auto)")
+    return render if render != "auto" else "chat" if has_template else "raw"
 
 
 def _render(tokenizer, content: str, style: str) -> str:
@@ -205,7 +206,7 @@ def state_pairs(states: int, source_states: list, target_state) -> list:
     """(source, target) state pairs: every source state (all where `source_states` is empty) written
     into the same state ("same"), every state ("all", as Hopping Too Late does) or one fixed state;
     refused outside 0..states-1."""
-    sources = list(source_states) or list(range(states))
+    sources = list(dict.fromkeys(source_states)) or list(range(states))
     targets = [] if target_state in ("same", "all") else [target_state]
     bad = [s for s in sources + targets if not 0 <= s < states]
     if bad:

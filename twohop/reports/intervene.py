@@ -176,7 +176,8 @@ def patchscope_markdown(results: dict, label: str) -> str:
 
 def patchscope_plot(summary: dict, title: str) -> bytes:
     """Per prompt (rows) and position (columns): the share of items naming e1 / e2 / e3 per source state
-    (any target), and the share of generations the patch changed (dotted)."""
+    (any target), the share the unpatched placeholder prompt names (dashed, where above 0) and the share
+    of generations the patch changed (dotted)."""
     kinds = list(summary["prompts"])
     positions = sorted({p for found in summary["prompts"].values() for p in found["by_source"]})
     figure, axes = plt.subplots(max(len(kinds), 1), max(len(positions), 1), squeeze=False, dpi=100,
@@ -184,10 +185,14 @@ def patchscope_plot(summary: dict, title: str) -> bytes:
     for row, kind in enumerate(kinds):
         for column, position in enumerate(positions):
             axis, cells = axes[row][column], summary["prompts"][kind]["by_source"].get(position, [])
+            unpatched = summary["prompts"][kind]["controls"]["placeholder"]
             for entity in ("e1", "e2", "e3", "changed"):
-                axis.errorbar([c["source"] for c in cells], [c[entity]["rate"] for c in cells],
-                              yerr=[c[entity]["se"] for c in cells], marker="o", capsize=3, label=entity,
-                              **({"linestyle": "dotted", "color": "grey"} if entity == "changed" else {}))
+                line = axis.errorbar([c["source"] for c in cells], [c[entity]["rate"] for c in cells],
+                                     yerr=[c[entity]["se"] for c in cells], marker="o", capsize=3, label=entity,
+                                     **({"linestyle": "dotted", "color": "grey"} if entity == "changed" else {}))
+                if entity != "changed" and unpatched[entity]["rate"]:
+                    axis.axhline(unpatched[entity]["rate"], linestyle="dashed", linewidth=1, alpha=0.6,
+                                 color=line.lines[0].get_color())
             axis.set_xticks([c["source"] for c in cells])
             axis.set_ylim(-0.05, 1.05)
             axis.set_xlabel(f"source state at {position} (0 = embeddings)")
