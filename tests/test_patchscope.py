@@ -269,6 +269,8 @@ class PatchscopeJobTest(unittest.TestCase):
                              "--set", "prompts=[]"])
             self.assertEqual(code, 2)
             self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+            self.assertIn("prompts: empty", err.getvalue())
+            self.assertFalse((Path(tmp) / "w" / "experiments" / "intervene").exists())
 
 
 if __name__ == "__main__":
