@@ -81,7 +81,8 @@ def entities(record: dict) -> dict:
 
 def classify(generation: str, named_entities: dict) -> dict:
     """{label, named}: the entities stated in the generation's first line in order of first mention (a
-    name inside another's mention does not count); label is the first, or "other"."""
+    name inside another's mention does not count; identical names tie to e1, then e2); label is the
+    first, or "other"."""
     line = generation.split("\n")[0]
     found = []
     for label, (name, aliases) in named_entities.items():
@@ -163,6 +164,7 @@ def item_jobs(index: int, query: Query, described: list, positions, pairs) -> li
     for d in described:
         jobs += [(d.kind, (Query(query.id, ids, {}, query.record), index, name, None, None))
                  for name, ids in d.controls.items()]
+        # patched_replies writes the cached state of position p at target.positions[p]: the placeholder.
         target = Query(query.id, d.ids, {p: d.placeholder for p in positions}, query.record)
         jobs += [(d.kind, (target, index, p, s, t)) for p in positions for s, t in pairs]
     return jobs

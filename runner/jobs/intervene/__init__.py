@@ -169,6 +169,8 @@ def run_patchscope(ctx) -> dict:
     config = ctx.config
     model, tokenizer, tests, path = load(ctx, eager=False)
     queries = backpatching.queries(tokenizer, tests, config["max_items"])
+    if not queries:
+        raise UserError(f"no two-hop question in {', '.join(tests) or 'the tests'}; nothing to decode")
     pairs = patchscope.state_pairs(n_states(model), config["source_states"], config["target_state"])
     states = sorted({source for source, _ in pairs})
     parity = parity_check(model, Batch.left_padded([q.ids for q in queries[:config["batch_size"]]],
