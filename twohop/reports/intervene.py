@@ -188,3 +188,85 @@ def entrec_plot(summary: dict, title: str) -> bytes:
     axis.axhline(0.25, color="grey", linestyle="dotted", linewidth=1, label="0.25 (traversal, independent hops)")
     axis.set_ylim(-0.05, 1.05)
     return finish_layer_plot(axis, figure, summary["states"], "frequency over questions", title, legend_size=7)
+def _share(entry: dict) -> str:
+    return "n/a" if entry["rate"] is None else f"{entry['rate']:.0%} ± {entry['se']:.0%}"
+
+
+def _readable_cell(entry: dict) -> str:
+    if entry["rate"] is None:
+        return "n/a (n=0)"
+    earliest = "" if entry["earliest_min"] is None else \
+        f"; earliest state median {entry['earliest_median']:g}, min {entry['earliest_min']}"
+    return f"{_share(entry)} (n={entry['n']}{earliest}; control names it for {entry['control_names_it']})"
+
+
+def _patchscope_prompt_lines(kind: str, found: dict, example: str) -> list:
+    """One description prompt's headlines, label shares per (position, source state) and controls."""
+    labels = ("e1", "e2", "e3", "other")
+    lines = [f"## Prompt `{kind}`", "", f"Example (first item): `{example!r}`", "",
+             "| read from the state | all items | answered right | answered wrong |", "|---|---|---|---|"]
+    lines += [f"| {name.replace('_at_', ' at ')} | " + " | ".join(_readable_cell(groups[g]) for g in groups) + " |"
+              for name, groups in found["readable"].items()]
+    lines += ["", "Share of items whose generation names e1 / e2 / e3 / none of them (at any target state), and whose "
+              "generation the patch changed (from the unpatched placeholder prompt's), per source state:", "",
+              "| position | source state | e1 | e2 | e3 | other | changed |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {position} | {c['source']} | " + " | ".join(_share(c[label]) for label in (*labels, "changed")) + " |"
+              for position, entries in found["by_source"].items() for c in entries]
+    lines += ["", "Controls, unpatched: the prompt with e1's, e2's or e3's name written in place of the placeholder, "
+              "or with the placeholder itself:", "", "| written | e1 | e2 | e3 | other |", "|---|---|---|---|---|"]
+    lines += [f"| {name.replace('text_', '')} | " + " | ".join(_share(shares[label]) for label in labels) + " |"
+              for name, shares in found["controls"].items()]
+    return lines + [""]
+
+
+def patchscope_markdown(results: dict, label: str) -> str:
+    """Headlines (e2 at t1, e3 at t2, split by the unpatched answer), per-cell label shares and controls."""
+    summary = results["summary"]
+    questions = summary["question_labels"]
+    lines = [f"# Patchscopes: {label}", "",
+             f"Model: `{results['model']}`; {summary['n']} questions from {', '.join(results['tests'])}; description "
+             f"prompts rendered as {results['render']}; source states {results['source_states']} written into the "
+             f"placeholder at target state {results['target_state']} ({results['pairs']} pairs).", "",
+             f"- Unpatched two-hop replies: {_rate(summary['accuracy'])} correct ({summary['right']} right, "
+             f"{summary['wrong']} wrong); they name first e1 {_share(questions['e1'])}, e2 {_share(questions['e2'])}, "
+             f"e3 {_share(questions['e3'])}, none of them {_share(questions['other'])}.", "",
+             "A generation's first line is classified by the entity of its item it names first (grader alias "
+             "matching; a name inside another's mention does not count). \"e2 at t1\" = the share of items whose t1 "
+             "state names e2 at some source state (any target) while the unpatched placeholder prompt does not, "
+             "with the earliest such state (0 = embeddings). Read it beside the controls: where the prompt with "
+             "e1's name written already names e2, the target model makes the hop itself, and e2 read from t1 need "
+             "not have been resolved in the two-hop prompt. (source, target) pairs: results.json.", ""]
+    for kind, found in summary["prompts"].items():
+        lines += _patchscope_prompt_lines(kind, found, results["prompt_examples"].get(kind, ""))
+    lines += [f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}; "
+              f"self-Patchscope identity checked on {results['self_check']} replies.", ""]
+    return "\n".join(lines)
+
+
+def patchscope_plot(summary: dict, title: str) -> bytes:
+    """Per prompt (rows) and position (columns): the share of items naming e1 / e2 / e3 per source state
+    (any target), the share the unpatched placeholder prompt names (dashed, where above 0) and the share
+    of generations the patch changed (dotted)."""
+    kinds = list(summary["prompts"])
+    positions = sorted({p for found in summary["prompts"].values() for p in found["by_source"]})
+    figure, axes = plt.subplots(max(len(kinds), 1), max(len(positions), 1), squeeze=False, dpi=100,
+                                figsize=(4.2 * max(len(positions), 1), 3.2 * max(len(kinds), 1)))
+    for row, kind in enumerate(kinds):
+        for column, position in enumerate(positions):
+            axis, cells = axes[row][column], summary["prompts"][kind]["by_source"].get(position, [])
+            unpatched = summary["prompts"][kind]["controls"]["placeholder"]
+            for entity in ("e1", "e2", "e3", "changed"):
+                line = axis.errorbar([c["source"] for c in cells], [c[entity]["rate"] for c in cells],
+                                     yerr=[c[entity]["se"] for c in cells], marker="o", capsize=3, label=entity,
+                                     **({"linestyle": "dotted", "color": "grey"} if entity == "changed" else {}))
+                if entity != "changed" and unpatched[entity]["rate"]:
+                    axis.axhline(unpatched[entity]["rate"], linestyle="dashed", linewidth=1, alpha=0.6,
+                                 color=line.lines[0].get_color())
+            axis.set_xticks([c["source"] for c in cells])
+            axis.set_ylim(-0.05, 1.05)
+            axis.set_xlabel(f"source state at {position} (0 = embeddings)")
+            axis.set_ylabel("share of items naming")
+            axis.set_title(f"{kind} prompt, {position}", fontsize=9)
+            axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    return png(figure)

@@ -17,6 +17,10 @@ earlier run, as any config change does). Every run starts with the hooks' parity
   the consistency score's derivative along the entity-recall gradient per state (second hop), from one
   backward pass; frequencies per state against 0.5. Writes rows.jsonl (item x state), results.json,
   summary.md, entrec.png.
+- `patchscope`: Patchscopes (`twohop.interp.patchscope`): the state at t1 / t2 and each source state
+  written into the placeholder of a description prompt (entity, token identity), the greedy
+  generation classified e1 / e2 / e3 / other; with text controls. Rows appended as they finish;
+  results.json, summary.md, patchscope.png.
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +35,7 @@ from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, a
                           resume_jsonl)
 from runner.registry import Job, SubJob
 from twohop.data.dataset import second_hop_tests, two_hop_tests
-from twohop.interp import backpatching, entity_recall, patching
+from twohop.interp import backpatching, entity_recall, patching, patchscope
 from twohop.interp.hooks import Batch, n_states, parity_check
 from twohop.reports import intervene as report
 from twohop.training.recipes import setting_data
@@ -62,6 +66,23 @@ class BackpatchConfig(Source):
                                                   "t2 (the last prompt token) and/or t1 (e1's last token)")
     layer_stride: int = option(1, "use every n-th state as source and target (the last one always)", minimum=1)
     max_new_tokens: int = option(16, "tokens generated per reply", minimum=1)
+
+
+@dataclass
+class PatchscopeConfig(Source):
+    positions: list[Literal["t1", "t2"]] = option(["t1", "t2"], "the two-hop prompt positions whose states are "
+                                                  "decoded: t1 (e1's last token), t2 (the last prompt token)")
+    source_states: list[int] = option([], "residual states read there (0 = embeddings, i = decoder layer i's "
+                                      "output); empty: all", minimum=0)
+    target_state: Literal["same", "all"] | int = option("same", "the description prompt's state a source state is "
+                                                        "written into: same (= the source state), all (every state, "
+                                                        "read as any), or a fixed state", minimum=0)
+    prompts: list[Literal["entity", "identity"]] = option(["entity", "identity"], "description prompts: entity "
+                                                          "(entity description) and/or identity (token identity)")
+    render: Literal["auto", "chat", "raw"] = option("auto", "description prompts as a chat user turn or raw text "
+                                                    "after BOS; auto: chat where the tokenizer has a chat template")
+    max_new_tokens: int = option(10, "tokens generated per description and per unpatched reply (Hopping Too Late: 10)",
+                                minimum=1)
 
 
 def requires(config: dict) -> list:
@@ -191,6 +212,49 @@ def run_entrec(ctx) -> dict:
             **{f"{m}_max_state": e["state"] if e else None for m, e in best.items()}}
 
 
+def check_patchscope(config: dict, model=None) -> None:
+    for key, example in (("positions", "[t1,t2]"), ("prompts", "[entity,identity]")):
+        if not config[key]:
+            raise UserError(f"{key}: empty; give at least one, e.g. --set {key}={example}")
+
+
+def run_patchscope(ctx) -> dict:
+    config = ctx.config
+    model, tokenizer, tests, path = load(ctx, eager=False)
+    queries = backpatching.queries(tokenizer, tests, config["max_items"])
+    if not queries:
+        raise UserError(f"no two-hop question in {', '.join(tests) or 'the tests'}; nothing to decode")
+    pairs = patchscope.state_pairs(n_states(model), config["source_states"], config["target_state"])
+    states = sorted({source for source, _ in pairs})
+    parity = parity_check(model, Batch.left_padded([q.ids for q in queries[:config["batch_size"]]],
+                                                   tokenizer.pad_token_id))
+    checked = patchscope.self_check(model, tokenizer, queries[0], config["positions"], states, config["max_new_tokens"])
+    style = patchscope.render_style(tokenizer, config["render"])
+    described = patchscope.descriptions(tokenizer, queries, config["prompts"], style)
+    rows = resume_jsonl(ctx.run_dir / "rows.jsonl")
+    ctx.log.info("parity check passed (%s), self-Patchscope identity on %d replies; %d questions x %s x %d (source, "
+                 "target) state pairs, %s prompts; %d rows done before", parity, checked, len(queries),
+                 config["positions"], len(pairs), style, len(rows))
+    update = progress_bar("patchscope")
+    total = len(queries) * (1 + len(config["prompts"]) * (4 + len(config["positions"]) * len(pairs)))
+    for chunk in patchscope.scope_rows(model, tokenizer, queries, described, config["positions"], pairs,
+                                       config["batch_size"], config["max_new_tokens"],
+                                       {patchscope.row_key(r) for r in rows}):
+        append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
+        rows += chunk
+        update(len(rows), total)
+    summary = patchscope.summarise(rows)
+    results = {"model": path, "tests": list(tests), "render": style, "target_state": config["target_state"],
+               "source_states": states, "pairs": len(pairs), "parity": parity, "self_check": checked,
+               "prompt_examples": patchscope.example_prompts(tokenizer, described), "summary": summary}
+    atomic_write_json(ctx.run_dir / "results.json", results)
+    atomic_write_text(ctx.run_dir / "summary.md", report.patchscope_markdown(results, ctx.run.label))
+    atomic_write_bytes(ctx.run_dir / "patchscope.png", report.patchscope_plot(summary, ctx.run.label))
+    return {"n": summary["n"], "accuracy": summary["accuracy"]["rate"],
+            **{f"{kind}_{name}": entry["all"]["rate"] for kind, found in summary["prompts"].items()
+               for name, entry in found["readable"].items()}}
+
+
 # The settings compared with the default (spouses: facts in separate documents), each with its own run
 # folders: both facts in one document, and a semi-synthetic type (fact B from pretraining).
 COMPARED = ("samedoc", "universities")
@@ -200,7 +264,10 @@ KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t
           "replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig, check_backpatch),
          ("entrec", "entity recall of e2 at the descriptive mention vs e1-/r1-substituted prompts, and the "
           "consistency score's derivative along the entity-recall gradient per layer (Yang et al. 2024)", run_entrec,
-          EntrecConfig, check_entrec))
+          EntrecConfig, check_entrec),
+         ("patchscope", "Patchscopes: states at t1 / t2 patched into description prompts, the generation classified "
+          "e1 / e2 / e3 / other; e2 at t1 and e3 at t2 per layer, split by the unpatched answer", run_patchscope,
+          PatchscopeConfig, check_patchscope))
 
 
 def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
@@ -209,5 +276,6 @@ def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJo
                   check=check)
 
 
-JOB = Job("intervene", "causal interventions on two-hop questions: activation patching, knockout, back-patching",
+JOB = Job("intervene", "causal interventions on two-hop questions: activation patching, knockout, back-patching, "
+          "Patchscopes",
           tuple(subjob(*kind) for kind in KINDS) + tuple(subjob(*kind, s) for kind in KINDS for s in COMPARED))
