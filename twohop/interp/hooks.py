@@ -9,12 +9,19 @@ capture. Hooks accept a layer's input or output as a tensor (transformers 5) or 
 versions), and never take `output[0]` of a tensor, which would be batch row 0.
 
 Positions are cells of a left-padded `Batch`: a prompt's token index plus the row's padding. Edits
-apply only to a pass over the whole prompt (a sequence as long as the batch), so during `generate`
-they touch the prompt pass and leave the one-token decoding steps alone.
+apply to a pass over the whole prompt (a sequence as long as the batch), so during `generate` they
+touch the prompt pass and leave the one-token decoding steps alone; with `every_token=True` they also
+edit each later pass's last token (each generated token, as it is fed back) with the values of its
+row's cell (give one cell per row then), which is steering "on every generated token".
 
 - `read_states`: a dict {state: [batch, seq, hidden]} filled during a forward pass.
 - `patch_states`: write given vectors into states at cells (activation patching, back-patching).
 - `add_to_states`: add vectors at cells (steering).
+- `scale_projection`: multiply the component of states at cells along given unit vectors by a factor
+  (0: ablate it; 2: amplify it), leaving the orthogonal part as it is.
+- `edit_last_token`: any of these edits at the last token of every row, for batches built elsewhere
+  (lm-eval's): on each pass longer than one token (a prompt pass) and, with `every_token`, on the
+  one-token decoding steps too.
 - `knockout`: stop given query cells from attending to given key cells inside one decoder layer,
   by editing that layer's 4D attention mask (eager attention; load with attn_implementation="eager").
 - `parity_check`: hooks that do nothing must give the unhooked model's logits; refused otherwise.
@@ -144,27 +151,72 @@ def read_states(model, states=None, detach: bool = True):
         yield found
 
 
-def _edit_cells(edits: dict, batch: Batch, combine):
-    """An `on_states` edit writing combine(old, new) at the cells of {state: (rows, columns, values)}."""
+def _edit_cells(edits: dict, batch: Batch, combine, every_token: bool = False):
+    """An `on_states` edit writing combine(old, new) at the cells of {state: (rows, columns, values)} on
+    the prompt pass, and with `every_token` at the last token of those rows on every later pass."""
     def edit(state, hidden):
-        if state not in edits or hidden.shape[1] != batch.width:  # not the prompt pass
+        if state not in edits:
             return None
         rows, columns, values = edits[state]
+        if hidden.shape[1] != batch.width:  # not the prompt pass: a decoding step
+            if not every_token:
+                return None
+            columns = torch.full_like(columns, hidden.shape[1] - 1)
         hidden = hidden.clone()
         hidden[rows, columns] = combine(hidden[rows, columns], values.to(hidden.dtype))
         return hidden
     return edit
 
 
+def replaced(old, new):
+    return new
+
+
+def added(old, new):
+    return old + new
+
+
+def projection_scaled(factor: float):
+    """combine(old, unit): old with its component along the unit vector multiplied by `factor`."""
+    def combine(old, unit):
+        return old + (factor - 1.0) * (old * unit).sum(-1, keepdim=True) * unit
+    return combine
+
+
+def edit_states(model, edits: dict, batch: Batch, combine, every_token: bool = False):
+    """Write combine(old, value) at cells of `batch`: `edits` = {state: (rows, columns, values [cells,
+    hidden])}, on the pass over the whole prompt; `every_token`: also at every generated token of those
+    rows (one cell per row)."""
+    return on_states(model, _edit_cells(edits, batch, combine, every_token), edits)
+
+
 def patch_states(model, edits: dict, batch: Batch):
-    """Replace states at cells of `batch`: `edits` = {state: (rows, columns, values [cells, hidden])},
-    on the pass over the whole prompt only."""
-    return on_states(model, _edit_cells(edits, batch, lambda old, new: new), edits)
+    """Replace states at cells, on the prompt pass only (activation patching, back-patching)."""
+    return edit_states(model, edits, batch, replaced)
 
 
-def add_to_states(model, edits: dict, batch: Batch):
-    """Add `values` to states at cells, as `patch_states` replaces them."""
-    return on_states(model, _edit_cells(edits, batch, lambda old, new: old + new), edits)
+def add_to_states(model, edits: dict, batch: Batch, every_token: bool = False):
+    """Add `values` to states at cells, as `edit_states` writes them."""
+    return edit_states(model, edits, batch, added, every_token)
+
+
+def scale_projection(model, edits: dict, batch: Batch, factor: float, every_token: bool = False):
+    """Multiply the component of states at cells along unit vectors by `factor` (0 ablates it):
+    `edits` = {state: (rows, columns, unit vectors [cells, hidden])}; `every_token` as `edit_states`."""
+    return edit_states(model, edits, batch, projection_scaled(factor), every_token)
+
+
+def edit_last_token(model, vectors: dict, combine, every_token: bool = False):
+    """combine(state, vector) at the last token of every row, for left-padded batches one does not build
+    (lm-eval's generation): `vectors` = {state: [hidden]}; on every pass longer than one token (a prompt
+    pass) and, with `every_token`, on the one-token decoding steps as well."""
+    def edit(state, hidden):
+        if state not in vectors or (hidden.shape[1] == 1 and not every_token):
+            return None
+        hidden = hidden.clone()
+        hidden[:, -1] = combine(hidden[:, -1], vectors[state].to(hidden.device, hidden.dtype))
+        return hidden
+    return on_states(model, edit, vectors)
 
 
 def attention_module(model, layer: int):
