@@ -14,7 +14,9 @@ touch the prompt pass and leave the one-token decoding steps alone; with `every_
 edit each later pass's last token (each generated token, as it is fed back) with the values of its
 row's cell (give one cell per row then), which is steering "on every generated token".
 
-- `read_states`: a dict {state: [batch, seq, hidden]} filled during a forward pass.
+- `read_states`: a dict {state: [batch, seq, hidden]} filled during a forward pass. Entered before an
+  edit, it reads the edited state (the edit's hook, registered later with `prepend`, runs first).
+- `edit_states`: write combine(old, value) at cells; the three below are its cases.
 - `patch_states`: write given vectors into states at cells (activation patching, back-patching).
 - `add_to_states`: add vectors at cells (steering).
 - `scale_projection`: multiply the component of states at cells along given unit vectors by a factor
