@@ -128,25 +128,27 @@ class InterventionTest(unittest.TestCase):
         self.batch = Batch.left_padded([p.ids for p in self.prompts], PAD)
         with read_states(self.model) as states:
             final_logits(self.model, self.batch)
-        last = states[1][:, -1]  # t2 of both prompts: a direction both have a large component along
-        self.unit = torch.nn.functional.normalize(last.mean(0) + 0.1 * last.norm(dim=-1).mean() * torch.randn(16), dim=0)
+        self.clean = states
+        self.unit = self.direction(1)
 
-    def states_after(self, steer: steering.Steer) -> tuple:
-        """(state 1 unsteered, state 1 as the next layer reads it, steered) at every cell."""
-        with read_states(self.model) as clean:
-            final_logits(self.model, self.batch)
-        with read_states(self.model) as steered, steer.on(self.model, self.batch, self.prompts):
-            final_logits(self.model, self.batch)
-        return clean[1], steered[1]
+    def direction(self, state: int) -> torch.Tensor:
+        """A unit direction both prompts' t2 states have a large component along."""
+        last = self.clean[state][:, -1]
+        return torch.nn.functional.normalize(last.mean(0) + 0.1 * last.norm(dim=-1).mean() * torch.randn(16), dim=0)
 
     def test_ablation_makes_the_projection_zero_and_amplify_scales_it(self):
         rows, columns = self.batch.cells([p.positions["t2"] for p in self.prompts])
-        for mode, factor in (("ablate", 0.0), ("amplify", 3.0), ("amplify", -1.0)):
-            clean, steered = self.states_after(steering.Steer(mode, "t2", 1, factor, self.unit))
-            before, after = clean[rows, columns] @ self.unit, steered[rows, columns] @ self.unit
-            self.assertTrue((before.abs() > 0.3 * clean[rows, columns].norm(dim=-1)).all(), before)
+        for state, mode, factor in ((0, "ablate", 0.0), (1, "ablate", 0.0), (2, "ablate", 0.0), (1, "amplify", 3.0),
+                                    (2, "amplify", -1.0)):
+            unit, clean = self.direction(state), self.clean[state]
+            with read_states(self.model) as read, steering.Steer(mode, "t2", state, factor, unit).on(
+                    self.model, self.batch, self.prompts):
+                final_logits(self.model, self.batch)
+            steered = read[state]  # read entered first: it sees the edited state
+            before, after = clean[rows, columns] @ unit, steered[rows, columns] @ unit
+            self.assertTrue((before.abs() > 0.1 * clean[rows, columns].norm(dim=-1)).all(), before)
             torch.testing.assert_close(after, factor * before, atol=1e-5, rtol=1e-5)
-            orthogonal = lambda h: h - (h @ self.unit)[..., None] * self.unit  # noqa: E731
+            orthogonal = lambda h: h - (h @ unit)[..., None] * unit  # noqa: E731
             torch.testing.assert_close(orthogonal(steered[rows, columns]), orthogonal(clean[rows, columns]),
                                        atol=1e-5, rtol=1e-5)
             untouched = torch.ones_like(clean[..., 0], dtype=torch.bool)

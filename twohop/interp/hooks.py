@@ -4,8 +4,8 @@ Residual states are numbered as in `hidden_states`: state 0 is what enters decod
 embeddings, scaled where the family scales them), state i (1..L) is decoder layer i's output,
 before the final norm. Decoder layers are numbered from 1, so decoder layer K reads state K - 1 and
 writes state K. State 0 is reached with a pre-hook on the first layer, state i >= 1 with a forward
-hook on layer i, registered with `prepend=True` so that it runs before transformers' own output
-capture. Hooks accept a layer's input or output as a tensor (transformers 5) or a tuple (older
+hook on layer i, both registered with `prepend=True` (so that they run before transformers' own output
+capture, and a later hook on a state runs before an earlier one). Hooks accept a layer's input or output as a tensor (transformers 5) or a tuple (older
 versions), and never take `output[0]` of a tensor, which would be batch row 0.
 
 Positions are cells of a left-padded `Batch`: a prompt's token index plus the row's padding. Edits
@@ -133,7 +133,7 @@ def on_states(model, edit, states=None):
         for state in states:
             if not 0 <= state <= len(layers):
                 raise UserError(f"state {state}: this model has states 0..{len(layers)} (0 = embeddings)")
-            handles.append(layers[0].register_forward_pre_hook(before_first, with_kwargs=True) if state == 0 else
+            handles.append(layers[0].register_forward_pre_hook(before_first, with_kwargs=True, prepend=True) if state == 0 else
                            layers[state - 1].register_forward_hook(after(state), prepend=True))
         yield
     finally:
