@@ -50,7 +50,7 @@ from twohop.data.records import read_records
 from twohop.evaluation import generation, lm_eval_tasks
 from twohop.evaluation.evaluate import EvaluationConfig, plan_generations, selected_tests
 from twohop.evaluation.grading import grade
-from twohop.interp.directions import load_directions
+from twohop.interp.directions import load_directions, save_directions
 from twohop.interp.backpatching import Query, queries
 from twohop.interp.hooks import (Batch, added, edit_last_token, edit_states, final_logits, locate,
                                  projection_scaled, read_states)
@@ -130,7 +130,8 @@ def contrast_prompts(contrast: str, tokenizer, data_dir: Path, two_hop: list, co
         return [q for q, ok in zip(two_hop, correct) if ok], [q for q, ok in zip(two_hop, correct) if not ok]
     if contrast == "cot_nocot":
         asked = {(q.record["e1"], q.record["question"]) for q in two_hop}
-        cot = [q for q in queries(tokenizer, two_hop_tests(data_dir, "cot")) if (q.record["e1"], q.record["question"]) in asked]
+        cot = [q for q in queries(tokenizer, two_hop_tests(data_dir, "cot"))
+               if (q.record["e1"], q.record["question"]) in asked]
         return cot, two_hop
     if contrast == "twohop_onehop":
         return two_hop, [q for q in first_hops if q.record["hop"] == "hop_a"]
@@ -288,14 +289,16 @@ def grid_rows(model, tokenizer, steers_: list, prompts: dict, unsteered: dict, l
             yield condition_rows(steer, unsteered, steered)
 
 
+def row_key(row: dict) -> tuple:
+    """The intervention a row belongs to, as `Steer.key`."""
+    return row["position"], row["state"], row["scale"]
+
+
 def complete(rows: list, per_condition: dict) -> list:
     """The rows of the interventions whose rows are all there ({position: rows expected}): what a killed
     run keeps."""
-    counts = {}
-    for row in rows:
-        key = (row["position"], row["state"], row["scale"])
-        counts[key] = counts.get(key, 0) + 1
-    return [r for r in rows if counts[(r["position"], r["state"], r["scale"])] == per_condition[r["position"]]]
+    counts = Counter(row_key(r) for r in rows)
+    return [r for r in rows if counts[row_key(r)] == per_condition[r["position"]]]
 
 
 def effect(rows: list) -> dict:
@@ -325,7 +328,7 @@ def summarise(rows: list, unsteered: dict) -> dict:
     groups = {}
     for row in rows:
         for group in group_of(row["set"]):
-            groups.setdefault((row["position"], row["state"], row["scale"]), {}).setdefault(group, []).append(row)
+            groups.setdefault(row_key(row), {}).setdefault(group, []).append(row)
     grid = [{"position": p, "state": s, "scale": k, "effects": {g: effect(members) for g, members in sets.items()}}
             for (p, s, k), sets in sorted(groups.items(), key=lambda kv: (kv[0][0] != "t2", kv[0][0], kv[0][1:]))]
     baseline = {name: accuracy(results) for name, results in unsteered.items()}
@@ -425,6 +428,18 @@ def prepare(model, tokenizer, data_dir: Path, config: dict, seed: int, base=None
                                                  config["when"] == "every_token")
         plan.steers += steers_
     return plan
+
+
+def save_fitted(plan: Plan, contrast: str, folder: Path) -> dict:
+    """{position: file name}: each position's fitted directions written into `folder` as
+    directions.safetensors (the first position) or directions_<position>.safetensors."""
+    first, second = CONTRASTS[contrast]
+    files = {}
+    for index, (position, directions) in enumerate(plan.directions.items()):
+        files[position] = "directions.safetensors" if index == 0 else f"directions_{position}.safetensors"
+        save_directions(Path(folder) / files[position], directions, "difference_of_means", position,
+                        f"{first} - {second}")
+    return files
 
 
 def norms(plan: Plan) -> dict:

@@ -131,10 +131,13 @@ def _steer_settings(results: dict) -> list:
     config, summary = results["config"], results["summary"]
     source = (f"contrast `{config['contrast']}` (difference of means, first minus second set)"
               if config["directions_from"] == "means" else f"the probe's `{results['directions_source']}`")
-    baseline = "; ".join(f"{name} {b['accuracy']:.3f} ± {b['se']:.3f} (n={b['n']})"
-                         for name, b in summary["baseline"].items())
+    order = ["two_hop", "one_hop", "hop_a", "hop_b"]
+    names = [n for n in order if n in summary["baseline"]] + sorted(set(summary["baseline"]) - set(order))
+    baseline = "; ".join(f"{name} {summary['baseline'][name]['accuracy']:.3f} ± {summary['baseline'][name]['se']:.3f} "
+                         f"(n={summary['baseline'][name]['n']})" for name in names)
+    steered = "every generated token" if config["when"] == "every_token" else "the prompt pass"
     return [f"Model: `{results['model']}`; questions from {', '.join(results['tests'])}; directions from {source}; "
-            f"mode `{config['mode']}`, steering {'every generated token' if config['when'] == 'every_token' else 'the prompt pass'}"
+            f"mode `{config['mode']}`, steering {steered}"
             f", add's unit `{config['scale_unit']}`; " + ("directions fit on half of the people, effects graded on the "
                                                           "other half." if config["heldout"] else
                                                           "directions fit and graded on the same questions (in-sample)."),
@@ -179,11 +182,13 @@ def steer_plot(summary: dict, title: str) -> bytes:
         entries = [e for e in summary["grid"] if e["position"] == position]
         for axis, group in zip(axes[row], ("two_hop", "one_hop")):
             for scale in sorted({e["scale"] for e in entries}):
-                points = [(e["state"], e["effects"][group]) for e in entries if e["scale"] == scale and group in e["effects"]]
+                points = [(e["state"], e["effects"][group]) for e in entries
+                          if e["scale"] == scale and group in e["effects"]]
                 if points:
                     axis.errorbar([s for s, _ in points], [p["effect"] for _, p in points],
                                   yerr=[p["se"] or 0 for _, p in points], marker="o", capsize=3, label=f"scale {scale:g}")
             axis.axhline(0.0, color="grey", linestyle="dotted", linewidth=1)
+            axis.set_xticks(sorted({e["state"] for e in entries}))
             axis.set_xlabel("state steered (0 = embeddings)")
             axis.set_ylabel("steered - unsteered accuracy")
             axis.set_title(f"{group.replace('_', '-')} at {position}", fontsize=9)

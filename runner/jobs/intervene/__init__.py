@@ -32,7 +32,6 @@ from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, a
 from runner.registry import Job, SubJob
 from twohop.data.dataset import two_hop_tests
 from twohop.interp import backpatching, patching, steering
-from twohop.interp.directions import save_directions
 from twohop.interp.hooks import Batch, n_states, parity_check
 from twohop.reports import intervene as report
 from twohop.training.recipes import setting_data, trained_or_given
@@ -74,8 +73,9 @@ class SteerConfig(Source):
     directions_from: Literal["means", "probe"] = option(
         "means", "means: the contrast's difference of means; probe: the directions.safetensors of intervene_probe "
         "(intervene_probe_<setting> for samedoc / universities), which then runs first")
-    positions: list[Literal["t2", "t1"]] = option(["t2"], "where directions are read and applied, each on its own: "
-                                                  "t2 (the last prompt token), t1 (the last token of the entity asked about)")
+    positions: list[Literal["t2", "t1"]] = option(
+        ["t2"], "where directions are read and applied, each on its own: t2 (the last prompt token), t1 (the last "
+        "token of the entity asked about)")
     states: list[int] = option([], "residual states steered (0 = embeddings, i = decoder layer i's output; []: all)",
                                minimum=0)
     mode: Literal["add", "ablate", "amplify"] = option(
@@ -212,37 +212,23 @@ def steer_inputs(ctx, model, tokenizer) -> tuple:
     return base, directions, parity
 
 
-def write_steer_directions(plan, config: dict, run_dir) -> dict:
-    """{position: file}: each position's fitted directions as directions.safetensors (the first position)
-    or directions_<position>.safetensors."""
-    if config["directions_from"] == "probe":  # they are the probe run's
-        return {}
-    first, second = steering.CONTRASTS[config["contrast"]]
-    files = {}
-    for index, (position, directions) in enumerate(plan.directions.items()):
-        files[position] = "directions.safetensors" if index == 0 else f"directions_{position}.safetensors"
-        save_directions(run_dir / files[position], directions, "difference_of_means", position, f"{first} - {second}")
-    return files
-
-
 def run_steer(ctx) -> dict:
     config = ctx.config
     model, tokenizer, tests, path = load(ctx, eager=False)
     base, directions_file, parity = steer_inputs(ctx, model, tokenizer)
     plan = steering.prepare(model, tokenizer, ctx.input(SETTINGS[config["setting"]]) / "data", config, ctx.seed, base,
                             directions_file, ctx.run_dir / "lm_eval_tasks")
-    files = write_steer_directions(plan, config, ctx.run_dir)
+    files = {} if directions_file else steering.save_fitted(plan, config["contrast"], ctx.run_dir)
     rows = steering.complete(resume_jsonl(ctx.run_dir / "rows.jsonl"), plan.per_condition())
     atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
-    ctx.log.info("parity check passed (%s); %d interventions, %d done before", parity, len(plan.steers),
-                 len({(r["position"], r["state"], r["scale"]) for r in rows}))
+    done = {steering.row_key(r) for r in rows}
+    ctx.log.info("parity check passed (%s); %d interventions, %d done before", parity, len(plan.steers), len(done))
     update = progress_bar("steer")
     for chunk in steering.grid_rows(model, tokenizer, plan.steers, plan.graded, plan.unsteered, plan.lm_eval,
-                                    config["batch_size"], config["max_new_tokens"],
-                                    {(r["position"], r["state"], r["scale"]) for r in rows}):
+                                    config["batch_size"], config["max_new_tokens"], done):
         append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
         rows += chunk
-        update(len({(r["position"], r["state"], r["scale"]) for r in rows}), len(plan.steers))
+        update(len({steering.row_key(r) for r in rows}), len(plan.steers))
     summary = steering.summarise(rows, plan.unsteered)
     results = {"model": path, "tests": list(tests), "config": config, "directions_files": files,
                "directions_source": str(directions_file or "difference of means"), "parity": parity,
