@@ -216,8 +216,8 @@ class SteerJobTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             w = Path(tmp) / "w"
             code = main(["--workspace_path", str(w), "--jobs", "intervene_steer", "--set", "model_from=cli",
-                         "--set", "max_items=8", "--set", "contrast=cot_nocot", "--set", "states=[1,2]",
-                         "--set", "scales=[-2,2]", "--set", "max_new_tokens=3", "--set", "when=every_token",
+                         "--set", "max_items=8", "--set", "contrast=cot_nocot", "--set", "states=[2]",
+                         "--set", "scales=[2]", "--set", "max_new_tokens=3", "--set", "when=every_token",
                          "--set", "positions=[t2,t1]", "--set", "lm_eval_tasks=[twohop_spouses_test_2hop_nocot]",
                          "--set", "lm_eval_limit=2"])
             self.assertEqual(code, 0)
@@ -227,14 +227,14 @@ class SteerJobTest(unittest.TestCase):
                 self.assertTrue((run / name).is_file(), name)
             directions, metadata = load_directions(run / "directions.safetensors")
             self.assertEqual((sorted(directions), metadata["position"], metadata["kind"]),
-                             ([1, 2], "t2", "difference_of_means"))
+                             ([2], "t2", "difference_of_means"))
             results = json.loads((run / "results.json").read_text())
             graded = results["summary"]["baseline"]
             self.assertEqual(graded["two_hop"]["n"], 4)  # half of the 8 people
             self.assertEqual(graded["lm_eval:twohop_spouses_test_2hop_nocot"]["n"], 2)
             rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
             per_t2 = 4 + graded["hop_a"]["n"] + graded["hop_b"]["n"] + 2  # lm-eval at t2 only
-            self.assertEqual(len(rows), 2 * 2 * per_t2 + 2 * 2 * (per_t2 - 2))
+            self.assertEqual(len(rows), per_t2 + (per_t2 - 2))
             self.assertEqual({r["every_token"] for r in rows}, {True})
             self.assertEqual(max(results["parity"]["model"].values()), 0.0)
             self.assertIn("| t1 | 2 | 2 |", (run / "summary.md").read_text())

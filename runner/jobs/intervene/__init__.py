@@ -89,7 +89,8 @@ class SteerConfig(Source):
     when: Literal["prompt", "every_token"] = option("prompt", "steer the prompt pass only, or every generated token too")
     heldout: bool = option(True, "directions from half of the people (seeded), effect graded on the other half; "
                            "false: both on every question (in-sample)")
-    max_new_tokens: int = option(16, "tokens generated per reply", minimum=1)
+    max_new_tokens: int = option(16, "tokens generated per reply (a steer towards CoT makes replies that reason "
+                                 "before answering: give them room, e.g. 96, or they are cut before the answer)", minimum=1)
     lm_eval_tasks: list[str] = option([], "tasks the evaluation exports for this setting (e.g. "
                                       "twohop_spouses_test_2hop_nocot), run through lm-eval with the hooks (t2 only)")
     lm_eval_limit: int = option(20, "lm-eval rows per task (of the held-out people)", minimum=1)
