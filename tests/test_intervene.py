@@ -94,7 +94,7 @@ class PlantedMoverTest(unittest.TestCase):
         batch = Batch.left_padded([CLEAN, CLEAN[2:]], PAD)
         report = parity_check(self.model, batch, knockout_layers=range(1, LAYERS + 1))
         self.assertEqual(max(report.values()), 0.0)
-        with mock.patch.object(hooks, "_edit_cells", lambda edits, batch, combine: lambda s, h: h + 1e-3):
+        with mock.patch.object(hooks, "_edit_cells", lambda edits, batch, combine, *rest: lambda s, h: h + 1e-3):
             with self.assertRaises(UserError) as caught:
                 parity_check(self.model, batch)
         self.assertNotIn("\n", str(caught.exception))

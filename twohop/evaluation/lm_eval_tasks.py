@@ -65,9 +65,11 @@ def export_tasks(dataset: str, tests: list, folder: Path) -> None:
         atomic_write_text(folder / f"{name}.yaml", text)
 
 
-def generate(model, tokenizer, folder: Path, names: dict, batch_size: int) -> tuple:
+def generate(model, tokenizer, folder: Path, names: dict, batch_size: int, samples: dict = None,
+             task_manager=None) -> tuple:
     """({test: generations in row order}, {test: lm-eval's own metrics}) via `lm_eval.simple_evaluate`
-    on the already-loaded model."""
+    on the already-loaded model (with any hooks it carries). `samples` ({test: row indices}) runs only
+    those rows; `task_manager` (a `TaskManager` of `folder`) saves its start-up when called again."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -75,7 +77,9 @@ def generate(model, tokenizer, folder: Path, names: dict, batch_size: int) -> tu
     tokenizer.padding_side = "left"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=getattr(model.config, "max_position_embeddings", None))
-    output = simple_evaluate(model=lm, tasks=list(names.values()), task_manager=TaskManager(include_path=str(folder)),
+    output = simple_evaluate(model=lm, tasks=list(names.values()),
+                             task_manager=task_manager or TaskManager(include_path=str(folder)),
+                             samples={names[t]: list(rows) for t, rows in samples.items()} if samples else None,
                              log_samples=True, verbosity="WARNING")
     generations, metrics = {}, {}
     for test, name in names.items():

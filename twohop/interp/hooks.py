@@ -4,17 +4,26 @@ Residual states are numbered as in `hidden_states`: state 0 is what enters decod
 embeddings, scaled where the family scales them), state i (1..L) is decoder layer i's output,
 before the final norm. Decoder layers are numbered from 1, so decoder layer K reads state K - 1 and
 writes state K. State 0 is reached with a pre-hook on the first layer, state i >= 1 with a forward
-hook on layer i, registered with `prepend=True` so that it runs before transformers' own output
-capture. Hooks accept a layer's input or output as a tensor (transformers 5) or a tuple (older
+hook on layer i, both registered with `prepend=True` (so that they run before transformers' own output
+capture, and a later hook on a state runs before an earlier one). Hooks accept a layer's input or output as a tensor (transformers 5) or a tuple (older
 versions), and never take `output[0]` of a tensor, which would be batch row 0.
 
 Positions are cells of a left-padded `Batch`: a prompt's token index plus the row's padding. Edits
-apply only to a pass over the whole prompt (a sequence as long as the batch), so during `generate`
-they touch the prompt pass and leave the one-token decoding steps alone.
+apply to a pass over the whole prompt (a sequence as long as the batch), so during `generate` they
+touch the prompt pass and leave the one-token decoding steps alone; with `every_token=True` they also
+edit each later pass's last token (each generated token, as it is fed back) with the values of its
+row's cell (give one cell per row then), which is steering "on every generated token".
 
-- `read_states`: a dict {state: [batch, seq, hidden]} filled during a forward pass.
+- `read_states`: a dict {state: [batch, seq, hidden]} filled during a forward pass. Entered before an
+  edit, it reads the edited state (the edit's hook, registered later with `prepend`, runs first).
+- `edit_states`: write combine(old, value) at cells; the three below are its cases.
 - `patch_states`: write given vectors into states at cells (activation patching, back-patching).
 - `add_to_states`: add vectors at cells (steering).
+- `scale_projection`: multiply the component of states at cells along given unit vectors by a factor
+  (0: ablate it; 2: amplify it), leaving the orthogonal part as it is.
+- `edit_last_token`: any of these edits at the last token of every row, for batches built elsewhere
+  (lm-eval's): on each pass longer than one token (a prompt pass) and, with `every_token`, on the
+  one-token decoding steps too.
 - `knockout`: stop given query cells from attending to given key cells inside one decoder layer,
   by editing that layer's 4D attention mask (eager attention; load with attn_implementation="eager").
 - `parity_check`: hooks that do nothing must give the unhooked model's logits; refused otherwise.
@@ -124,7 +133,7 @@ def on_states(model, edit, states=None):
         for state in states:
             if not 0 <= state <= len(layers):
                 raise UserError(f"state {state}: this model has states 0..{len(layers)} (0 = embeddings)")
-            handles.append(layers[0].register_forward_pre_hook(before_first, with_kwargs=True) if state == 0 else
+            handles.append(layers[0].register_forward_pre_hook(before_first, with_kwargs=True, prepend=True) if state == 0 else
                            layers[state - 1].register_forward_hook(after(state), prepend=True))
         yield
     finally:
@@ -144,27 +153,72 @@ def read_states(model, states=None, detach: bool = True):
         yield found
 
 
-def _edit_cells(edits: dict, batch: Batch, combine):
-    """An `on_states` edit writing combine(old, new) at the cells of {state: (rows, columns, values)}."""
+def _edit_cells(edits: dict, batch: Batch, combine, every_token: bool = False):
+    """An `on_states` edit writing combine(old, new) at the cells of {state: (rows, columns, values)} on
+    the prompt pass, and with `every_token` at the last token of those rows on every later pass."""
     def edit(state, hidden):
-        if state not in edits or hidden.shape[1] != batch.width:  # not the prompt pass
+        if state not in edits:
             return None
         rows, columns, values = edits[state]
+        if hidden.shape[1] != batch.width:  # not the prompt pass: a decoding step
+            if not every_token:
+                return None
+            columns = torch.full_like(columns, hidden.shape[1] - 1)
         hidden = hidden.clone()
         hidden[rows, columns] = combine(hidden[rows, columns], values.to(hidden.dtype))
         return hidden
     return edit
 
 
+def replaced(old, new):
+    return new
+
+
+def added(old, new):
+    return old + new
+
+
+def projection_scaled(factor: float):
+    """combine(old, unit): old with its component along the unit vector multiplied by `factor`."""
+    def combine(old, unit):
+        return old + (factor - 1.0) * (old * unit).sum(-1, keepdim=True) * unit
+    return combine
+
+
+def edit_states(model, edits: dict, batch: Batch, combine, every_token: bool = False):
+    """Write combine(old, value) at cells of `batch`: `edits` = {state: (rows, columns, values [cells,
+    hidden])}, on the pass over the whole prompt; `every_token`: also at every generated token of those
+    rows (one cell per row)."""
+    return on_states(model, _edit_cells(edits, batch, combine, every_token), edits)
+
+
 def patch_states(model, edits: dict, batch: Batch):
-    """Replace states at cells of `batch`: `edits` = {state: (rows, columns, values [cells, hidden])},
-    on the pass over the whole prompt only."""
-    return on_states(model, _edit_cells(edits, batch, lambda old, new: new), edits)
+    """Replace states at cells, on the prompt pass only (activation patching, back-patching)."""
+    return edit_states(model, edits, batch, replaced)
 
 
-def add_to_states(model, edits: dict, batch: Batch):
-    """Add `values` to states at cells, as `patch_states` replaces them."""
-    return on_states(model, _edit_cells(edits, batch, lambda old, new: old + new), edits)
+def add_to_states(model, edits: dict, batch: Batch, every_token: bool = False):
+    """Add `values` to states at cells, as `edit_states` writes them."""
+    return edit_states(model, edits, batch, added, every_token)
+
+
+def scale_projection(model, edits: dict, batch: Batch, factor: float, every_token: bool = False):
+    """Multiply the component of states at cells along unit vectors by `factor` (0 ablates it):
+    `edits` = {state: (rows, columns, unit vectors [cells, hidden])}; `every_token` as `edit_states`."""
+    return edit_states(model, edits, batch, projection_scaled(factor), every_token)
+
+
+def edit_last_token(model, vectors: dict, combine, every_token: bool = False):
+    """combine(state, vector) at the last token of every row, for left-padded batches one does not build
+    (lm-eval's generation): `vectors` = {state: [hidden]}; on every pass longer than one token (a prompt
+    pass) and, with `every_token`, on the one-token decoding steps as well."""
+    def edit(state, hidden):
+        if state not in vectors or (hidden.shape[1] == 1 and not every_token):
+            return None
+        hidden = hidden.clone()
+        hidden[:, -1] = combine(hidden[:, -1], vectors[state].to(hidden.device, hidden.dtype))
+        return hidden
+    return on_states(model, edit, vectors)
 
 
 def attention_module(model, layer: int):

@@ -270,3 +270,82 @@ def patchscope_plot(summary: dict, title: str) -> bytes:
             axis.legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
     return png(figure)
+
+
+def _effect(entry, top: bool = False) -> str:
+    if not entry:
+        return "n/a"
+    se = f" ± {entry['se']:.3f}" if entry["se"] is not None else ""
+    share = f"; {entry['top_reply_share']:.0%} '{entry['top_reply'][:20]}'" if top else ""
+    return f"{entry['effect']:+.3f}{se} ({entry['steered']:.2f}{share})"
+
+
+def _steer_settings(results: dict) -> list:
+    config, summary = results["config"], results["summary"]
+    source = (f"contrast `{config['contrast']}` (difference of means, first minus second set)"
+              if config["directions_from"] == "means" else f"the probe's `{results['directions_source']}`")
+    order = ["two_hop", "one_hop", "hop_a", "hop_b"]
+    names = [n for n in order if n in summary["baseline"]] + sorted(set(summary["baseline"]) - set(order))
+    baseline = "; ".join(f"{name} {summary['baseline'][name]['accuracy']:.3f} ± {summary['baseline'][name]['se']:.3f} "
+                         f"(n={summary['baseline'][name]['n']})" for name in names)
+    steered = "every generated token" if config["when"] == "every_token" else "the prompt pass"
+    return [f"Model: `{results['model']}`; questions from {', '.join(results['tests'])}; directions from {source}; "
+            f"mode `{config['mode']}`, steering {steered}"
+            f", add's unit `{config['scale_unit']}`; " + ("directions fit on half of the people, effects graded on the "
+                                                          "other half." if config["heldout"] else
+                                                          "directions fit and graded on the same questions (in-sample)."),
+            "", f"Unsteered accuracy: {baseline}.", "",
+            "Each cell: steered - unsteered accuracy ± s.e. of the paired per-item differences (steered accuracy; "
+            "for two_hop also the commonest steered reply's share: a steer that makes every reply one city scores that "
+            "city's share of the items). one_hop = the first and second hops of the graded two-hop questions (the side "
+            "effect)."]
+
+
+def steer_markdown(results: dict, label: str) -> str:
+    """Effect per position x state x scale on every graded set, the directions' norms, the best intervention."""
+    summary = results["summary"]
+    groups = list(dict.fromkeys(g for e in summary["grid"] for g in e["effects"] if g not in ("hop_a", "hop_b")))
+    lines = [f"# Steering: {label}", ""] + _steer_settings(results) + [""]
+    lines += ["| position | state | scale | " + " | ".join(groups) + " |", "|---" * (len(groups) + 3) + "|"]
+    lines += [f"| {e['position']} | {e['state']} | {e['scale']:g} | " +
+              " | ".join(_effect(e["effects"].get(g), top=g == "two_hop") for g in groups) + " |" for e in summary["grid"]]
+    best = summary["best"]
+    if best:
+        lines += ["", f"Largest two-hop effect: {best['position']} state {best['state']} scale {best['scale']:g}: "
+                  f"{_effect(best['effects']['two_hop'])}, one-hop {_effect(best['effects'].get('one_hop'))} "
+                  "(the best of the grid on these items: optimistic)."]
+    lines += ["", "## Directions", "", "| position | state | direction norm | mean state norm | ratio |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p} | {s} | {n['direction']:.4g} | {n['state']:.4g} | " +
+              ("n/a" if n["ratio"] is None else f"{n['ratio']:.3g}") + " |"
+              for p, states in results["norms"].items() for s, n in states.items()]
+    skipped = {p: s for p, s in results["skipped_states"].items() if s}
+    if skipped:
+        lines += ["", f"Not steered (direction 0: both sets' means are equal there): {skipped}"]
+    lines += ["", f"Files: {results['directions_files'] or 'the probe run holds the directions'}; parity check "
+              f"(largest logit difference): {results['parity']}", ""]
+    return "\n".join(lines)
+
+
+def steer_plot(summary: dict, title: str) -> bytes:
+    """Effect per state, one line per scale, with s.e. bars: a row per position, two-hop and one-hop panels."""
+    positions = list(dict.fromkeys(e["position"] for e in summary["grid"])) or ["t2"]
+    figure, axes = plt.subplots(len(positions), 2, figsize=(10, 3.4 * len(positions)), dpi=100, squeeze=False)
+    for row, position in enumerate(positions):
+        entries = [e for e in summary["grid"] if e["position"] == position]
+        for axis, group in zip(axes[row], ("two_hop", "one_hop")):
+            for scale in sorted({e["scale"] for e in entries}):
+                points = [(e["state"], e["effects"][group]) for e in entries
+                          if e["scale"] == scale and group in e["effects"]]
+                if points:
+                    axis.errorbar([s for s, _ in points], [p["effect"] for _, p in points],
+                                  yerr=[p["se"] or 0 for _, p in points], marker="o", capsize=3, label=f"scale {scale:g}")
+            axis.axhline(0.0, color="grey", linestyle="dotted", linewidth=1)
+            axis.set_xticks(sorted({e["state"] for e in entries}))
+            axis.set_xlabel("state steered (0 = embeddings)")
+            axis.set_ylabel("steered - unsteered accuracy")
+            axis.set_title(f"{group.replace('_', '-')} at {position}", fontsize=9)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return png(figure)

@@ -21,6 +21,11 @@ earlier run, as any config change does). Every run starts with the hooks' parity
   written into the placeholder of a description prompt (entity, token identity), the greedy
   generation classified e1 / e2 / e3 / other; with text controls. Rows appended as they finish;
   results.json, summary.md, patchscope.png.
+- `steer`: directions per state (difference of means between two prompt sets, or a probe's) added,
+  ablated or amplified at t2 / t1 on the prompt pass or every generated token
+  (`twohop.interp.steering`); the effect is steered minus unsteered accuracy on held-out two-hop
+  questions, their one-hop facts and chosen lm-eval tasks. Writes directions.safetensors, rows.jsonl
+  (appended as interventions finish), results.json, summary.md, steering.png.
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -35,10 +40,10 @@ from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, a
                           resume_jsonl)
 from runner.registry import Job, SubJob
 from twohop.data.dataset import second_hop_tests, two_hop_tests
-from twohop.interp import backpatching, entity_recall, patching, patchscope
+from twohop.interp import backpatching, entity_recall, patching, patchscope, steering
 from twohop.interp.hooks import Batch, n_states, parity_check
 from twohop.reports import intervene as report
-from twohop.training.recipes import setting_data
+from twohop.training.recipes import setting_data, trained_or_given
 
 SETTINGS = setting_data()
 
@@ -85,9 +90,46 @@ class PatchscopeConfig(Source):
                                 minimum=1)
 
 
+@dataclass
+class SteerConfig(Source):
+    contrast: Literal[tuple(steering.CONTRASTS)] = option(
+        "correct_wrong", "directions_from=means: the two prompt sets whose difference of mean states is the direction "
+        "(first minus second): two-hop questions answered right - wrong, with - without the CoT instruction, "
+        "two-hop - its first hop, fine-tuned - base model (finetune_base)")
+    directions_from: Literal["means", "probe"] = option(
+        "means", "means: the contrast's difference of means; probe: the directions.safetensors of intervene_probe "
+        "(intervene_probe_<setting> for samedoc / universities), which then runs first")
+    positions: list[Literal["t2", "t1"]] = option(
+        ["t2"], "where directions are read and applied, each on its own: t2 (the last prompt token), t1 (the last "
+        "token of the entity asked about)")
+    states: list[int] = option([], "residual states steered (0 = embeddings, i = decoder layer i's output; []: all)",
+                               minimum=0)
+    mode: Literal["add", "ablate", "amplify"] = option(
+        "add", "add: state + scale x direction; ablate: its component along the direction set to 0; amplify: that "
+        "component multiplied by the scale")
+    scales: list[float] = option([], "add: multiples of the direction ([]: -4,-2,-1,1,2,4); amplify: factors of its "
+                                 "component ([]: -1,0.5,2,4); ablate takes none")
+    scale_unit: Literal["direction", "state_norm"] = option(
+        "direction", "add's unit: the direction as it is (1 moves the second set's mean onto the first's), or the unit "
+        "direction times the mean norm of that state over the graded questions")
+    when: Literal["prompt", "every_token"] = option("prompt", "steer the prompt pass only, or every generated token too")
+    heldout: bool = option(True, "directions from half of the people (seeded), effect graded on the other half; "
+                           "false: both on every question (in-sample)")
+    max_new_tokens: int = option(16, "tokens generated per reply (a steer towards CoT makes replies that reason "
+                                 "before answering: give them room, e.g. 96, or they are cut before the answer)", minimum=1)
+    lm_eval_tasks: list[str] = option([], "tasks the evaluation exports for this setting (e.g. "
+                                      "twohop_spouses_test_2hop_nocot), run through lm-eval with the hooks (t2 only)")
+    lm_eval_limit: int = option(20, "lm-eval rows per task (of the held-out people)", minimum=1)
+
+
 def requires(config: dict) -> list:
     data = [SETTINGS[config["setting"]]]
-    return data + [f"finetune_{config['setting']}"] if config["model_from"] == "finetune" else data
+    out = data + [f"finetune_{config['setting']}"] if config["model_from"] == "finetune" else data
+    if config.get("directions_from") == "probe":
+        out.append(probe_subjob(config["setting"]))
+    elif config.get("contrast") == "finetuned_base":
+        out.append("finetune_base")
+    return out
 
 
 def load(ctx, eager: bool) -> tuple:
@@ -255,6 +297,66 @@ def run_patchscope(ctx) -> dict:
                for name, entry in found["readable"].items()}}
 
 
+def check_steer(config: dict, model=None) -> None:
+    refusals = [(not config["positions"], "positions: empty; give t2 and/or t1"),
+                (config["mode"] == "ablate" and config["scales"], "scales: ablate sets the component to 0 and takes none"),
+                (config["mode"] != "add" and config["scale_unit"] != "direction", "scale_unit: only add has a unit"),
+                (config["directions_from"] == "probe" and config["contrast"] != "correct_wrong",
+                 "contrast: the probe's directions are read from its file; the contrast applies to directions_from=means"),
+                (config["contrast"] == "finetuned_base" and config["model_from"] == "cli",
+                 "contrast=finetuned_base compares finetune_<setting>'s model with its base; it needs model_from=finetune"),
+                (config["lm_eval_tasks"] and "t2" not in config["positions"],
+                 "lm_eval_tasks: lm-eval builds its own batches, where only t2 is known; add t2 to positions")]
+    for refused, why in refusals:
+        if refused:
+            raise UserError(why)
+
+
+def probe_subjob(setting: str) -> str:
+    return f"intervene_probe_{setting}" if setting in COMPARED else "intervene_probe"
+
+
+def steer_inputs(ctx, model, tokenizer) -> tuple:
+    """(base model or None, directions file or None, parity check): what the directions come from besides
+    the model; the parity check runs on every model read."""
+    config, base, directions = ctx.config, None, None
+    if config["directions_from"] == "probe":
+        directions = ctx.input(probe_subjob(config["setting"])) / "directions.safetensors"
+    elif config["contrast"] == "finetuned_base":
+        base = load_model(trained_or_given(ctx.input("finetune_base"), ctx.model.path), model.device)[0]
+    batch = Batch.left_padded([q.ids for q in backpatching.queries(tokenizer, two_hop_tests(
+        ctx.input(SETTINGS[config["setting"]]) / "data"), config["batch_size"])], tokenizer.pad_token_id, model.device)
+    parity = {name: parity_check(m, batch) for name, m in (("model", model), ("base", base)) if m is not None}
+    return base, directions, parity
+
+
+def run_steer(ctx) -> dict:
+    config = ctx.config
+    model, tokenizer, tests, path = load(ctx, eager=False)
+    base, directions_file, parity = steer_inputs(ctx, model, tokenizer)
+    plan = steering.prepare(model, tokenizer, ctx.input(SETTINGS[config["setting"]]) / "data", config, ctx.seed, base,
+                            directions_file, ctx.run_dir / "lm_eval_tasks")
+    files = {} if directions_file else steering.save_fitted(plan, config["contrast"], ctx.run_dir)
+    rows = steering.complete(resume_jsonl(ctx.run_dir / "rows.jsonl"), plan.per_condition())
+    atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
+    done = {steering.row_key(r) for r in rows}
+    ctx.log.info("parity check passed (%s); %d interventions, %d done before", parity, len(plan.steers), len(done))
+    update = progress_bar("steer")
+    for chunk in steering.grid_rows(model, tokenizer, plan.steers, plan.graded, plan.unsteered, plan.lm_eval,
+                                    config["batch_size"], config["max_new_tokens"], done):
+        append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
+        rows += chunk
+        update(len({steering.row_key(r) for r in rows}), len(plan.steers))
+    summary = steering.summarise(rows, plan.unsteered)
+    results = {"model": path, "tests": list(tests), "config": config, "directions_files": files,
+               "directions_source": str(directions_file or "difference of means"), "parity": parity,
+               "norms": steering.norms(plan), "skipped_states": plan.skipped, "summary": summary}
+    atomic_write_json(ctx.run_dir / "results.json", results)
+    atomic_write_text(ctx.run_dir / "summary.md", report.steer_markdown(results, ctx.run.label))
+    atomic_write_bytes(ctx.run_dir / "steering.png", report.steer_plot(summary, ctx.run.label))
+    return steering.headline(summary)
+
+
 # The settings compared with the default (spouses: facts in separate documents), each with its own run
 # folders: both facts in one document, and a semi-synthetic type (fact B from pretraining).
 COMPARED = ("samedoc", "universities")
@@ -267,7 +369,9 @@ KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t
           EntrecConfig, check_entrec),
          ("patchscope", "Patchscopes: states at t1 / t2 patched into description prompts, the generation classified "
           "e1 / e2 / e3 / other; e2 at t1 and e3 at t2 per layer, split by the unpatched answer", run_patchscope,
-          PatchscopeConfig, check_patchscope))
+          PatchscopeConfig, check_patchscope),
+         ("steer", "steering along per-state directions (difference of means or a probe's): add / ablate / amplify, "
+          "steered - unsteered accuracy on two-hop, one-hop and lm-eval tasks", run_steer, SteerConfig, check_steer))
 
 
 def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
