@@ -59,6 +59,10 @@ def htl_case(name, file, expect, **options) -> Case:
                 workspace="with_csvs", **options)
 
 
+def intervene_case(name, subjob, expect, *sets, **options) -> Case:
+    return case(name, f"intervene_{subjob}", expect, *[arg for s in sets for arg in ("--set", s)], **options)
+
+
 def table_case(name, expect, **options) -> Case:
     return case(name, "generate_data_universities", expect, project=name, **options)
 
@@ -123,6 +127,16 @@ CASES = [
     table_case("table_column_missing", "universities.csv: columns are"),
     table_case("table_entity_twice", "universities.csv:3: duplicate name 'Harvard University'", dry_run=False),
     table_case("table_cell_empty", "universities.csv:2: empty value in column 'city'"),
+    # Interventions: settings that cannot mean anything, refused before the prerequisites are planned to run
+    intervene_case("backpatch_no_position", "backpatch", "positions: empty", "positions=[]", dry_run=False),
+    intervene_case("patchscope_no_prompt", "patchscope", "prompts: empty", "prompts=[]", dry_run=False),
+    intervene_case("entrec_no_swap", "entrec", "relation_swaps: {}", "relation_swaps={}", dry_run=False),
+    intervene_case("steer_ablate_scales", "steer", "scales: ablate", "mode=ablate", "scales=[1]"),
+    intervene_case("steer_base_of_cli", "steer", "contrast=finetuned_base", "model_from=cli",
+                   "contrast=finetuned_base"),
+    intervene_case("steer_lm_eval_t1", "steer", "lm_eval_tasks: lm-eval", "positions=[t1]", "lm_eval_tasks=[x]"),
+    intervene_case("steer_probe_contrast", "steer", "contrast: the probe", "directions_from=probe",
+                   "contrast=cot_nocot", dry_run=False),
     # Config values that used to fail only after the prerequisites had run
     case("grader_local_on_api", "frontier_eval_api", "grader: backend local",
          "--set", "endpoints=[{backend: openai, model: m}]", "--set", "grader={backend: local}"),

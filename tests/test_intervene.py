@@ -10,8 +10,6 @@ difference A - F is exactly 0 on the corrupted prompt and positive on the clean 
 patching t1 recovers 1 before K and 0 from K on, t2 the reverse, r nothing; knocking out t2 -> t1
 at K recovers 0 (the other layers' attention outputs are zero, so knocking them out changes nothing).
 """
-import contextlib
-import io
 import json
 import tempfile
 import unittest
@@ -306,16 +304,6 @@ class InterveneJobTest(unittest.TestCase):
             self.assertEqual(len(back_rows), 6 * (1 + 3))  # unpatched + pairs (1,0), (2,0), (2,1) at t2
             self.assertTrue((back / "backpatch.png").is_file())
             self.assertIn("Oracle fix rate", (back / "summary.md").read_text())
-
-    def test_no_position_to_back_patch_is_refused_before_anything_runs(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                code = main(["--workspace_path", str(Path(tmp) / "w"), "--jobs", "intervene_backpatch",
-                             "--set", "positions=[]"])
-            self.assertEqual(code, 2)
-            self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
-            self.assertFalse((Path(tmp) / "w" / "experiments" / "intervene").exists())
 
 
 if __name__ == "__main__":

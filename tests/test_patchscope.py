@@ -9,8 +9,6 @@ state 3 to E3; nothing moves to t2. Written into the last token of a description
 state (3), each state is decoded as it is; at the same state ("same"), the target's own later layers
 make the hops again, so every state of t1 decodes as E3.
 """
-import contextlib
-import io
 import json
 import tempfile
 import unittest
@@ -260,17 +258,6 @@ class PatchscopeJobTest(unittest.TestCase):
             self.assertEqual(set(results["summary"]["prompts"]["entity"]["readable"]),
                              {"e2_at_t1", "e3_at_t2", "e1_at_t1", "e2_at_t2"})
             self.assertIn("e2 at t1", (run / "summary.md").read_text())
-
-    def test_no_prompt_is_refused_before_anything_runs(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                code = main(["--workspace_path", str(Path(tmp) / "w"), "--jobs", "intervene_patchscope",
-                             "--set", "prompts=[]"])
-            self.assertEqual(code, 2)
-            self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
-            self.assertIn("prompts: empty", err.getvalue())
-            self.assertFalse((Path(tmp) / "w" / "experiments" / "intervene").exists())
 
 
 if __name__ == "__main__":

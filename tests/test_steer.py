@@ -9,8 +9,6 @@
   on the prompt pass only the reply then runs on (3 4 5), on every generated token it stays (3 3 3).
   lm-eval's last-token hooks give the same replies as our padding-aware cells.
 """
-import contextlib
-import io
 import json
 import statistics
 import tempfile
@@ -238,18 +236,6 @@ class SteerJobTest(unittest.TestCase):
             self.assertEqual({r["every_token"] for r in rows}, {True})
             self.assertEqual(max(results["parity"]["model"].values()), 0.0)
             self.assertIn("| t1 | 2 | 2 |", (run / "summary.md").read_text())
-
-    def test_bad_combinations_are_refused_in_one_line_before_anything_runs(self):
-        for setting in (["mode=ablate", "scales=[1]"], ["model_from=cli", "contrast=finetuned_base"],
-                        ["positions=[t1]", "lm_eval_tasks=[x]"], ["directions_from=probe", "contrast=cot_nocot"]):
-            with self.subTest(setting), tempfile.TemporaryDirectory() as tmp:
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err):
-                    code = main(["--workspace_path", str(Path(tmp) / "w"), "--jobs", "intervene_steer"]
-                                + [a for s in setting for a in ("--set", s)])
-                self.assertEqual(code, 2)
-                self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
-                self.assertFalse((Path(tmp) / "w" / "experiments" / "intervene").exists())
 
     def test_probe_directions_make_the_probe_of_the_same_setting_a_prerequisite(self):
         subjobs = {s.full_name: s for s in JOB.subjobs}
