@@ -30,7 +30,6 @@ FACTS = [("Ada Hughes-Marsjanska", "Oslo"), ("Bo Lindqvist", "Lima"), ("Thalia D
          ("Ian Okafor-Wright", "Cairo"), ("Mia Castellano", "Dublin"), ("Leo Brandt-Iversen", "Quito")]
 TRAINING = dict(lr=1e-2, warmup_ratio=0.0, batch_size=3, max_length=64, max_steps=2, save_every_steps=0,
                 log_every_steps=1, seed=1, bf16=False)
-TOKENIZER = []  # built once for every family
 
 
 def fact_row(e1: str, city: str) -> dict:
@@ -54,13 +53,11 @@ class FamilyChecks:
 
     @classmethod
     def setUpClass(cls):
-        if not TOKENIZER:
-            TOKENIZER.append(tiny_tokenizer())
         cls.tmp = tempfile.TemporaryDirectory()
         root = Path(cls.tmp.name)
-        cls.base = build_family(cls.model_type, TOKENIZER[0], root / "base")
+        cls.base = build_family(cls.model_type, tiny_tokenizer(), root / "base")
         cls.trainers = {peft or "full": cls.train(root / f"run_{peft or 'full'}", peft=peft) for peft in ("", "lora")}
-        cls.prompts = [prompt_text(TOKENIZER[0], row["messages"]) for row in ROWS]
+        cls.prompts = [prompt_text(tiny_tokenizer(), row["messages"]) for row in ROWS]
 
     @classmethod
     def tearDownClass(cls):
@@ -71,7 +68,7 @@ class FamilyChecks:
         config = {**typed.defaults(AdapterTrainingConfig), **TRAINING, **overrides}
         run_dir.mkdir()
         trainer = Trainer(config, cls.base, ROWS, {"facts": ROWS[:3]}, run_dir, logging.getLogger("test_families"))
-        trainer.result = trainer.run()
+        trainer.run()
         trainer.saved.eval()
         return trainer
 
@@ -79,12 +76,12 @@ class FamilyChecks:
         return load_model(self.trainers[kind].run_dir / "model", **loading)
 
     def test_training_saves_what_it_trained_and_every_job_loads_it(self):
-        base_logits = logits(load_model(self.base)[0], TOKENIZER[0], self.prompts)
+        base_logits = logits(*load_model(self.base), self.prompts)
         for kind, trainer in self.trainers.items():
             with self.subTest(kind):
-                self.assertTrue(np.isfinite(trainer.result["final_train_loss"]))
+                self.assertTrue(np.isfinite(trainer.last_loss))
                 model, tokenizer = self.loaded(kind)
-                self.assertEqual(tokenizer(self.prompts[0]).input_ids, TOKENIZER[0](self.prompts[0]).input_ids)
+                self.assertEqual(tokenizer(self.prompts[0]).input_ids, tiny_tokenizer()(self.prompts[0]).input_ids)
                 trained = logits(trainer.saved, tokenizer, self.prompts)
                 torch.testing.assert_close(logits(model, tokenizer, self.prompts), trained, atol=1e-5, rtol=1e-5)
                 self.assertGreater((trained - base_logits).abs().max().item(), 1e-3, "training changed nothing")
@@ -139,7 +136,8 @@ class FamilyChecks:
         for kind in self.trainers:
             with self.subTest(kind):
                 model, tokenizer = self.loaded(kind, attn_implementation="eager")
-                found = [locate(tokenizer, prompt, row["question"], row["e1"]) for prompt, row in zip(self.prompts, ROWS)]
+                found = [locate(tokenizer, prompt, row["question"], row["e1"])
+                         for prompt, row in zip(self.prompts, ROWS)]
                 batch = Batch.left_padded([ids for ids, _ in found], tokenizer.pad_token_id)
                 report = parity_check(model, batch, knockout_layers=(1, 2))
                 self.assertLess(max(report.values()), 1e-4, report)
@@ -147,7 +145,8 @@ class FamilyChecks:
 
 def family_test(model_type: str) -> type:
     name = "".join(part.capitalize() for part in model_type.split("_")) + "Test"
-    return type(name, (FamilyChecks, unittest.TestCase), {"model_type": model_type, "__doc__": f"{model_type} for real."})
+    return type(name, (FamilyChecks, unittest.TestCase), {"model_type": model_type,
+                                                           "__doc__": f"A random-init {model_type} model for real."})
 
 
 globals().update({case.__name__: case for case in map(family_test, CONFIGS)})
