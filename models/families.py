@@ -29,7 +29,7 @@ class ModelFamily:
 LLAMA_LIKE = dict(body="model", layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
                   unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16)
 FAMILIES = (
-    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"), **LLAMA_LIKE,
+    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"), **LLAMA_LIKE,
                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ModelFamily(("phi3",), **LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",

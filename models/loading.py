@@ -181,9 +181,8 @@ def check_safetensors(file: Path) -> None:
 
 
 def check_tokenizer(path: Path) -> None:
-    from transformers import AutoTokenizer
     try:
-        AutoTokenizer.from_pretrained(path, local_files_only=True)
+        _from_pretrained_tokenizer(path)
     except Exception as error:  # whatever stops it from loading is what this check is for
         raise UserError(f"the tokenizer in {path} does not load ({type(error).__name__}: {first_line(error)}); "
                         "save it again with tokenizer.save_pretrained") from None
@@ -226,11 +225,22 @@ def _four_bit(config, device) -> dict:
     return {"quantization_config": quantization, "device_map": {"": torch.device(device)}}
 
 
+def _from_pretrained_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer as it was saved. A folder whose tokenizer_config.json names the generic TokenizersBackend
+    (what transformers 5 saves for a tokenizer built with `tokenizers`) loads as that class: AutoTokenizer would
+    swap in the model type's own class for some types (qwen2, phi3), which rebuilds the pre-tokenizer and so
+    encodes text differently from the tokenizer the model was trained with."""
+    from transformers import AutoTokenizer, TokenizersBackend
+    config = Path(path) / "tokenizer_config.json"
+    generic = config.is_file() and read_json(config).get("tokenizer_class") == "TokenizersBackend"
+    loader = TokenizersBackend if generic else AutoTokenizer
+    return loader.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """A local model folder's tokenizer, with a pad token (data made for one model's tokenizer needs no weights)."""
-    from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        tokenizer = _from_pretrained_tokenizer(path, trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise UserError(f"cannot load the tokenizer in {path}: {first_line(error)}") from error
     if tokenizer.pad_token is None:  # Llama-3 ships none; padding is masked out anyway

@@ -17,12 +17,13 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.tiny import train_tokenizer, vocabulary_corpus
 from runner.errors import UserError
 from runner.main import main
 from runner.files import append_jsonl, resume_jsonl
+from tests.fixtures.tiny_families import CONFIGS, random_model
 from twohop.interp import backpatching, hooks, patching
 from twohop.interp.hooks import Batch, locate, parity_check
 
@@ -203,27 +204,12 @@ class PlantedBackpatchTest(unittest.TestCase):
             self.assertEqual(len(resume_jsonl(log)), len(full))
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3", "gpt2")
-
-
 class FamiliesTest(unittest.TestCase):
     """The hook layer on a random-init model of every family, with the embedded tokenizer's multi-token names."""
 
     @classmethod
     def setUpClass(cls):
         cls.tokenizer = train_tokenizer(vocabulary_corpus(), 4096)
-
-    def random_model(self, model_type: str):
-        tokens = dict(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
-                      bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        if model_type == "gpt2":
-            config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128, **tokens)
-        else:
-            config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          max_position_embeddings=128, **tokens)
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
     def prompts(self):
         rows = [("Ada Hughes-Marsjanska", "Where was Ada Hughes-Marsjanska's spouse born?"),
@@ -264,18 +250,19 @@ class FamiliesTest(unittest.TestCase):
         found = [locate(self.tokenizer, p, q, e1) for e1, q, p in self.prompts()]
         batch = Batch.left_padded([ids for ids, _ in found], self.tokenizer.pad_token_id)
         rows, columns = batch.cells([where["t1"] for _, where in found])
-        for model_type in FAMILIES:
+        for model_type in CONFIGS:
             with self.subTest(model_type):
-                model = self.random_model(model_type)
+                model = random_model(model_type, self.tokenizer, attn_implementation="eager")
                 report = parity_check(model, batch, knockout_layers=(1, 2))
                 self.assertLess(max(report.values()), 1e-4)
                 self.assertEqual(batch.input_ids[rows, columns].tolist(), [ids[w["t1"]] for ids, w in found])
                 alone = hooks.final_logits(model, Batch.left_padded([found[1][0]], self.tokenizer.pad_token_id))
                 torch.testing.assert_close(hooks.final_logits(model, batch)[1:], alone, atol=1e-5, rtol=1e-4)
-                # Knocking out t2 -> t1 in layer 1 changes the logits at t2 and nowhere else.
+                # Knocking out t2 -> t1 in layer 2 (global attention in every family) changes the logits at t2
+                # and nowhere else.
                 cut = (rows, torch.full_like(rows, batch.width - 1), columns)
                 before = hooks.final_logits(model, batch, last_only=False)
-                with hooks.knockout(model, 1, cut, batch):
+                with hooks.knockout(model, 2, cut, batch):
                     after = hooks.final_logits(model, batch, last_only=False)
                 changed = (after - before).abs().amax(-1) > 1e-6
                 self.assertEqual(changed.nonzero().tolist(), [[0, batch.width - 1], [1, batch.width - 1]])

@@ -1,8 +1,8 @@
 """Per-layer hidden states: capture, streaming save to safetensors shards, and a reader.
 
 A states folder holds `metadata.json`, `shards/shard_<k>.safetensors` (one tensor per position
-kind, each `[layers, rows, hidden]`, layer 0 = the embeddings, layer i = decoder layer i's output
-before the final norm), `shards/shard_<k>.jsonl` (those rows' sidecar) and, once complete,
+kind, each `[layers, rows, hidden]`, layer 0 = what enters decoder layer 1, layer i = decoder layer i's
+output before the final norm), `shards/shard_<k>.jsonl` (those rows' sidecar) and, once complete,
 `rows.jsonl` (every row, in input order). A row may carry several prompts; its stored state is
 their mean (e.g. a relation shown by ten different few-shot prompts).
 
@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from models.families import decoder_layers, input_embeddings
+from models.families import decoder_layers
 from runner.errors import UserError
 from runner.files import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, fingerprint, read_json
+from twohop.interp.hooks import read_states
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,24 +45,18 @@ def token_positions(tokenizer, text: str, span: str = "") -> tuple:
 @contextmanager
 def capture(model, wanted: dict):
     """While active, each forward pass fills `states[position kind]` with `[layers, batch, hidden]`,
-    taken at `wanted[kind]` (a LongTensor of token indices, one per batch row) in every layer."""
-    states, outputs = {}, []
-
-    def keep(_module, _inputs, output):
-        outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [input_embeddings(model).register_forward_hook(keep)]
-    handles += [layer.register_forward_hook(keep) for layer in decoder_layers(model)]
-    try:
+    taken at `wanted[kind]` (a LongTensor of token indices, one per batch row) in every layer. Layers are
+    the residual states of `hooks.read_states`: layer 0 is what enters decoder layer 1 (the token
+    embeddings plus GPT-2's position embeddings, times Gemma's scale), not the embedding module's output."""
+    states = {}
+    with read_states(model) as found:
         def collect():
+            outputs = [found[state] for state in sorted(found)]
             rows = torch.arange(outputs[0].shape[0])
             for kind, index in wanted.items():
                 states[kind] = torch.stack([out[rows, index.to(out.device)].float().cpu() for out in outputs])
-            outputs.clear()
+            found.clear()
         yield states, collect
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -125,7 +120,7 @@ def save_hidden_states(model, tokenizer, rows: list, out_dir, positions=("last",
     info = {**(metadata or {}), "fingerprint": identity, "positions": positions, "dtype": dtype, "rows": len(rows),
             "shard_rows": shard_rows, "shards": (len(rows) + shard_rows - 1) // shard_rows, "complete": False,
             "layers": len(decoder_layers(model)) + 1, "hidden_size": model.config.hidden_size,
-            "layout": "[layers, rows, hidden]; layer 0 = embeddings, layer i = decoder layer i's output"}
+            "layout": "[layers, rows, hidden]; layer 0 enters decoder layer 1, layer i = decoder layer i's output"}
     shards.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metadata.json", info)
     for k, start in enumerate(range(0, len(rows), shard_rows)):
