@@ -1,0 +1,343 @@
+"""Linear probes on residual states, split by entity, each beside a control task (seed 003's
+"use_linear_probes"; selectivity after Hewitt and Liang, EMNLP 2019).
+
+For every two-hop question the residual states (0 = embeddings, i = decoder layer i's output, as in
+`twohop.interp.hooks`) are read at t1 (the last token of e1's mention) and t2 (the last prompt token)
+in one clean pass. At each (position, state) a multinomial logistic regression is trained to read a
+label of the question from the state:
+
+- `e2`: the bridge entity itself; `e2_first_token`: the first token of e2 as a reply (a first name
+  for the spouses' people), a class that recurs across questions where e2 does not; `e3`: the answer,
+  over the answers of the training questions (the candidate set as the data use it; with several
+  tests, e.g. one per attribute, each answer is a class of its own test);
+- a binary label (`correct`: the greedy no-CoT reply graded right by `twohop.evaluation.grading`, or
+  any field of the test rows: true where non-empty), whose probe is also fitted on every question
+  and saved as a direction per state (`twohop.interp.directions`, kind "probe") for `steer`.
+
+The split is by entity: all questions about one e1 are on the same side, so a probe cannot win by
+recognising e1. A question can only be classified right if its class was seen in training, so
+entities go to the test side (in a seeded order, up to `test_fraction` of the questions) only while
+every label of their questions keeps at least one training question: classes are kept, and what is
+held out is precisely a set of e1 entities whose classes are shared with other e1. Where every class
+belongs to one entity (the spouses' e2: one person per e1; the universities' e2: one university per
+e1, asked about in four questions) nothing can be held out and the target is reported as not
+measurable; `measurability` says how many questions could be tested at all.
+
+Control task: the same probe, same regulariser and same split rule, on labels that assign each
+entity a random label (a seeded permutation of the entities' labels, so class sizes are kept; an
+entity whose questions carry different labels, e.g. one answer per attribute, is permuted within
+each test instead). It measures what a probe of this capacity gets from the split, the class sizes
+and the states' structure alone. Selectivity = accuracy - control accuracy, per split seed.
+
+Logistic regression: features standardised with the training questions' mean and standard
+deviation (a feature constant on them, e.g. every state at t2 of layer 0, where every prompt ends in
+the same token, is set to 0); weights minimise the summed cross-entropy plus l2/2 ||W||^2 (bias not
+penalised) by full-batch L-BFGS in float64 from zero; l2 = 1 is scikit-learn's default (C = 1).
+Chance of a split = the higher of 1 / (training classes) and the test accuracy of always answering
+the commonest training class. Headlines are means over split seeds with the standard error over
+them (the seeds' test sets overlap, so the s.e. is the spread over splits, not over new entities);
+a target is "decodable" at a state where the mean accuracy is above chance and the selectivity is
+more than two standard errors above 0.
+
+Directions: the binary probe fitted on every question at one position; per state, the gradient of
+its log-odds (positive class minus negative) with respect to the raw state, i.e. the weights divided
+by the standardising scale, stored as float32.
+"""
+import random
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from runner.errors import UserError
+from twohop import stats
+from twohop.evaluation.grading import split_aliases
+from twohop.interp import backpatching
+from twohop.interp.hooks import Batch
+from twohop.interp.patching import first_reply_token
+
+TARGETS = ("e2", "e2_first_token", "e3")
+POSITIONS = ("t1", "t2")
+
+
+@torch.no_grad()
+def question_states(model, queries: list, pad_id: int, batch_size: int) -> dict:
+    """{t1, t2: float32 [questions, states, hidden] on the CPU}: every state of one clean pass."""
+    device = next(model.parameters()).device
+    parts = {position: [] for position in POSITIONS}
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        cache = backpatching.clean_states(model, Batch.left_padded([q.ids for q in chunk], pad_id, device), chunk)
+        for position in POSITIONS:
+            parts[position].append(cache[position].float().cpu())
+    return {position: torch.cat(found) for position, found in parts.items()}
+
+
+def graded_replies(model, tokenizer, queries: list, batch_size: int, max_new_tokens: int) -> list:
+    """Back-patching's unpatched rows (reply, correct, rule) of every question, in order: greedy, graded."""
+    rows = []
+    for start in range(0, len(queries), batch_size):
+        jobs = [(query, 0, "none", None, None) for query in queries[start:start + batch_size]]
+        replies = backpatching.patched_replies(model, tokenizer, jobs, {}, max_new_tokens)
+        rows += [backpatching.job_row(job, reply) for job, reply in zip(jobs, replies)]
+    return rows
+
+
+def binary_values(label: str) -> tuple:
+    """(positive, negative) class names of a binary label."""
+    return ("correct", "wrong") if label == "correct" else (label, f"no {label}")
+
+
+def question_labels(tokenizer, queries: list, targets, label: str = "", graded=()) -> list:
+    """One dict per question: item, e1, test, e2, e3, and its class for every target and the label
+    (`graded`: `graded_replies` rows where the label is "correct"; their reply is kept)."""
+    tests = {q.id.rsplit(":", 1)[0] for q in queries}
+    out = []
+    for index, query in enumerate(queries):
+        record, test = query.record, query.id.rsplit(":", 1)[0]
+        bridge, answer = split_aliases(record.get("answer_intermediate"))[0], split_aliases(record["answer"])[0]
+        if not bridge and any(t.startswith("e2") for t in targets):
+            raise UserError(f"{query.id}: the question names no bridge (answer_intermediate); drop e2 and "
+                            "e2_first_token from targets")
+        item = {"item": query.id, "e1": record["e1"], "test": test, "e2": bridge, "e3": answer}
+        classes = {"e2": bridge, "e3": answer if len(tests) == 1 else f"{test}: {answer}"}
+        if "e2_first_token" in targets:
+            classes["e2_first_token"] = tokenizer.decode([first_reply_token(tokenizer, bridge)])
+        item.update({target: classes[target] for target in targets})
+        if label == "correct":
+            item.update(reply=graded[index]["reply"], rule=graded[index]["rule"])
+            item[label] = binary_values(label)[0 if graded[index]["correct"] else 1]
+        elif label:
+            if label not in record:
+                raise UserError(f"label {label!r}: not 'correct' and not a field of the test rows "
+                                f"({', '.join(sorted(record))})")
+            item[label] = binary_values(label)[0 if record[label] else 1]
+        out.append(item)
+    return out
+
+
+def label_counts(items: list, label: str) -> dict:
+    return {value: sum(item[label] == value for item in items) for value in binary_values(label)}
+
+
+def label_refusal(items: list, label: str, min_class: int):
+    """Why the binary label is neither probed nor saved as a direction (a class with fewer than
+    `min_class` questions), or None."""
+    counts = label_counts(items, label)
+    if min(counts.values()) >= min_class:
+        return None
+    shown = ", ".join(f"{n} {value}" for value, n in counts.items())
+    return (f"label {label!r}: {shown} of {len(items)} questions; fewer than min_class={min_class} in a class, so "
+            "it is not probed and no direction is saved (a probe of so few examples would be noise)")
+
+
+def measurability(labels: list, groups: list) -> dict:
+    """How many questions a probe split by entity can test: those whose class belongs to two or more entities."""
+    entities = {}
+    for value, group in zip(labels, groups):
+        entities.setdefault(value, set()).add(group)
+    shared = {value for value, members in entities.items() if len(members) > 1}
+    return {"questions": len(labels), "entities": len(set(groups)), "classes": len(entities),
+            "classes_shared_by_entities": len(shared), "testable": sum(value in shared for value in labels)}
+
+
+def entity_split(labels: list, groups: list, test_fraction: float, seed: int) -> tuple:
+    """(train, test) question indices. Whole entities (`groups`, e.g. e1) go to the test side in a
+    seeded order while it holds at most `test_fraction` of the questions and every label of their
+    questions keeps at least one training question. No entity is on both sides."""
+    members = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    left, test, budget = Counter(labels), [], test_fraction * len(labels)
+    for group in order:
+        need = Counter(labels[i] for i in members[group])
+        if len(test) + len(members[group]) <= budget and all(left[value] > n for value, n in need.items()):
+            test += members[group]
+            left -= need
+    held = set(test)
+    return [i for i in range(len(labels)) if i not in held], sorted(test)
+
+
+def control_labels(labels: list, groups: list, strata: list, seed: int) -> list:
+    """Hewitt and Liang's control task: each entity takes the label of another (a seeded permutation
+    of the entities' labels, so class sizes are kept). Where an entity's questions carry different
+    labels (one answer per test), each (test, entity) is permuted within its test."""
+    per_entity = all(len({v for v, g in zip(labels, groups) if g == group}) == 1 for group in set(groups))
+    owners = list(groups) if per_entity else list(zip(strata, groups))
+    stratum = {owner: "" if per_entity else owner[0] for owner in owners}
+    label_of = dict(zip(owners, labels))
+    rng, new = random.Random(seed), {}
+    for name in sorted(set(stratum.values())):
+        members = sorted(owner for owner in label_of if stratum[owner] == name)
+        shuffled = rng.sample(members, len(members))
+        new.update({owner: label_of[source] for owner, source in zip(members, shuffled)})
+    return [new[owner] for owner in owners]
+
+
+def standardiser(x: torch.Tensor) -> tuple:
+    """(mean, scale) over the rows (dim -2) of `x` [..., rows, features]; a feature constant on them
+    gets scale inf, so it becomes 0."""
+    mean, scale = x.mean(-2, keepdim=True), x.std(-2, unbiased=False, keepdim=True)
+    constant = scale <= 1e-6 * scale.mean(-1, keepdim=True)
+    return mean, torch.where(constant, torch.full_like(scale, float("inf")), scale)
+
+
+def objective(weights, bias, x, y, l2: float) -> tuple:
+    """(loss, d loss / d weights, d loss / d bias) of a multinomial logistic regression: the summed
+    cross-entropy of x [rows, features] with labels y [rows] + l2/2 ||weights||^2 (weights
+    [classes, features], bias [classes]), the gradient written out (softmax minus one-hot)."""
+    log_p = (x @ weights.T + bias).log_softmax(-1)
+    loss = -log_p.gather(1, y[:, None]).sum() + 0.5 * l2 * weights.pow(2).sum()
+    residual = log_p.exp()
+    residual[torch.arange(len(y)), y] -= 1
+    return loss, residual.T @ x + l2 * weights, residual.sum(0)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1.0, max_iter: int = 1000) -> tuple:
+    """(weights [classes, features], bias [classes]) minimising `objective` on x [rows, features]:
+    full-batch L-BFGS in float64 from zero, until the largest gradient entry is below 1e-4 (the
+    objective then agrees with a 1e-6 stop to about 1e-6; predictions do not change)."""
+    x = x.double()
+    weights = torch.zeros(classes, x.shape[1], dtype=torch.float64)
+    bias = torch.zeros(classes, dtype=torch.float64)
+    if classes > 1:
+        weights.grad, bias.grad = torch.zeros_like(weights), torch.zeros_like(bias)
+        optimiser = torch.optim.LBFGS([weights, bias], max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-12,
+                                      history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            loss, grad_weights, grad_bias = objective(weights, bias, x, y, l2)
+            weights.grad.copy_(grad_weights)
+            bias.grad.copy_(grad_bias)
+            return loss
+        optimiser.step(closure)
+    return weights, bias
+
+
+def fit_probes(x: torch.Tensor, labels: list, l2: float) -> tuple:
+    """(predict, classes, raw weights [problems, classes, hidden]): one probe of `labels` per problem
+    on x [rows, problems, hidden] (e.g. problems = states). predict(rows [m, problems, hidden]) gives
+    [problems][m] class names; the raw weights act on unstandardised states."""
+    classes = sorted(set(labels))
+    x = x.double().transpose(0, 1)
+    mean, scale = standardiser(x)
+    y = torch.tensor([classes.index(value) for value in labels])
+    fitted = [fit_logistic(problem, y, len(classes), l2) for problem in (x - mean) / scale]
+    weights, bias = torch.stack([w for w, _ in fitted]), torch.stack([b for _, b in fitted])
+
+    def predict(rows: torch.Tensor) -> list:
+        logits = ((rows.double().transpose(0, 1) - mean) / scale) @ weights.transpose(1, 2) + bias[:, None, :]
+        return [[classes[k] for k in problem] for problem in logits.argmax(-1).tolist()]
+    return predict, classes, weights / scale
+
+
+def split_rows(states: dict, labels: list, split: tuple, items: list, l2: float) -> list:
+    """One row per test question, position and state: the probes (every position and state fitted
+    together) trained on `split`'s training side."""
+    train, test = split
+    counts = Counter(labels[i] for i in train)
+    majority = min(counts, key=lambda value: (-counts[value], value))
+    cells = [(position, state) for position, x in states.items() for state in range(x.shape[1])]
+    x = torch.cat(list(states.values()), dim=1)
+    predict, classes, _ = fit_probes(x[train], [labels[i] for i in train], l2)
+    return [{"position": position, "state": state, "item": items[i]["item"], "e1": items[i]["e1"],
+             "label": labels[i], "predicted": predicted, "correct": predicted == labels[i], "classes": len(classes),
+             "majority": majority, "train": len(train)}
+            for (position, state), predictions in zip(cells, predict(x[test])) for i, predicted in zip(test, predictions)]
+
+
+def sweep(states: dict, items: list, targets, seeds: int, test_fraction: float, l2: float, progress=None) -> list:
+    """Every test prediction of every target, split seed, task (probe, control), position and state."""
+    groups, strata = [item["e1"] for item in items], [item["test"] for item in items]
+    rows, done = [], 0
+    for target in targets:
+        labels = [item[target] for item in items]
+        for seed in range(seeds):
+            for task, task_labels in (("probe", labels), ("control", control_labels(labels, groups, strata, seed))):
+                split = entity_split(task_labels, groups, test_fraction, seed)
+                if split[1]:
+                    rows += [{"target": target, "task": task, "seed": seed, **row}
+                             for row in split_rows(states, task_labels, split, items, l2)]
+            done += 1
+            if progress:
+                progress(done, len(targets) * seeds)
+    return rows
+
+
+def _accuracy(rows: list):
+    return sum(row["correct"] for row in rows) / len(rows) if rows else None
+
+
+def _cell(rows: list) -> dict:
+    """Accuracy, control, selectivity (means over split seeds, with the overlap-corrected s.e.),
+    chance, classes and test questions of one (target, position, state)."""
+    seeds = {}
+    for row in rows:
+        seeds.setdefault(row["seed"], {}).setdefault(row["task"], []).append(row)
+    accuracy, control, selectivity, chance, classes, n_test, ratio = [], [], [], [], [], [], []
+    for found in seeds.values():
+        probe, controlled = found.get("probe", []), found.get("control", [])
+        control.append(_accuracy(controlled))
+        if probe:
+            accuracy.append(_accuracy(probe))
+            chance.append(max(1 / probe[0]["classes"], sum(r["label"] == r["majority"] for r in probe) / len(probe)))
+            classes.append(probe[0]["classes"])
+            n_test.append(len(probe))
+            ratio.append(n_test[-1] / probe[0]["train"])
+            if controlled:
+                selectivity.append(accuracy[-1] - control[-1])
+    mean = lambda values: stats.mean_se(values)[0]  # noqa: E731
+    entry = {name: {"mean": mean(values), "se": stats.resampled_se(values, mean(ratio) or 0)}
+             for name, values in (("accuracy", accuracy), ("control", control), ("selectivity", selectivity))}
+    return {**entry, "chance": mean(chance), "classes": mean(classes), "test_questions": mean(n_test),
+            "seeds": len(accuracy)}
+
+
+def decodable(entry: dict) -> bool:
+    """Mean accuracy above chance and selectivity more than two standard errors above 0."""
+    accuracy, selectivity = entry["accuracy"], entry["selectivity"]
+    return (accuracy["mean"] is not None and entry["chance"] is not None and accuracy["mean"] > entry["chance"]
+            and selectivity["se"] is not None and selectivity["mean"] > 2 * selectivity["se"])
+
+
+def summarise(rows: list, items: list, targets, positions) -> dict:
+    """Per target: its measurability, and per position every state's cell and the first decodable state."""
+    groups = [item["e1"] for item in items]
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["target"], row["position"], row["state"]), []).append(row)
+    out = {}
+    for target in targets:
+        entry = {"measurability": measurability([item[target] for item in items], groups), "positions": {}}
+        for position in positions:
+            states = [{"state": state, **_cell(members)}
+                      for (t, p, state), members in sorted(cells.items()) if (t, p) == (target, position)]
+            first = next((e["state"] for e in states if decodable(e)), None)
+            entry["positions"][position] = {"states": states, "first_decodable": first}
+        out[target] = entry
+    return out
+
+
+def probe_direction(states: torch.Tensor, labels: list, label: str, l2: float) -> dict:
+    """{state: float32 [hidden]}: the gradient of the binary probe's log-odds (positive - negative
+    class) with respect to the raw state, the probe fitted on every question."""
+    positive, negative = binary_values(label)
+    _, classes, weights = fit_probes(states, labels, l2)
+    difference = weights[:, classes.index(positive)] - weights[:, classes.index(negative)]
+    return {state: vector.float() for state, vector in enumerate(difference)}
+
+
+def headline(summary: dict) -> dict:
+    """{"<target>@<position>": first decodable state, the state of largest selectivity, testable questions}."""
+    out = {}
+    for target, entry in summary.items():
+        for position, found in entry["positions"].items():
+            measured = [e for e in found["states"] if e["selectivity"]["mean"] is not None]
+            best = max(measured, key=lambda e: e["selectivity"]["mean"], default=None)
+            out[f"{target}@{position}"] = {
+                "first_decodable": found["first_decodable"], "testable": entry["measurability"]["testable"],
+                "best": None if best is None else {k: best[k] for k in ("state", "accuracy", "control", "selectivity",
+                                                                         "chance", "test_questions")}}
+    return out
