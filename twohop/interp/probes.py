@@ -10,18 +10,25 @@ label of the question from the state:
   for the spouses' people), a class that recurs across questions where e2 does not; `e3`: the answer,
   over the answers of the training questions (the candidate set as the data use it; with several
   tests, e.g. one per attribute, each answer is a class of its own test);
-- a binary label (`correct`: the greedy no-CoT reply graded right by `twohop.evaluation.grading`, or
-  any field of the test rows: true where non-empty), whose probe is also fitted on every question
-  and saved as a direction per state (`twohop.interp.directions`, kind "probe") for `steer`.
+- a binary label (`correct`: the greedy no-CoT reply graded right by `twohop.evaluation.grading`;
+  or any field of the test rows: true where it is set and not empty, false or 0), whose probe is also
+  fitted on every question and saved as a direction per state (`twohop.interp.directions`, kind
+  "probe") for `steer`.
 
-The split is by entity: all questions about one e1 are on the same side, so a probe cannot win by
-recognising e1. A question can only be classified right if its class was seen in training, so
-entities go to the test side (in a seeded order, up to `test_fraction` of the questions) only while
-every label of their questions keeps at least one training question: classes are kept, and what is
-held out is precisely a set of e1 entities whose classes are shared with other e1. Where every class
-belongs to one entity (the spouses' e2: one person per e1; the universities' e2: one university per
-e1, asked about in four questions) nothing can be held out and the target is reported as not
-measurable; `measurability` says how many questions could be tested at all.
+The split is by entity: all questions about one e1 are on the same side, and so are all e1 whose
+last token (the one at t1) is the same (their state 0 at t1 is one vector), so a probe cannot win by
+recognising e1's name. A question can only be classified right if its class was seen in training, so
+entity groups go to the test side (in a seeded order, up to `test_fraction` of the questions) only
+while every label of their questions keeps at least one training question: classes are kept, and
+what is held out is precisely a set of e1 groups whose classes other groups share. Where every class
+belongs to one group (the spouses' e2: one person per e1; the universities' e2: one university per
+e1, asked about in four questions; the universities' e3: an e1's four questions include a founding
+year no other e1's university has) nothing can be held out and the target is reported as not
+measurable; `measurability` says how many questions could be tested at most. Names that share a
+part other than the last token (Achterberg-Blackwood, Abernathy-Achterberg) can still be on both
+sides: with few entities, a later state may match such parts to labels by coincidence, which the
+control (a different labelling) does not repeat; state 0 at t1, which holds e1's last token only,
+is the check that should stay at chance.
 
 Control task: the same probe, same regulariser and same split rule, on labels that assign each
 entity a random label (a seeded permutation of the entities' labels, so class sizes are kept; an
@@ -92,6 +99,9 @@ def question_labels(tokenizer, queries: list, targets, label: str = "", graded=(
     """One dict per question: item, e1, test, e2, e3, and its class for every target and the label
     (`graded`: `graded_replies` rows where the label is "correct"; their reply is kept)."""
     tests = {q.id.rsplit(":", 1)[0] for q in queries}
+    if label and label != "correct" and not any(label in q.record for q in queries):
+        raise UserError(f"label {label!r}: not 'correct' and not a field of the test rows "
+                        f"({', '.join(sorted(queries[0].record))})")
     out = []
     for index, query in enumerate(queries):
         record, test = query.record, query.id.rsplit(":", 1)[0]
@@ -99,7 +109,8 @@ def question_labels(tokenizer, queries: list, targets, label: str = "", graded=(
         if not bridge and any(t.startswith("e2") for t in targets):
             raise UserError(f"{query.id}: the question names no bridge (answer_intermediate); drop e2 and "
                             "e2_first_token from targets")
-        item = {"item": query.id, "e1": record["e1"], "test": test, "e2": bridge, "e3": answer}
+        item = {"item": query.id, "e1": record["e1"], "test": test, "e2": bridge, "e3": answer,
+                "t1_token": tokenizer.decode([query.ids[query.positions["t1"]]])}
         classes = {"e2": bridge, "e3": answer if len(tests) == 1 else f"{test}: {answer}"}
         if "e2_first_token" in targets:
             classes["e2_first_token"] = tokenizer.decode([first_reply_token(tokenizer, bridge)])
@@ -108,12 +119,29 @@ def question_labels(tokenizer, queries: list, targets, label: str = "", graded=(
             item.update(reply=graded[index]["reply"], rule=graded[index]["rule"])
             item[label] = binary_values(label)[0 if graded[index]["correct"] else 1]
         elif label:
-            if label not in record:
-                raise UserError(f"label {label!r}: not 'correct' and not a field of the test rows "
-                                f"({', '.join(sorted(record))})")
-            item[label] = binary_values(label)[0 if record[label] else 1]
+            item[label] = binary_values(label)[0 if record.get(label) else 1]
         out.append(item)
+    for item, group in zip(out, entity_groups([i["e1"] for i in out], [i["t1_token"] for i in out])):
+        item["group"] = group
     return out
+
+
+def entity_groups(e1s: list, tokens: list) -> list:
+    """Each question's unit of the split: its e1, joined with every e1 whose last token (the token at
+    t1) is the same, named by the group's first e1. Such names have the same state 0 at t1, so holding
+    one out while training on the other would let a probe match name tokens instead of reading states."""
+    parent = {}
+
+    def root(node):
+        while parent.setdefault(node, node) != node:
+            node = parent[node]
+        return node
+    for e1, token in zip(e1s, tokens):
+        parent[root(("e1", e1))] = root(("token", token))
+    members = {}
+    for e1 in e1s:
+        members.setdefault(root(("e1", e1)), set()).add(e1)
+    return [min(members[root(("e1", e1))]) for e1 in e1s]
 
 
 def label_counts(items: list, label: str) -> dict:
@@ -132,13 +160,16 @@ def label_refusal(items: list, label: str, min_class: int):
 
 
 def measurability(labels: list, groups: list) -> dict:
-    """How many questions a probe split by entity can test: those whose class belongs to two or more entities."""
-    entities = {}
+    """How many questions a probe split by entity can test at most: those of the entity groups whose
+    every class belongs to another group too (so it can be held out with its classes kept)."""
+    owners, of_group = {}, {}
     for value, group in zip(labels, groups):
-        entities.setdefault(value, set()).add(group)
-    shared = {value for value, members in entities.items() if len(members) > 1}
-    return {"questions": len(labels), "entities": len(set(groups)), "classes": len(entities),
-            "classes_shared_by_entities": len(shared), "testable": sum(value in shared for value in labels)}
+        owners.setdefault(value, set()).add(group)
+        of_group.setdefault(group, set()).add(value)
+    shared = {value for value, members in owners.items() if len(members) > 1}
+    holdable = {group for group, values in of_group.items() if values <= shared}
+    return {"questions": len(labels), "groups": len(of_group), "classes": len(owners),
+            "classes_shared_by_groups": len(shared), "testable": sum(group in holdable for group in groups)}
 
 
 def entity_split(labels: list, groups: list, test_fraction: float, seed: int) -> tuple:
@@ -250,12 +281,12 @@ def split_rows(states: dict, labels: list, split: tuple, items: list, l2: float)
 
 def sweep(states: dict, items: list, targets, seeds: int, test_fraction: float, l2: float, progress=None) -> list:
     """Every test prediction of every target, split seed, task (probe, control), position and state."""
-    groups, strata = [item["e1"] for item in items], [item["test"] for item in items]
+    groups, e1s, strata = [item["group"] for item in items], [item["e1"] for item in items], [i["test"] for i in items]
     rows, done = [], 0
     for target in targets:
         labels = [item[target] for item in items]
         for seed in range(seeds):
-            for task, task_labels in (("probe", labels), ("control", control_labels(labels, groups, strata, seed))):
+            for task, task_labels in (("probe", labels), ("control", control_labels(labels, e1s, strata, seed))):
                 split = entity_split(task_labels, groups, test_fraction, seed)
                 if split[1]:
                     rows += [{"target": target, "task": task, "seed": seed, **row}
@@ -304,7 +335,7 @@ def decodable(entry: dict) -> bool:
 
 def summarise(rows: list, items: list, targets, positions) -> dict:
     """Per target: its measurability, and per position every state's cell and the first decodable state."""
-    groups = [item["e1"] for item in items]
+    groups = [item["group"] for item in items]
     cells = {}
     for row in rows:
         cells.setdefault((row["target"], row["position"], row["state"]), []).append(row)

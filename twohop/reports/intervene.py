@@ -127,14 +127,31 @@ def _mean_se(entry: dict) -> str:
 
 def _probe_headline(key: str, entry: dict, questions: int) -> str:
     if not entry["testable"]:
-        return (f"- {key}: not measurable: 0 of {questions} questions testable (every class belongs to one e1, so "
-                "no held-out entity's class is ever seen in training)")
+        return (f"- {key}: not measurable: 0 of {questions} questions testable (no e1 group can be held out with its "
+                "classes seen in training: they belong to it alone)")
     best, first = entry["best"], entry["first_decodable"]
+    if best is None:
+        return f"- {key}: no split held out a question (at most {entry['testable']} of {questions} testable)"
     found = "none" if first is None else f"state {first}"
     return (f"- {key}: first decodable state {found} ({entry['testable']} of {questions} questions testable); "
             f"largest selectivity at state {best['state']}: accuracy {_mean_se(best['accuracy'])} vs control "
             f"{_mean_se(best['control'])}, chance {best['chance']:.3f}, {best['test_questions']:.0f} test questions "
             "per split")
+
+
+def _label_line(label: dict, held_out) -> str:
+    """The binary label's counts and what became of its direction (saved, refused, or saved but not
+    decodable on held-out questions)."""
+    counts = ", ".join(f"{count} {value}" for value, count in label["counts"].items())
+    line = f"Binary label `{label['name']}`: {counts}. "
+    if label["refused"]:
+        return line + label["refused"]
+    line += (f"Its probe at {label['position']}, fitted on every question, is saved per state in "
+             f"`{label['direction']}` (kind probe) for intervene_steer.")
+    if held_out is not None and held_out["first_decodable"] is None:
+        line += (f" Split by entity, that probe is above chance and control at no state at {label['position']}: "
+                 "the direction separates the questions it was fitted on; nothing shows that it generalises.")
+    return line
 
 
 def probe_markdown(results: dict, title: str) -> str:
@@ -152,14 +169,12 @@ def probe_markdown(results: dict, title: str) -> str:
              "State 0 = embeddings, state i = decoder layer i's output.", "", "## Headline", ""]
     lines += [_probe_headline(key, entry, n) for key, entry in results["headline"].items()]
     if label["name"]:
-        counts = ", ".join(f"{count} {value}" for value, count in label["counts"].items())
-        lines += ["", f"Binary label `{label['name']}`: {counts}. " + (label["refused"] or
-                  f"Its probe at {label['position']}, fitted on every question, is saved per state in "
-                  f"`{label['direction']}` (kind probe) for intervene_steer.")]
+        lines += ["", _label_line(label, results["headline"].get(f"{label['name']}@{label['position']}"))]
     for target, entry in results["summary"].items():
         m = entry["measurability"]
-        lines += ["", f"## {target}", "", f"{m['questions']} questions, {m['entities']} entities, {m['classes']} classes, "
-                  f"{m['classes_shared_by_entities']} shared by two or more entities; {m['testable']} questions testable."]
+        lines += ["", f"## {target}", "", f"{m['questions']} questions, {m['groups']} e1 groups (e1 joined by their "
+                  f"last token), {m['classes']} classes, {m['classes_shared_by_groups']} shared by two or more groups; "
+                  f"at most {m['testable']} questions testable."]
         for position, found in entry["positions"].items():
             lines += ["", f"### {target} at {position}", "",
                       "| state | accuracy | control | selectivity | chance | classes | test questions |",

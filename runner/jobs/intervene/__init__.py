@@ -72,7 +72,8 @@ class ProbeConfig(Source):
     positions: list[Literal[probes.POSITIONS]] = option(list(probes.POSITIONS), "where states are probed: t1 (e1's "
                                                         "last token) and/or t2 (the last prompt token)")
     label: str = option("correct", "a binary label probed too and saved as a direction per state for steer: correct "
-                        "(the greedy reply graded right), a field of the test rows (true where non-empty), '' none")
+                        "(the greedy reply graded right), a field of the test rows (true where set, not empty or 0), "
+                        "or '' (none)")
     direction_position: Literal[probes.POSITIONS] = option("t2", "the position the label's direction is fitted at")
     split_seeds: int = option(5, "random entity splits; headlines are means over them", minimum=2)
     test_fraction: float = option(0.3, "the most questions held out per split (whole e1 entities, classes kept)",
