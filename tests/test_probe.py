@@ -53,16 +53,26 @@ class PlantedProbeTest(unittest.TestCase):
 
     def test_the_written_out_gradient_is_autograd_s_and_vanishes_at_the_fit(self):
         states, items = planted()
-        x, y = states[:, PLANTED].double(), torch.tensor([int(i["e3"][-1]) for i in items])
-        weights = torch.randn(3, HIDDEN, dtype=torch.float64, requires_grad=True)
-        bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        x, y = states.double().transpose(0, 1), torch.tensor([int(i["e3"][-1]) for i in items])  # 4 problems
+        weights = torch.randn(STATES, 3, HIDDEN, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(STATES, 3, dtype=torch.float64, requires_grad=True)
         loss, grad_weights, grad_bias = probes.objective(weights, bias, x, y, 0.5)
         loss.backward()
         torch.testing.assert_close(grad_weights, weights.grad)
         torch.testing.assert_close(grad_bias, bias.grad)
-        fitted = probes.fit_logistic(x, y, 3, l2=0.5)
-        _, grad_weights, grad_bias = probes.objective(*fitted, x, y, 0.5)
-        self.assertLess(max(grad_weights.abs().max(), grad_bias.abs().max()), 1e-4)
+        together = probes.fit_logistic(x, y, 3, l2=0.5)
+        _, grad_weights, grad_bias = probes.objective(*together, x, y, 0.5)
+        self.assertLess(max(grad_weights.abs().max(), grad_bias.abs().max()), 1e-3)
+        alone = probes.fit_logistic(x[PLANTED:PLANTED + 1], y, 3, l2=0.5)  # the same optimum fitted alone
+        torch.testing.assert_close(together[0][PLANTED], alone[0][0], atol=1e-3, rtol=0)
+
+    def test_with_fewer_questions_than_dimensions_the_fit_in_their_span_is_the_full_fit(self):
+        generator = torch.Generator().manual_seed(1)
+        x, labels = torch.randn(12, 1, 40, generator=generator), [f"c{i % 3}" for i in range(12)]
+        _, _, spanned = probes.fit_probes(x, labels, 1.0)  # solved in the 12 rows' span
+        mean, scale = probes.standardiser(x.double().transpose(0, 1))
+        full, _ = probes.fit_logistic((x.double().transpose(0, 1) - mean) / scale, torch.arange(12) % 3, 3, 1.0)
+        torch.testing.assert_close(spanned, full / scale, atol=2e-3, rtol=0)
 
     def test_a_feature_constant_on_the_training_questions_gets_no_weight(self):
         states, items = planted()
@@ -71,6 +81,25 @@ class PlantedProbeTest(unittest.TestCase):
         self.assertEqual(classes, ["class0", "class1", "class2"])
         self.assertEqual(weights[:, :, 5].abs().max().item(), 0.0)
         self.assertTrue(torch.isfinite(weights).all())
+
+
+class HeadlineTest(unittest.TestCase):
+    def summary(self, hits: int) -> dict:
+        """Five splits that all hold out the same 11 questions; the probe gets `hits` right, the control none."""
+        items = [{"item": f"q{i}", "e1": f"p{i}", "group": f"p{i}", "t": "a"} for i in range(11)]
+        rows = [{"target": "t", "task": task, "seed": seed, "position": "t1", "state": 0, "item": f"q{i}", "e1": f"p{i}",
+                 "label": "a", "predicted": "a" if task == "probe" and i < hits else "b",
+                 "correct": task == "probe" and i < hits, "classes": 57, "majority": "z", "train": 59}
+                for seed in range(5) for task in ("probe", "control") for i in range(11)]
+        return probes.summarise(rows, items, ["t"], ["t1"])["t"]["positions"]["t1"]
+
+    def test_splits_holding_out_the_same_few_questions_do_not_make_one_hit_significant(self):
+        one = self.summary(1)
+        cell = one["states"][0]
+        self.assertAlmostEqual(cell["accuracy"]["mean"], 1 / 11)
+        self.assertAlmostEqual(cell["selectivity"]["se"], (1 / 11 * 10 / 11 / 11) ** 0.5)  # no spread: the binomial s.e.
+        self.assertIsNone(one["first_decodable"])
+        self.assertEqual(self.summary(8)["first_decodable"], 0)
 
 
 class EntitySplitTest(unittest.TestCase):

@@ -41,10 +41,11 @@ deviation (a feature constant on them, e.g. every state at t2 of layer 0, where 
 the same token, is set to 0); weights minimise the summed cross-entropy plus l2/2 ||W||^2 (bias not
 penalised) by full-batch L-BFGS in float64 from zero; l2 = 1 is scikit-learn's default (C = 1).
 Chance of a split = the higher of 1 / (training classes) and the test accuracy of always answering
-the commonest training class. Headlines are means over split seeds with the standard error over
-them (the seeds' test sets overlap, so the s.e. is the spread over splits, not over new entities);
-a target is "decodable" at a state where the mean accuracy is above chance and the selectivity is
-more than two standard errors above 0.
+the commonest training class. Headlines are means over split seeds; a standard error is the larger
+of the spread over splits, corrected for their overlap (Nadeau and Bengio 2003), and the binomial
+s.e. over the distinct questions tested (where few entities can be held out, every split holds out
+nearly the same ones and the spread says nothing). A target is "decodable" at a state where the
+mean accuracy is above chance and the selectivity is more than two standard errors above 0.
 
 Directions: the binary probe fitted on every question at one position; per state, the gradient of
 its log-odds (positive class minus negative) with respect to the raw state, i.e. the weights divided
@@ -216,26 +217,28 @@ def standardiser(x: torch.Tensor) -> tuple:
 
 
 def objective(weights, bias, x, y, l2: float) -> tuple:
-    """(loss, d loss / d weights, d loss / d bias) of a multinomial logistic regression: the summed
-    cross-entropy of x [rows, features] with labels y [rows] + l2/2 ||weights||^2 (weights
-    [classes, features], bias [classes]), the gradient written out (softmax minus one-hot)."""
-    log_p = (x @ weights.T + bias).log_softmax(-1)
-    loss = -log_p.gather(1, y[:, None]).sum() + 0.5 * l2 * weights.pow(2).sum()
-    residual = log_p.exp()
-    residual[torch.arange(len(y)), y] -= 1
-    return loss, residual.T @ x + l2 * weights, residual.sum(0)
+    """(loss, d loss / d weights, d loss / d bias) of independent multinomial logistic regressions:
+    the summed cross-entropy of x [problems, rows, features] with labels y [rows] (the same in every
+    problem) + l2/2 ||weights||^2 (weights [problems, classes, features], bias [problems, classes]),
+    the gradient written out (softmax minus one-hot)."""
+    log_p = (x @ weights.transpose(1, 2) + bias[:, None, :]).log_softmax(-1)
+    index = y[None, :, None].expand(len(x), -1, 1)
+    loss = -log_p.gather(2, index).sum() + 0.5 * l2 * weights.pow(2).sum()
+    residual = log_p.exp().scatter_add(2, index, torch.full(index.shape, -1.0, dtype=log_p.dtype))
+    return loss, residual.transpose(1, 2) @ x + l2 * weights, residual.sum(1)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1.0, max_iter: int = 1000) -> tuple:
-    """(weights [classes, features], bias [classes]) minimising `objective` on x [rows, features]:
-    full-batch L-BFGS in float64 from zero, until the largest gradient entry is below 1e-4 (the
-    objective then agrees with a 1e-6 stop to about 1e-6; predictions do not change)."""
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1.0, max_iter: int = 2000) -> tuple:
+    """(weights [problems, classes, features], bias [problems, classes]) minimising `objective` on
+    x [problems, rows, features]: full-batch L-BFGS in float64 from zero over all problems at once
+    (their objectives add up and share no parameter), until the largest gradient entry is below 1e-3
+    (the summed loss is then within about 1e-5 of its minimum)."""
     x = x.double()
-    weights = torch.zeros(classes, x.shape[1], dtype=torch.float64)
-    bias = torch.zeros(classes, dtype=torch.float64)
+    weights = torch.zeros(len(x), classes, x.shape[-1], dtype=torch.float64)
+    bias = torch.zeros(len(x), classes, dtype=torch.float64)
     if classes > 1:
         weights.grad, bias.grad = torch.zeros_like(weights), torch.zeros_like(bias)
-        optimiser = torch.optim.LBFGS([weights, bias], max_iter=max_iter, tolerance_grad=1e-4, tolerance_change=1e-12,
+        optimiser = torch.optim.LBFGS([weights, bias], max_iter=max_iter, tolerance_grad=1e-3, tolerance_change=1e-12,
                                       history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
@@ -254,9 +257,13 @@ def fit_probes(x: torch.Tensor, labels: list, l2: float) -> tuple:
     classes = sorted(set(labels))
     x = x.double().transpose(0, 1)
     mean, scale = standardiser(x)
-    y = torch.tensor([classes.index(value) for value in labels])
-    fitted = [fit_logistic(problem, y, len(classes), l2) for problem in (x - mean) / scale]
-    weights, bias = torch.stack([w for w, _ in fitted]), torch.stack([b for _, b in fitted])
+    z, y = (x - mean) / scale, torch.tensor([classes.index(value) for value in labels])
+    if z.shape[1] < z.shape[2]:  # the L2 optimum lies in the span of the training rows: solve in its coordinates
+        basis = torch.linalg.svd(z, full_matrices=False).Vh  # [problems, rows, hidden], orthonormal rows
+        weights, bias = fit_logistic(z @ basis.transpose(1, 2), y, len(classes), l2)
+        weights = weights @ basis
+    else:
+        weights, bias = fit_logistic(z, y, len(classes), l2)
 
     def predict(rows: torch.Tensor) -> list:
         logits = ((rows.double().transpose(0, 1) - mean) / scale) @ weights.transpose(1, 2) + bias[:, None, :]
@@ -301,29 +308,41 @@ def _accuracy(rows: list):
     return sum(row["correct"] for row in rows) / len(rows) if rows else None
 
 
+def _binomial_se(rate, n: int) -> float:
+    return stats.binomial_se(rate, n) if rate is not None and n else 0.0
+
+
 def _cell(rows: list) -> dict:
-    """Accuracy, control, selectivity (means over split seeds, with the overlap-corrected s.e.),
-    chance, classes and test questions of one (target, position, state)."""
-    seeds = {}
+    """Accuracy, control and selectivity of one (target, position, state): means over split seeds, each
+    s.e. the larger of the overlap-corrected spread over splits and the binomial s.e. over the distinct
+    questions tested (splits that hold out the same questions have no spread, but few questions are
+    still few); with chance, classes and test questions per split."""
+    seeds, tested = {}, {"probe": set(), "control": set()}
     for row in rows:
         seeds.setdefault(row["seed"], {}).setdefault(row["task"], []).append(row)
-    accuracy, control, selectivity, chance, classes, n_test, ratio = [], [], [], [], [], [], []
+        tested[row["task"]].add(row["item"])
+    scores = {"accuracy": [], "control": [], "selectivity": []}
+    chance, classes, n_test, ratio = [], [], [], []
     for found in seeds.values():
         probe, controlled = found.get("probe", []), found.get("control", [])
-        control.append(_accuracy(controlled))
+        scores["control"].append(_accuracy(controlled))
         if probe:
-            accuracy.append(_accuracy(probe))
+            scores["accuracy"].append(_accuracy(probe))
             chance.append(max(1 / probe[0]["classes"], sum(r["label"] == r["majority"] for r in probe) / len(probe)))
             classes.append(probe[0]["classes"])
             n_test.append(len(probe))
-            ratio.append(n_test[-1] / probe[0]["train"])
+            ratio.append(len(probe) / probe[0]["train"])
             if controlled:
-                selectivity.append(accuracy[-1] - control[-1])
+                scores["selectivity"].append(scores["accuracy"][-1] - scores["control"][-1])
     mean = lambda values: stats.mean_se(values)[0]  # noqa: E731
-    entry = {name: {"mean": mean(values), "se": stats.resampled_se(values, mean(ratio) or 0)}
-             for name, values in (("accuracy", accuracy), ("control", control), ("selectivity", selectivity))}
+    floor = {task: _binomial_se(mean(scores[task]), len(tested["control" if task == "control" else "probe"]))
+             for task in ("accuracy", "control")}
+    floor["selectivity"] = (floor["accuracy"] ** 2 + floor["control"] ** 2) ** 0.5
+    entry = {name: {"mean": mean(values),
+                    "se": max(stats.resampled_se(values, mean(ratio) or 0) or 0, floor[name]) if values else None}
+             for name, values in scores.items()}
     return {**entry, "chance": mean(chance), "classes": mean(classes), "test_questions": mean(n_test),
-            "seeds": len(accuracy)}
+            "distinct_test_questions": len(tested["probe"]), "seeds": len(scores["accuracy"])}
 
 
 def decodable(entry: dict) -> bool:
