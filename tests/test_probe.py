@@ -87,8 +87,8 @@ class HeadlineTest(unittest.TestCase):
     def summary(self, hits: int) -> dict:
         """Five splits that all hold out the same 11 questions; the probe gets `hits` right, the control none."""
         items = [{"item": f"q{i}", "e1": f"p{i}", "group": f"p{i}", "t": "a"} for i in range(11)]
-        rows = [{"target": "t", "task": task, "seed": seed, "position": "t1", "state": 0, "item": f"q{i}", "e1": f"p{i}",
-                 "label": "a", "predicted": "a" if task == "probe" and i < hits else "b",
+        rows = [{"target": "t", "task": task, "seed": seed, "position": "t1", "state": 0, "item": f"q{i}",
+                 "e1": f"p{i}", "label": "a", "predicted": "a" if task == "probe" and i < hits else "b",
                  "correct": task == "probe" and i < hits, "classes": 57, "majority": "z", "train": 59}
                 for seed in range(5) for task in ("probe", "control") for i in range(11)]
         return probes.summarise(rows, items, ["t"], ["t1"])["t"]["positions"]["t1"]
@@ -97,7 +97,7 @@ class HeadlineTest(unittest.TestCase):
         one = self.summary(1)
         cell = one["states"][0]
         self.assertAlmostEqual(cell["accuracy"]["mean"], 1 / 11)
-        self.assertAlmostEqual(cell["selectivity"]["se"], (1 / 11 * 10 / 11 / 11) ** 0.5)  # no spread: the binomial s.e.
+        self.assertAlmostEqual(cell["selectivity"]["se"], (1 / 11 * 10 / 11 / 11) ** 0.5)  # no spread: binomial
         self.assertIsNone(one["first_decodable"])
         self.assertEqual(self.summary(8)["first_decodable"], 0)
 
@@ -209,7 +209,8 @@ class ProbeJobTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
-                code = main(["--workspace_path", str(Path(tmp) / "w"), "--jobs", "intervene_probe", "--set", "label=e2"])
+                code = main(["--workspace_path", str(Path(tmp) / "w"), "--jobs", "intervene_probe",
+                             "--set", "label=e2"])
             self.assertEqual(code, 2)
             self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
             self.assertFalse((Path(tmp) / "w" / "experiments" / "intervene").exists())

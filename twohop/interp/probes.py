@@ -55,7 +55,6 @@ import random
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from runner.errors import UserError
 from twohop import stats
@@ -232,7 +231,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1.0
     """(weights [problems, classes, features], bias [problems, classes]) minimising `objective` on
     x [problems, rows, features]: full-batch L-BFGS in float64 from zero over all problems at once
     (their objectives add up and share no parameter), until the largest gradient entry is below 1e-3
-    (the summed loss is then within about 1e-5 of its minimum)."""
+    (measured on the spouses' states: the summed loss, ~300, within 1e-4 of its minimum, the weights
+    within 1e-3)."""
     x = x.double()
     weights = torch.zeros(len(x), classes, x.shape[-1], dtype=torch.float64)
     bias = torch.zeros(len(x), classes, dtype=torch.float64)
@@ -283,7 +283,8 @@ def split_rows(states: dict, labels: list, split: tuple, items: list, l2: float)
     return [{"position": position, "state": state, "item": items[i]["item"], "e1": items[i]["e1"],
              "label": labels[i], "predicted": predicted, "correct": predicted == labels[i], "classes": len(classes),
              "majority": majority, "train": len(train)}
-            for (position, state), predictions in zip(cells, predict(x[test])) for i, predicted in zip(test, predictions)]
+            for (position, state), predictions in zip(cells, predict(x[test]))
+            for i, predicted in zip(test, predictions)]
 
 
 def sweep(states: dict, items: list, targets, seeds: int, test_fraction: float, l2: float, progress=None) -> list:

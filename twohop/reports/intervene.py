@@ -180,7 +180,8 @@ def probe_markdown(results: dict, title: str) -> str:
                       "| state | accuracy | control | selectivity | chance | classes | test questions |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {e['state']} | {_mean_se(e['accuracy'])} | {_mean_se(e['control'])} | "
-                      f"{_mean_se(e['selectivity'])} | {e['chance']:.3f} | {e['classes']:.0f} | {e['test_questions']:.0f} |"
+                      f"{_mean_se(e['selectivity'])} | {e['chance']:.3f} | {e['classes']:.0f} | "
+                      f"{e['test_questions']:.0f} |"
                       for e in found["states"]]
     lines += ["", f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}", ""]
     return "\n".join(lines)

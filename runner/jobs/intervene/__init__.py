@@ -219,8 +219,8 @@ KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t
           "per layer", run_patch, PatchConfig, None),
          ("backpatch", "back-patching (Hopping Too Late): later states copied into earlier layers at t2 / t1, greedy "
           "replies graded; oracle and best-pair fix rates", run_backpatch, BackpatchConfig, check_backpatch),
-         ("probe", "linear probes per state at t1 / t2 for e2 and e3 (split by entity, beside a shuffled-label control) "
-          "and a binary label saved as a steering direction", run_probe, ProbeConfig, check_probe))
+         ("probe", "linear probes per state at t1 / t2 for e2 and e3 (split by entity, beside a shuffled-label "
+          "control) and a binary label saved as a steering direction", run_probe, ProbeConfig, check_probe))
 
 
 def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
