@@ -296,6 +296,7 @@ def sweep(states: dict, items: list, targets, seeds: int, test_fraction: float, 
         for seed in range(seeds):
             for task, task_labels in (("probe", labels), ("control", control_labels(labels, e1s, strata, seed))):
                 split = entity_split(task_labels, groups, test_fraction, seed)
+                assert not {e1s[i] for i in split[0]} & {e1s[i] for i in split[1]}, "an e1 on both sides of a split"
                 if split[1]:
                     rows += [{"target": target, "task": task, "seed": seed, **row}
                              for row in split_rows(states, task_labels, split, items, l2)]
