@@ -49,3 +49,13 @@ def pooled_gap(gaps: list) -> dict:
     mean = sum(g["gap"] * g["n"] for g in gaps) / total
     se = math.sqrt(sum((g["n"] * (g["ci95"][1] - g["ci95"][0]) / (2 * 1.96)) ** 2 for g in gaps)) / total
     return {"gap": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": total, "tests": len(gaps)}
+
+
+def resampled_se(values, test_to_train: float):
+    """Standard error of a mean score over J repeated random train/test splits of one data set,
+    corrected for the splits' overlap (Nadeau and Bengio 2003, the "corrected resampled t-test"):
+    sd * sqrt(1/J + n_test/n_train). None for fewer than two values (Nones dropped)."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) * math.sqrt(1 / len(values) + test_to_train)

@@ -349,3 +349,97 @@ def steer_plot(summary: dict, title: str) -> bytes:
                 axis.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
     return png(figure)
+
+
+def _mean_se(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    return f"{entry['mean']:.3f}" + (f" ± {entry['se']:.3f}" if entry["se"] is not None else "")
+
+
+def _probe_headline(key: str, entry: dict, questions: int) -> str:
+    if not entry["testable"]:
+        return (f"- {key}: not measurable: 0 of {questions} questions testable (no e1 group can be held out with its "
+                "classes seen in training: they belong to it alone)")
+    best, first = entry["best"], entry["first_decodable"]
+    if best is None:
+        return f"- {key}: no split held out a question (at most {entry['testable']} of {questions} testable)"
+    found = "none" if first is None else f"state {first}"
+    return (f"- {key}: first decodable state {found} ({entry['testable']} of {questions} questions testable); "
+            f"largest selectivity at state {best['state']}: accuracy {_mean_se(best['accuracy'])} vs control "
+            f"{_mean_se(best['control'])}, chance {best['chance']:.3f}, {best['test_questions']:.0f} test questions "
+            "per split")
+
+
+def _label_line(label: dict, held_out) -> str:
+    """The binary label's counts and what became of its direction (saved, refused, or saved but not
+    decodable on held-out questions)."""
+    counts = ", ".join(f"{count} {value}" for value, count in label["counts"].items())
+    line = f"Binary label `{label['name']}`: {counts}. "
+    if label["refused"]:
+        return line + label["refused"]
+    line += (f"Its probe at {label['position']}, fitted on every question, is saved per state in "
+             f"`{label['direction']}` (kind probe) for intervene_steer.")
+    if held_out is not None and held_out["first_decodable"] is None:
+        line += (f" Split by entity, that probe is above chance and control at no state at {label['position']}: "
+                 "the direction separates the questions it was fitted on; nothing shows that it generalises.")
+    return line
+
+
+def probe_markdown(results: dict, title: str) -> str:
+    """Headlines (first decodable state per target and position), the label and its direction, every cell."""
+    label, n = results["label"], results["questions"]
+    lines = [f"# Linear probes: {title}", "",
+             f"Model: `{results['model']}`; {n} questions from {', '.join(results['tests'])}; positions "
+             f"{', '.join(results['positions'])}; {results['split_seeds']} entity splits (at most "
+             f"{results['test_fraction']:.0%} of the questions held out, whole e1 entities, classes kept); l2 = "
+             f"{results['l2']:g}.", "",
+             "Probe: multinomial logistic regression on standardised states. Control: the same on labels permuted "
+             "among entities (Hewitt and Liang); selectivity = accuracy - control. Chance = max(1 / training classes, "
+             "the commonest training class's rate on the test questions). Means over splits, s.e. corrected for the "
+             "splits' overlap (Nadeau and Bengio); decodable = accuracy above chance and selectivity above 2 s.e. "
+             "State 0 = embeddings, state i = decoder layer i's output.", "", "## Headline", ""]
+    lines += [_probe_headline(key, entry, n) for key, entry in results["headline"].items()]
+    if label["name"]:
+        lines += ["", _label_line(label, results["headline"].get(f"{label['name']}@{label['position']}"))]
+    for target, entry in results["summary"].items():
+        m = entry["measurability"]
+        lines += ["", f"## {target}", "", f"{m['questions']} questions, {m['groups']} e1 groups (e1 joined by their "
+                  f"last token), {m['classes']} classes, {m['classes_shared_by_groups']} shared by two or more groups; "
+                  f"at most {m['testable']} questions testable."]
+        for position, found in entry["positions"].items():
+            lines += ["", f"### {target} at {position}", "",
+                      "| state | accuracy | control | selectivity | chance | classes | test questions |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {e['state']} | {_mean_se(e['accuracy'])} | {_mean_se(e['control'])} | "
+                      f"{_mean_se(e['selectivity'])} | {e['chance']:.3f} | {e['classes']:.0f} | "
+                      f"{e['test_questions']:.0f} |"
+                      for e in found["states"]]
+    lines += ["", f"Parity check (hooks that do nothing; largest logit difference): {results['parity']}", ""]
+    return "\n".join(lines)
+
+
+def probe_plot(summary: dict, title: str) -> bytes:
+    """Accuracy per state of every probed target (rows) and position (columns), beside its control and chance."""
+    measured = [t for t, e in summary.items() if any(f["states"] for f in e["positions"].values())]
+    positions = list(next(iter(summary.values()))["positions"]) if summary else []
+    figure, axes = plt.subplots(max(len(measured), 1), max(len(positions), 1), squeeze=False, dpi=100,
+                                figsize=(3.8 * max(len(positions), 1), 2.6 * max(len(measured), 1) + 0.6))
+    for row, target in enumerate(measured):
+        for column, position in enumerate(positions):
+            axis, cells = axes[row][column], summary[target]["positions"][position]["states"]
+            states = [e["state"] for e in cells]
+            for name, style in (("accuracy", "-o"), ("control", "--s")):
+                axis.errorbar(states, [np.nan if e[name]["mean"] is None else e[name]["mean"] for e in cells],
+                              yerr=[e[name]["se"] or 0 for e in cells], fmt=style, capsize=3,
+                              label="probe" if name == "accuracy" else "control (shuffled labels)")
+            axis.plot(states, [e["chance"] for e in cells], ":", color="black", label="chance")
+            axis.set_xticks(states)
+            axis.set_ylim(0, 1)
+            axis.set_title(f"{target} at {position}", fontsize=9)
+            axis.set_xlabel("state (0 = embeddings)", fontsize=8)
+            axis.set_ylabel("test accuracy", fontsize=8)
+    if measured:
+        axes[0][0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return png(figure)

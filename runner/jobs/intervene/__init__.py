@@ -26,6 +26,11 @@ earlier run, as any config change does). Every run starts with the hooks' parity
   (`twohop.interp.steering`); the effect is steered minus unsteered accuracy on held-out two-hop
   questions, their one-hop facts and chosen lm-eval tasks. Writes directions.safetensors, rows.jsonl
   (appended as interventions finish), results.json, summary.md, steering.png.
+- `probe`: linear probes (`twohop.interp.probes`) per state at t1 and t2 for e2, e2's first token and
+  e3, split by e1 entity, each beside a control task with shuffled labels (selectivity), and for a
+  binary label (default: the reply graded correct), whose probe is saved as directions.safetensors
+  for `steer`. Writes rows.jsonl (test question x target x task x seed x position x state),
+  questions.jsonl (every question's labels and reply), results.json, summary.md, probes.png.
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -40,7 +45,8 @@ from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, a
                           resume_jsonl)
 from runner.registry import Job, SubJob
 from twohop.data.dataset import second_hop_tests, two_hop_tests
-from twohop.interp import backpatching, entity_recall, patching, patchscope, steering
+from twohop.interp import backpatching, entity_recall, patching, patchscope, probes, steering
+from twohop.interp.directions import save_directions
 from twohop.interp.hooks import Batch, n_states, parity_check
 from twohop.reports import intervene as report
 from twohop.training.recipes import setting_data, trained_or_given
@@ -120,6 +126,26 @@ class SteerConfig(Source):
     lm_eval_tasks: list[str] = option([], "tasks the evaluation exports for this setting (e.g. "
                                       "twohop_spouses_test_2hop_nocot), run through lm-eval with the hooks (t2 only)")
     lm_eval_limit: int = option(20, "lm-eval rows per task (of the held-out people)", minimum=1)
+
+
+@dataclass
+class ProbeConfig(Source):
+    targets: list[Literal[probes.TARGETS]] = option(list(probes.TARGETS), "what the probes read: e2 (the bridge), "
+                                                    "e2_first_token (its first token: a class several e2 share), e3")
+    positions: list[Literal[probes.POSITIONS]] = option(list(probes.POSITIONS), "where states are probed: t1 (e1's "
+                                                        "last token) and/or t2 (the last prompt token)")
+    label: str = option("correct", "a binary label probed too and saved as a direction per state for steer: correct "
+                        "(the greedy reply graded right), a field of the test rows (true where set, not empty or 0), "
+                        "or '' (none)")
+    direction_position: Literal[probes.POSITIONS] = option("t2", "the position the label's direction is fitted at")
+    split_seeds: int = option(5, "random entity splits; headlines are means over them", minimum=2)
+    test_fraction: float = option(0.3, "the most questions held out per split (whole e1 entities, classes kept)",
+                                  minimum=0.05, maximum=0.95)
+    l2: float = option(1.0, "penalty l2/2 ||W||^2 beside the summed cross-entropy on standardised states "
+                       "(1: scikit-learn's C = 1)", minimum=1e-6)
+    min_class: int = option(10, "fewest questions in each class of `label` to probe it and save its direction",
+                            minimum=2)
+    max_new_tokens: int = option(16, "tokens generated per reply, to grade label=correct", minimum=1)
 
 
 def requires(config: dict) -> list:
@@ -357,6 +383,54 @@ def run_steer(ctx) -> dict:
     return steering.headline(summary)
 
 
+def check_probe(config: dict, model=None) -> None:
+    if not config["positions"]:
+        raise UserError("positions: empty; give t1 and/or t2, e.g. --set positions=[t1,t2]")
+    if not config["targets"] and not config["label"]:
+        raise UserError("targets is empty and label is '': nothing to probe")
+    if config["label"] in (*probes.TARGETS, "item", "e1", "test", "reply", "rule"):
+        raise UserError(f"label {config['label']!r} is a target or a question field, not a binary label; "
+                        "e.g. --set label=correct")
+
+
+def run_probe(ctx) -> dict:
+    config, label = ctx.config, ctx.config["label"]
+    model, tokenizer, tests, path = load(ctx, eager=False)
+    queries = backpatching.queries(tokenizer, tests, config["max_items"])
+    parity = parity_check(model, Batch.left_padded([q.ids for q in queries[:config["batch_size"]]],
+                                                   tokenizer.pad_token_id))
+    states = probes.question_states(model, queries, tokenizer.pad_token_id, config["batch_size"])
+    graded = probes.graded_replies(model, tokenizer, queries, config["batch_size"], config["max_new_tokens"]) \
+        if label == "correct" else ()
+    items = probes.question_labels(tokenizer, queries, config["targets"], label, graded)
+    refused = probes.label_refusal(items, label, config["min_class"]) if label else None
+    targets = config["targets"] + ([label] if label and not refused else [])
+    ctx.log.info("parity check passed (%s); %d questions; probing %s%s", parity, len(items), targets,
+                 f"; {refused}" if refused else "")
+    rows = probes.sweep({p: states[p] for p in config["positions"]}, items, targets, config["split_seeds"],
+                        config["test_fraction"], config["l2"], progress_bar("probe"))
+    summary = probes.summarise(rows, items, targets, config["positions"])
+    direction = None
+    if label and not refused:
+        direction = ctx.run_dir / "directions.safetensors"
+        save_directions(direction, probes.probe_direction(states[config["direction_position"]],
+                                                          [item[label] for item in items], label, config["l2"]),
+                        "probe", config["direction_position"], " - ".join(probes.binary_values(label)))
+    results = {"model": path, "tests": list(tests), "questions": len(items), "parity": parity,
+               **{key: config[key] for key in ("positions", "split_seeds", "test_fraction", "l2")},
+               "label": {"name": label, "refused": refused, "direction": direction and direction.name,
+                         "position": config["direction_position"],
+                         "counts": probes.label_counts(items, label) if label else {}},
+               "headline": probes.headline(summary), "summary": summary}
+    atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
+    atomic_write_jsonl(ctx.run_dir / "questions.jsonl", items)
+    atomic_write_json(ctx.run_dir / "results.json", results)
+    atomic_write_text(ctx.run_dir / "summary.md", report.probe_markdown(results, ctx.run.label))
+    atomic_write_bytes(ctx.run_dir / "probes.png", report.probe_plot(summary, ctx.run.label))
+    return {"n": len(items), **{f"first_{key}": entry["first_decodable"]
+                                for key, entry in results["headline"].items()}, "label_refused": bool(refused)}
+
+
 # The settings compared with the default (spouses: facts in separate documents), each with its own run
 # folders: both facts in one document, and a semi-synthetic type (fact B from pretraining).
 COMPARED = ("samedoc", "universities")
@@ -371,7 +445,9 @@ KINDS = (("patch", "clean -> corrupted residual patching over layers x {t1, r, t
           "e1 / e2 / e3 / other; e2 at t1 and e3 at t2 per layer, split by the unpatched answer", run_patchscope,
           PatchscopeConfig, check_patchscope),
          ("steer", "steering along per-state directions (difference of means or a probe's): add / ablate / amplify, "
-          "steered - unsteered accuracy on two-hop, one-hop and lm-eval tasks", run_steer, SteerConfig, check_steer))
+          "steered - unsteered accuracy on two-hop, one-hop and lm-eval tasks", run_steer, SteerConfig, check_steer),
+         ("probe", "linear probes per state at t1 / t2 for e2 and e3 (split by entity, beside a shuffled-label "
+          "control) and a binary label saved as a steering direction", run_probe, ProbeConfig, check_probe))
 
 
 def subjob(kind: str, help: str, run, config, check, setting: str = "") -> SubJob:
