@@ -22,18 +22,21 @@ class ModelFamily:
     embeddings: str
     unembedding: str
     attention: str  # attribute of a decoder layer holding its self-attention module
+    attention_output: str  # attribute of the attention module projecting the concatenated head outputs
+    mlp: str  # attribute of a decoder layer holding its MLP
     accelerator_dtype: torch.dtype
     lora_targets: tuple  # names of the linear modules LoRA adapts by default (attention and MLP)
 
 
 LLAMA_LIKE = dict(body="model", layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
-                  unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16)
+                  unembedding="lm_head", attention="self_attn", attention_output="o_proj",
+                  mlp="mlp", accelerator_dtype=torch.bfloat16)
 FAMILIES = (
     ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"), **LLAMA_LIKE,
                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     ModelFamily(("phi3",), **LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",
-                embeddings="transformer.wte", unembedding="lm_head", attention="attn",
+                embeddings="transformer.wte", unembedding="lm_head", attention="attn", attention_output="c_proj", mlp="mlp",
                 accelerator_dtype=torch.float32, lora_targets=("c_attn", "c_proj", "c_fc")),
 )
 

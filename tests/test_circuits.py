@@ -1,0 +1,125 @@
+"""Circuit discovery on planted mechanisms, whose answers are known exactly, and on tiny random models.
+
+The planted model (`mover_model`) is a 2-layer Llama with 2 heads per layer whose every weight is zero
+except for one head, decoder layer 2's head 0 (the "mover"): its attention has q = k = 0 (uniform causal
+attention) and its value and output maps copy the first half of the residual, so the last position
+receives the mean of the normalised states before it, among them the clean name's "answer feature"
+(dimension 0) that only the answer token reads. The corrupting name carries none, and the foil reads a
+dimension nothing writes: the logit difference is exactly 0 on the corrupted prompt and on any run where
+the mover writes its mean over the corrupted prompts.
+"""
+import unittest
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from twohop.interp import circuits, patching
+from twohop.interp.circuits import Component
+from twohop.interp.hooks import Batch
+
+PAD, BOS, E1, E1_CORRUPT, ANSWER, FOIL = 0, 1, 6, 7, 8, 9
+HIDDEN, HEADS = 12, 2
+CLEAN = [BOS, 2, E1, 3, 4, 5]
+MOVER = Component(2, 0)
+
+
+def llama(layers=2, heads=HEADS, kv_heads=HEADS, hidden=HIDDEN, vocab=12, seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                         tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=vocab - 1,
+                         max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def mover_model() -> LlamaForCausalLM:
+    model, half = llama(), HIDDEN // HEADS
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for norm in [model.model.norm] + [n for layer in model.model.layers
+                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            norm.weight.fill_(1.0)
+        embeddings = model.model.embed_tokens.weight
+        for token in range(12):
+            embeddings[token, 2 + token % (HIDDEN - 2)] = 1.0
+        embeddings[E1, 0] = 2.0  # the clean name's answer feature
+        model.lm_head.weight[ANSWER, 0] = 1.0
+        model.lm_head.weight[FOIL, 1] = 1.0
+        attention = model.model.layers[MOVER.layer - 1].self_attn
+        attention.v_proj.weight[:half, :half] = torch.eye(half)  # head 0's value: the first half of the residual
+        attention.o_proj.weight[:half, :half] = torch.eye(half)
+    return model
+
+
+def items(clean_rows, swap: dict, answer=ANSWER, foil=FOIL) -> list:
+    return [patching.Item(f"q{i}", row, [swap.get(t, t) for t in row], {}, answer, foil)
+            for i, row in enumerate(clean_rows)]
+
+
+def planted_items() -> list:
+    return items([CLEAN, [BOS, E1, 3, 5], [BOS, 4, 2, E1, 2, 3, 5]], {E1: E1_CORRUPT})
+
+
+def random_items(seed=0, count=6, vocab=40) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    rows = [[BOS] + torch.randint(4, vocab, (5 + i % 3,), generator=generator).tolist() for i in range(count)]
+    return items([r[:2] + [2] + r[2:] for r in rows], {2: 3}, answer=10, foil=11)
+
+
+class PlantedMoverTest(unittest.TestCase):
+    def setUp(self):
+        self.model, self.items = mover_model(), planted_items()
+        self.scored = circuits.score(self.model, self.items, PAD, batch_size=2, exact_top=0)
+
+    def test_attribution_and_exact_patching_single_out_the_mover(self):
+        self.assertEqual(self.scored["ranking"][0], MOVER)
+        self.assertEqual(max(self.scored["corrupted"]), 0.0)
+        for method in ("attribution", "exact"):
+            scores = self.scored[method]
+            self.assertGreater(scores[MOVER], 0.1, method)
+            self.assertEqual({c: v for c, v in scores.items() if c != MOVER and v != 0}, {}, method)
+        clean_mean = sum(self.scored["clean"]) / len(self.items)
+        self.assertAlmostEqual(self.scored["exact"][MOVER], clean_mean, places=5)  # patching it recovers all
+
+    def test_the_mover_alone_is_faithful_and_necessary(self):
+        found = circuits.faithfulness(self.model, self.items, PAD, 2, self.scored, top_k=1,
+                                      also_ablate={"other heads": [Component(1, 0), Component(2, 1)]})
+        by_k = {point["k"]: point for point in found["curve"]}
+        self.assertAlmostEqual(by_k[1]["faithfulness"], 1.0, places=5)
+        self.assertAlmostEqual(by_k[0]["faithfulness"], 0.0, places=5)
+        self.assertEqual(found["accuracy"], {"none": 1.0, "top_1": 0.5, "other heads": 1.0})  # 0.5: chance
+        self.assertEqual(found["corrupted_accuracy"], 0.5)
+
+
+class RandomModelTest(unittest.TestCase):
+    def test_attribution_agrees_with_exact_patching_in_rank(self):
+        model = llama(layers=2, heads=4, kv_heads=4, hidden=32, vocab=40, seed=1)
+        scored = circuits.score(model, random_items(), PAD, batch_size=3, exact_top=0)
+        heads = [c for c in circuits.components(model) if c.head >= 0]
+        rho = circuits.stats.spearman([scored["attribution"][c] for c in heads], [scored["exact"][c] for c in heads])
+        self.assertGreaterEqual(rho, 0.9)
+
+    def test_attribution_is_exact_where_the_downstream_map_is_linear(self):
+        model = llama(layers=2, heads=4, kv_heads=2, hidden=32, vocab=40, seed=2)  # grouped-query attention
+        model.model.norm = torch.nn.Identity()
+        with torch.no_grad():
+            model.model.layers[-1].mlp.down_proj.weight.zero_()  # last heads -> o_proj -> residual -> unembedding
+        scored = circuits.score(model, random_items(seed=3), PAD, batch_size=6, exact_top=0)
+        for head in range(4):
+            component = Component(2, head)
+            self.assertAlmostEqual(scored["attribution"][component], scored["exact"][component], places=4)
+
+    def test_hooks_that_do_nothing_leave_logits_unchanged(self):
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                                    bos_token_id=BOS, eos_token_id=39)).eval()
+        for model in (llama(heads=4, kv_heads=1, hidden=16, vocab=40), gpt2):
+            batch = Batch.left_padded([r.clean for r in random_items()], PAD)
+            self.assertLess(circuits.parity_check(model, batch), 1e-5)
+            scored = circuits.score(model, random_items(), PAD, batch_size=6, exact_top=3)
+            self.assertEqual(len(scored["exact"]), 3)
+            self.assertEqual(len(scored["attribution"]), 2 * 4 + 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
