@@ -326,3 +326,58 @@ def faithfulness(model, items: list, pad_id: int, batch_size: int, scored: dict,
              for k, m in zip(sizes, metrics)]
     return {"curve": curve, "accuracy": {label: accuracy(m) for label, m in zip(ablations, metrics[len(sizes):])},
             "corrupted_accuracy": accuracy(scored["corrupted"])}
+
+
+def by_name(model) -> dict:
+    return {c.name: c for c in components(model)}
+
+
+def discover(model, items: list, pad_id: int, batch_size: int, top_k: int, exact_top: int,
+             also_ablate: dict = None, progress=None) -> dict:
+    """Everything measured on one task, JSON-ready (components by name): the clean and corrupted metric
+    means, attribution and exact scores (means over items), the ranking and its `top_k`, the rank
+    agreement of attribution with exact patching over the checked candidates, the faithfulness curve and
+    the accuracies with the top `top_k` (and each of `also_ablate`: {label: component names}) mean-ablated."""
+    names = by_name(model)
+    scored = score(model, items, pad_id, batch_size, exact_top, progress)
+    ablate = {label: [names[n] for n in members] for label, members in (also_ablate or {}).items()}
+    found = faithfulness(model, items, pad_id, batch_size, scored, top_k, ablate)
+    checked = list(scored["exact"])
+    clean, corrupted = (sum(scored[k]) / len(items) for k in ("clean", "corrupted"))
+    return {"n": len(items), "clean": clean, "corrupted": corrupted, "effect": clean - corrupted,
+            "attribution": {c.name: v for c, v in scored["attribution"].items()},
+            "exact": {c.name: v for c, v in scored["exact"].items()},
+            "ranking": [c.name for c in scored["ranking"]], "top": [c.name for c in scored["ranking"][:top_k]],
+            "attribution_vs_exact_spearman": stats.spearman([scored["attribution"][c] for c in checked],
+                                                            [scored["exact"][c] for c in checked]),
+            **found}
+
+
+def score_rows(model, found: dict, labels: dict) -> list:
+    """One row per component of one discovery: `labels` (e.g. model and task), layer, head (None: the MLP),
+    kind, scores raw and as a fraction of the clean - corrupted effect, rank, whether in the top set."""
+    rank = {name: i + 1 for i, name in enumerate(found["ranking"])}
+    effect = found["effect"] or None
+    rows = []
+    for component in components(model):
+        name, exact = component.name, found["exact"].get(component.name)
+        attribution = found["attribution"][name]
+        rows.append({**labels, "component": name, "layer": component.layer,
+                     "head": component.head if component.head >= 0 else None,
+                     "kind": "mlp" if component.head < 0 else "head", "attribution": attribution, "exact": exact,
+                     "attribution_fraction": attribution / effect if effect else None,
+                     "exact_fraction": exact / effect if effect and exact is not None else None,
+                     "rank": rank[name], "top": name in found["top"]})
+    return rows
+
+
+def compare(before: dict, after: dict, top_k: int) -> dict:
+    """Before vs after a fine-tune on one task: Jaccard of the top k (k = 1..top_k), Spearman of the
+    attribution scores over every component, both top sets, accuracy before and after (forgetting)."""
+    names = sorted(before["attribution"])
+    return {"jaccard": {k: stats.jaccard(before["ranking"][:k], after["ranking"][:k]) for k in range(1, top_k + 1)},
+            "spearman_attribution": stats.spearman([before["attribution"][n] for n in names],
+                                                   [after["attribution"][n] for n in names]),
+            "top_before": before["top"], "top_after": after["top"],
+            "accuracy_before": before["accuracy"]["none"], "accuracy_after": after["accuracy"]["none"],
+            "forgetting": before["accuracy"]["none"] - after["accuracy"]["none"]}
