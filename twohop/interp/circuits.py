@@ -373,11 +373,14 @@ def score_rows(model, found: dict, labels: dict) -> list:
 
 def compare(before: dict, after: dict, top_k: int) -> dict:
     """Before vs after a fine-tune on one task: Jaccard of the top k (k = 1..top_k), Spearman of the
-    attribution scores over every component, both top sets, accuracy before and after (forgetting)."""
+    attribution scores as fractions of each model's effect (its sign may differ) over every component,
+    both top sets, accuracy before and after (forgetting)."""
     names = sorted(before["attribution"])
+
+    def fractions(found):
+        return [found["attribution"][n] / (found["effect"] or 1.0) for n in names]
     return {"jaccard": {k: stats.jaccard(before["ranking"][:k], after["ranking"][:k]) for k in range(1, top_k + 1)},
-            "spearman_attribution": stats.spearman([before["attribution"][n] for n in names],
-                                                   [after["attribution"][n] for n in names]),
+            "spearman_attribution": stats.spearman(fractions(before), fractions(after)),
             "top_before": before["top"], "top_after": after["top"],
             "accuracy_before": before["accuracy"]["none"], "accuracy_after": after["accuracy"]["none"],
             "forgetting": before["accuracy"]["none"] - after["accuracy"]["none"]}

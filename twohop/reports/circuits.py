@@ -71,17 +71,19 @@ def markdown(results: dict, label: str) -> str:
 
 
 def _grid(found: dict, layers: int, heads: int) -> np.ndarray:
-    """Attribution as a fraction of the effect, layers (rows) x heads and the MLP (last column)."""
+    """Each component's score (exact patching where checked, else attribution) as a fraction of the effect,
+    layers (rows) x heads and the MLP (last column)."""
     grid = np.full((layers, heads + 1), np.nan)
     effect = found["effect"] or 1.0
-    for name, value in found["attribution"].items():
+    for name, attribution in found["attribution"].items():
+        value = found["exact"].get(name, attribution)
         layer, part = name[1:].split(".")
         grid[int(layer) - 1, heads if part == "MLP" else int(part[1:])] = value / effect
     return grid
 
 
 def heat_maps(results: dict, layers: int, heads: int, title: str) -> bytes:
-    """Per task (rows) and model (columns, side by side): attribution per layer x head (+ MLP column)."""
+    """Per task (rows) and model (columns, side by side): scores per layer x head (+ MLP column)."""
     tasks, models = list(results["tasks"]), list(results["models"])
     figure, axes = plt.subplots(len(tasks), len(models), squeeze=False, dpi=100,
                                 figsize=(max(3.5, 0.5 * heads + 2) * len(models), max(2.5, 0.35 * layers + 1.5) * len(tasks)))
@@ -96,8 +98,9 @@ def heat_maps(results: dict, layers: int, heads: int, title: str) -> bytes:
             axis.set_xlabel("head")
             axis.set_ylabel("layer")
             axis.set_title(f"{task}: {model}", fontsize=9)
-            figure.colorbar(image, ax=axis, fraction=0.05, label="attribution / effect")
-    figure.suptitle(title, fontsize=10)
+            figure.colorbar(image, ax=axis, fraction=0.05, label="score / effect")
+    figure.suptitle(f"{title}\nexact patching where checked, else attribution; fraction of the clean - corrupted "
+                    "effect", fontsize=9)
     return png(figure)
 
 

@@ -44,7 +44,7 @@ FAMILIES = tuple(ioi.families())
 class Common:
     top_k: int = option(5, "size of the top set: faithfulness, ablation, before-vs-after overlap", minimum=1)
     exact_top: int = option(20, "exact patching of the best components by |attribution| (0: all)", minimum=0)
-    max_items: int = option(64, "at most this many clean/corrupted pairs per task (0: all)", minimum=0)
+    max_items: int = option(0, "at most this many clean/corrupted pairs per task (0: all)", minimum=0)
     batch_size: int = option(16, "pairs per forward pass", minimum=1)
 
 
