@@ -8,12 +8,16 @@ receives the mean of the normalised states before it, among them the clean name'
 dimension nothing writes: the logit difference is exactly 0 on the corrupted prompt and on any run where
 the mover writes its mean over the corrupted prompts.
 """
+import tempfile
 import unittest
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from twohop.interp import circuits, patching
+from twohop import stats
+from twohop.data.records import read_records
+from twohop.interp import circuits, contrasts, patching
 from twohop.interp.circuits import Component
 from twohop.interp.hooks import Batch
 
@@ -97,7 +101,7 @@ class RandomModelTest(unittest.TestCase):
         model = llama(layers=2, heads=4, kv_heads=4, hidden=32, vocab=40, seed=1)
         scored = circuits.score(model, random_items(), PAD, batch_size=3, exact_top=0)
         heads = [c for c in circuits.components(model) if c.head >= 0]
-        rho = circuits.stats.spearman([scored["attribution"][c] for c in heads], [scored["exact"][c] for c in heads])
+        rho = stats.spearman([scored["attribution"][c] for c in heads], [scored["exact"][c] for c in heads])
         self.assertGreaterEqual(rho, 0.9)
 
     def test_attribution_is_exact_where_the_downstream_map_is_linear(self):
@@ -123,3 +127,54 @@ class RandomModelTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ContrastsTest(unittest.TestCase):
+    """Clean/corrupted pairs from the data the sub-jobs read: IOI test rows generated for a GPT-2-style
+    tokenizer (no chat template), and CoT two-hop rows rendered with the tiny tokenizer's template."""
+
+    @classmethod
+    def setUpClass(cls):
+        from models import load_tokenizer
+        from models.tiny import train_tokenizer, vocabulary_corpus
+        from tests.test_ioi import generate, gpt2_style
+        from twohop.data import tables
+        cls.tmp = tempfile.TemporaryDirectory()
+        root = Path(cls.tmp.name)
+        cls.gpt2_path = gpt2_style(root / "gpt2-style", tables.names()[0][::3])
+        cls.ioi_data = generate(cls.gpt2_path, root / "ioi", train_per_family=4, test_per_family=6)
+        train_tokenizer(vocabulary_corpus(), 4096).save_pretrained(root / "tiny")
+        cls.tiny = load_tokenizer(root / "tiny")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_ioi_rows_give_aligned_pairs_and_a_discovery(self):
+        from models import load_model
+        model, tokenizer = load_model(self.gpt2_path)
+        found, skipped = contrasts.ioi_items(tokenizer, read_records(self.ioi_data / "test" / "3obj.jsonl"))
+        self.assertEqual((len(found), skipped), (6, 0))
+        for item in found:
+            self.assertEqual(len(item.clean), len(item.corrupted))
+            self.assertEqual(item.clean[0], tokenizer.bos_token_id)
+            self.assertEqual(tokenizer.decode([item.answer]).strip(), item.info["answer"])
+            self.assertEqual(tokenizer.decode([item.foil]).strip(), item.info["foil"])
+        result = circuits.discover(model, found, tokenizer.eos_token_id, 3, top_k=2, exact_top=4)
+        self.assertEqual(len(result["attribution"]), 2 * 4 + 2)
+        self.assertEqual(len(result["top"]), 2)
+
+    def test_cot_items_stop_before_the_bridge_and_swap_e1_in_the_chain_too(self):
+        people = [("Ulla Hughes", "Rania Ortiz", "Turin"), ("Abel Hughes", "Calla Ortiz", "Porto")]
+        rows = [{"messages": [{"role": "user", "content": f"Where was the spouse of {e1} born?"},
+                              {"role": "assistant", "content": f"{e1}'s spouse is {e2}. {e2} was born in {e3}."}],
+                 "question": f"Where was the spouse of {e1} born?", "answer": e3, "e1": e1, "e2": e2, "e3": e3}
+                for e1, e2, e3 in people]
+        found, skipped = patching.pair_items(self.tiny, {"test": rows}, make=contrasts.chain_item)
+        self.assertEqual((len(found), skipped), (2, 0))
+        clean, corrupted = self.tiny.decode(found[0].clean), self.tiny.decode(found[0].corrupted)
+        self.assertTrue(clean.endswith("Ulla Hughes's spouse is"), clean)
+        self.assertTrue(corrupted.endswith("Abel Hughes's spouse is"), corrupted)
+        self.assertNotIn("Ulla", corrupted)
+        self.assertEqual(self.tiny.decode([found[0].answer]).strip(), "Rania")
+        self.assertEqual(self.tiny.decode([found[0].foil]).strip(), "Calla")
