@@ -233,12 +233,12 @@ def mean_chunk(model, items: list, pad_id: int) -> dict:
 
 @torch.no_grad()
 def ablated_chunk(model, items: list, pad_id: int, means: dict, ablated_sets: list) -> list:
-    """Per set of components: the clean run's metric per item with those components mean-ablated."""
-    clean, _ = batches(items, pad_id, next(model.parameters()).device)
+    """Per set of components: (clean, corrupted) runs' metric per item with those components mean-ablated."""
+    prompts = batches(items, pad_id, next(model.parameters()).device)
     out = []
     for ablated in ablated_sets:
         with replace(model, {c: means[c] for c in ablated}):
-            out.append(logit_difference(final_logits(model, clean), items).tolist())
+            out.append(tuple(logit_difference(final_logits(model, batch), items).tolist() for batch in prompts))
     return out
 
 
@@ -259,11 +259,13 @@ def mean_activations(model, items: list, pad_id: int, batch_size: int) -> dict:
 
 
 def ablated_metrics(model, items: list, pad_id: int, batch_size: int, means: dict, ablated_sets: list) -> list:
-    """Per set of components: the clean runs' metric per item (in `chunks` order) with the set mean-ablated."""
-    out = [[] for _ in ablated_sets]
+    """Per set of components: (clean, corrupted) runs' metric per item (in `chunks` order) with the set
+    mean-ablated."""
+    out = [([], []) for _ in ablated_sets]
     for chunk in chunks(items, batch_size):
-        for metrics, found in zip(out, ablated_chunk(model, chunk, pad_id, means, ablated_sets)):
-            metrics += found
+        for (clean, corrupted), parts in zip(out, ablated_chunk(model, chunk, pad_id, means, ablated_sets)):
+            clean += parts[0]
+            corrupted += parts[1]
     return out
 
 
@@ -272,10 +274,11 @@ def accuracy(metrics: list) -> float:
     return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in metrics) / len(metrics)
 
 
-def recovered(metric: list, clean: list, corrupted: list):
-    """(mean metric - mean corrupted) / (mean clean - mean corrupted), None where clean = corrupted."""
-    effect = sum(clean) / len(clean) - sum(corrupted) / len(corrupted)
-    return (sum(metric) / len(metric) - sum(corrupted) / len(corrupted)) / effect if effect else None
+def remaining(clean: list, corrupted: list, full_clean: list, full_corrupted: list):
+    """The share of the clean - corrupted difference (means over items) that remains: (clean - corrupted)
+    of an ablated model over (full_clean - full_corrupted) of the whole one; None where the latter is 0."""
+    effect = (sum(full_clean) - sum(full_corrupted)) / len(full_clean)
+    return (sum(clean) - sum(corrupted)) / len(clean) / effect if effect else None
 
 
 def score(model, items: list, pad_id: int, batch_size: int, exact_top: int, progress=None) -> dict:
@@ -313,18 +316,20 @@ def curve_sizes(n: int, top_k: int) -> list:
 
 def faithfulness(model, items: list, pad_id: int, batch_size: int, scored: dict, top_k: int,
                  also_ablate: dict = None) -> dict:
-    """The faithfulness curve of the ranking's top k (everything else mean-ablated) and the accuracy with
-    the top `top_k` mean-ablated (necessity), and with each set of `also_ablate` ({label: components})
-    mean-ablated: {"curve": [{k, faithfulness, accuracy}], "accuracy": {...}}."""
+    """The faithfulness curve of the top k: with everything else mean-ablated in the clean and the corrupted
+    run alike, the share of the clean - corrupted difference that remains (0 at k = 0, where nothing that
+    differs reaches the last token; 1 for all components), and the clean runs' accuracy; the accuracy with
+    the top `top_k` mean-ablated (necessity), and with each set of `also_ablate` ({label: components}):
+    {"curve": [{k, faithfulness, accuracy}], "accuracy": {...}, "corrupted_accuracy"}."""
     ranking, everything = scored["ranking"], set(scored["ranking"])
     sizes = curve_sizes(len(ranking), top_k)
     ablations = {"none": [], f"top_{top_k}": ranking[:top_k], **(also_ablate or {})}
     sets = [sorted(everything - set(ranking[:k])) for k in sizes] + [sorted(s) for s in ablations.values()]
     means = mean_activations(model, items, pad_id, batch_size)
     metrics = ablated_metrics(model, items, pad_id, batch_size, means, sets)
-    curve = [{"k": k, "faithfulness": recovered(m, scored["clean"], scored["corrupted"]), "accuracy": accuracy(m)}
+    curve = [{"k": k, "faithfulness": remaining(*m, scored["clean"], scored["corrupted"]), "accuracy": accuracy(m[0])}
              for k, m in zip(sizes, metrics)]
-    return {"curve": curve, "accuracy": {label: accuracy(m) for label, m in zip(ablations, metrics[len(sizes):])},
+    return {"curve": curve, "accuracy": {label: accuracy(m[0]) for label, m in zip(ablations, metrics[len(sizes):])},
             "corrupted_accuracy": accuracy(scored["corrupted"])}
 
 

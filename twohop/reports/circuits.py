@@ -19,8 +19,8 @@ def _fraction(found: dict, name: str, key: str) -> str:
 
 def _task_lines(task: str, by_model: dict) -> list:
     lines = [f"## {task}", "", "| model | items | clean | corrupted | accuracy | corrupted accuracy | top components "
-             "(exact patching, fraction of the effect) | attribution vs exact (Spearman) | faithfulness of the top set |"
-             " accuracy, top set ablated |", "|---" * 10 + "|"]
+             "(exact patching, fraction of the effect) | attribution vs exact (Spearman) | faithfulness of the top "
+             "set | accuracy, top set ablated |", "|---" * 10 + "|"]
     for label, found in by_model.items():
         top = ", ".join(f"{n} ({_fraction(found, n, 'exact')})" for n in found["top"])
         at_k = {p["k"]: p for p in found["curve"]}[len(found["top"])]
@@ -56,8 +56,9 @@ def markdown(results: dict, label: str) -> str:
              "items). Components: attention heads (output before the output projection) and MLPs. Scores: "
              "attribution patching (gradient x activation difference, gradients of the clean and the corrupted run "
              "averaged) and exact patching (one component's clean activation written into the corrupted run), as a "
-             "fraction of the clean - corrupted effect. Faithfulness: the clean run with everything outside the top "
-             "set mean-ablated (means over the corrupted prompts), (metric - corrupted) / (clean - corrupted). "
+             "fraction of the clean - corrupted effect. Faithfulness: the clean and the corrupted run with everything "
+             "outside the top set mean-ablated (means over the corrupted prompts): the share of the clean - corrupted "
+             "difference that remains. "
              "Accuracy: the share of items whose answer beats its foil (ties half; chance 0.5).", ""]
     for task, by_model in results["tasks"].items():
         lines += _task_lines(task, by_model)
@@ -85,8 +86,8 @@ def _grid(found: dict, layers: int, heads: int) -> np.ndarray:
 def heat_maps(results: dict, layers: int, heads: int, title: str) -> bytes:
     """Per task (rows) and model (columns, side by side): scores per layer x head (+ MLP column)."""
     tasks, models = list(results["tasks"]), list(results["models"])
-    figure, axes = plt.subplots(len(tasks), len(models), squeeze=False, dpi=100,
-                                figsize=(max(3.5, 0.5 * heads + 2) * len(models), max(2.5, 0.35 * layers + 1.5) * len(tasks)))
+    size = (max(3.5, 0.5 * heads + 2) * len(models), max(2.5, 0.35 * layers + 1.5) * len(tasks))
+    figure, axes = plt.subplots(len(tasks), len(models), squeeze=False, dpi=100, figsize=size)
     for row, task in enumerate(tasks):
         for column, model in enumerate(models):
             axis, grid = axes[row][column], _grid(results["tasks"][task][model], layers, heads)

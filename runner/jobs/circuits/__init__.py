@@ -179,8 +179,9 @@ SUBJOBS = [SubJob("circuits", setting, f"heads and MLPs carrying the two-hop ans
                   f"({setting}), before (finetune_base) and after finetune_{setting}", lambda ctx: run_circuits(
                       ctx, two_hop_tasks), TwoHopConfig, {"setting": setting}, requires=two_hop_requires,
                   uses_model=True, seeded=True, check=check_two_hop) for setting in TWO_HOP]
-SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({family} and 2-object), --model as it is and "
-                   f"(compare_finetune) after finetune_ioi_{family}", lambda ctx: run_circuits(ctx, ioi_tasks), IoiConfig,
+SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.join(dict.fromkeys([family, '2obj']))}) "
+                   f"--model as it is and (compare_finetune) after finetune_ioi_{family}",
+                   lambda ctx: run_circuits(ctx, ioi_tasks), IoiConfig,
                    {"family": family, "tasks": list(dict.fromkeys([family, "2obj"]))}, requires=ioi_requires,
                    uses_model=True, check=check_ioi) for family in FAMILIES]
 
