@@ -178,3 +178,35 @@ class ContrastsTest(unittest.TestCase):
         self.assertNotIn("Ulla", corrupted)
         self.assertEqual(self.tiny.decode([found[0].answer]).strip(), "Rania")
         self.assertEqual(self.tiny.decode([found[0].foil]).strip(), "Calla")
+
+
+class CircuitsRunnerTest(unittest.TestCase):
+    def test_circuits_ioi_before_and_after_a_few_steps_of_finetune_on_a_gpt2_style_model(self):
+        """circuits_ioi_3obj with compare_finetune: --model as it is (before) and after finetune_ioi_3obj (3 steps);
+        every output written, one row per model, task and component."""
+        import contextlib
+        import io
+        import json
+        from runner.main import main
+        from tests.fixtures.train_small import SMALL_WORLD
+        from tests.test_ioi import gpt2_style
+        from twohop.data import tables
+        with tempfile.TemporaryDirectory() as tmp:
+            w = Path(tmp)
+            gpt2_style(w / "transformers" / "gpt2", tables.names()[0][::3])
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(["--workspace_path", str(w), "--model", "gpt2", "--jobs", "circuits_ioi_3obj", *SMALL_WORLD,
+                             "--set", "generate_data_ioi.train_per_family=20", "--set",
+                             "generate_data_ioi.test_per_family=6", "--set", "finetune_ioi_3obj.max_steps=3",
+                             "--set", "finetune_ioi_3obj.eval_subsample=4", "--set", "circuits_ioi_3obj.compare_finetune=true",
+                             "--set", "circuits_ioi_3obj.top_k=3"])
+            self.assertEqual(code, 0, err.getvalue()[-2000:])
+            run = w / "experiments" / "circuits" / "ioi_3obj" / "gpt2" / "seed_1"
+            for name in ("scores.jsonl", "results.json", "summary.md", "heatmaps.png", "faithfulness.png", "overlap.png"):
+                self.assertTrue((run / name).is_file(), name)
+            results = json.loads((run / "results.json").read_text())
+            self.assertEqual(set(results["comparison"]), {"3obj", "2obj"})
+            rows = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+            self.assertEqual(len(rows), 2 * 2 * (2 * 4 + 2))  # models x tasks x (heads + MLPs)
+            self.assertIn("before's top 3 on 2obj", results["tasks"]["3obj"]["after"]["accuracy"])

@@ -183,7 +183,7 @@ SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.j
                    f"--model as it is and (compare_finetune) after finetune_ioi_{family}",
                    lambda ctx: run_circuits(ctx, ioi_tasks), IoiConfig,
                    {"family": family, "tasks": list(dict.fromkeys([family, "2obj"]))}, requires=ioi_requires,
-                   uses_model=True, check=check_ioi) for family in FAMILIES]
+                   uses_model=True, seeded=True, check=check_ioi) for family in FAMILIES]
 
 JOB = Job("circuits", "circuit discovery per head and MLP: attribution and exact patching, faithfulness, before vs "
           "after a fine-tune", tuple(SUBJOBS))
