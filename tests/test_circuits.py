@@ -180,6 +180,19 @@ class ContrastsTest(unittest.TestCase):
         self.assertEqual(self.tiny.decode([found[0].foil]).strip(), "Calla")
 
 
+    def test_in_context_items_ask_about_a_distractor_of_the_same_prompt(self):
+        facts = ("Ulla Hughes's spouse is Rania Ortiz.\nAbel Hughes's spouse is Calla Ortiz.\nRania Ortiz was born in "
+                 "Turin.\nCalla Ortiz was born in Porto.\n\nWhere was Ulla Hughes's spouse born?")
+        row = {"messages": [{"role": "user", "content": facts}, {"role": "assistant", "content": "Turin"}],
+               "question": facts, "answer": "Turin", "e1": "Ulla Hughes"}
+        found, skipped = contrasts.in_context_items(self.tiny, {"test": [row]})
+        self.assertEqual((len(found), skipped), (1, 0))
+        corrupted = self.tiny.decode(found[0].corrupted)
+        self.assertIn("Where was Abel Hughes's spouse born?", corrupted)
+        self.assertIn("Ulla Hughes's spouse is Rania Ortiz.", corrupted)  # the facts stay as they were
+        self.assertEqual(self.tiny.decode([found[0].foil]).strip(), "Porto")
+
+
 class CircuitsRunnerTest(unittest.TestCase):
     def test_circuits_ioi_before_and_after_a_few_steps_of_finetune_on_a_gpt2_style_model(self):
         """circuits_ioi_3obj with compare_finetune: --model as it is (before) and after finetune_ioi_3obj (3 steps);

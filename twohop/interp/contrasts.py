@@ -6,10 +6,15 @@
   ("... Ulla Ravenscroft-Szymanski's spouse is"), so the next token is the start of the bridge e2: the
   chain's first hop. The corrupted text swaps e1 everywhere after the question starts (in the question
   and in the chain) for the partner's e1; the foil is the start of the partner's e2.
+- In-context two-hop (`in_context_items`): the facts are in the prompt; the corrupted prompt asks the final
+  question about another person of the prompt's facts (a distractor whose spouse's birthplace is listed and
+  whose name has as many tokens); the foil is that person's answer. The tiny base model's own task.
 - IOI (`ioi_items`): a `generate_data_ioi` row and its `corrupted_prompt` (the answer's and the foil's
   names swapped), rendered with the model's chat template where it has one (the answer as the reply's
   first token), else as raw text after BOS (the answer as " " + name).
 """
+import re
+
 from twohop.evaluation import generation
 from twohop.interp.patching import Item, first_reply_token
 from runner.errors import UserError
@@ -67,4 +72,46 @@ def ioi_items(tokenizer, rows: list, max_items: int = 0) -> tuple:
             continue
         items.append(Item(f"{row.get('family', 'ioi')}:{index}", clean, corrupted, {}, answer, foil,
                           {"answer": row["answer"], "foil": row["corrupted_answer"]}))
+    return items, skipped
+
+
+SPOUSE_FACT = re.compile(r"^(.+)'s spouse is (.+)\.$")
+BIRTH_FACT = re.compile(r"^(.+) was born in (.+)\.$")
+
+
+def _facts(question: str, pattern) -> dict:
+    return dict(m.groups() for line in question.split("\n") if (m := pattern.match(line.strip())))
+
+
+def in_context_item(tokenizer, row: dict, item_id: str):
+    """The item of an in-context row: e1 in its last line (the question) swapped for a distractor person of
+    its facts (None where no distractor has a name as long and an answer starting with another token)."""
+    prompt = generation.prompt_text(tokenizer, row["messages"])
+    asked = prompt.rfind(row["question"]) + row["question"].rfind("\n") + 1
+    start = prompt.find(row["e1"], asked)
+    if start < 0:
+        raise UserError(f"in-context row {item_id}: e1 {row['e1']!r} is not in the prompt's last line")
+    spouses, births = _facts(row["question"], SPOUSE_FACT), _facts(row["question"], BIRTH_FACT)
+    ids, answer = _ids(tokenizer, prompt), first_reply_token(tokenizer, row["answer"])
+    for person, spouse in sorted(spouses.items()):
+        if person == row["e1"] or spouse not in births:
+            continue
+        corrupted = _ids(tokenizer, prompt[:start] + person + prompt[start + len(row["e1"]):])
+        foil = first_reply_token(tokenizer, births[spouse])
+        if len(corrupted) == len(ids) and foil != answer:
+            return Item(item_id, ids, corrupted, {}, answer, foil,
+                        {"e1": row["e1"], "e1_corrupt": person, "e3": row["answer"], "e3_corrupt": births[spouse]})
+    return None
+
+
+def in_context_items(tokenizer, groups: dict, max_items: int = 0) -> tuple:
+    """(items, skipped) of in-context rows ({test: rows}); rows without a usable distractor are skipped."""
+    items, skipped = [], 0
+    for name, rows in groups.items():
+        for index, row in enumerate(rows):
+            if max_items and len(items) == max_items:
+                return items, skipped
+            item = in_context_item(tokenizer, row, f"{name}:{index}")
+            skipped += item is None
+            items += [item] if item else []
     return items, skipped

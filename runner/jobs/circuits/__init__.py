@@ -2,7 +2,9 @@
 
 - `circuits_<setting>` (spouses, samedoc and each semi-synthetic type): the two-hop no-CoT questions
   (e1 swapped for another person's e1 of the same token length; e3 vs e3') and the CoT questions up to the
-  bridge in the gold chain (the chain's first hop: e2 vs e2'), on finetune_<setting>'s model ("after") and,
+  bridge in the gold chain (the chain's first hop: e2 vs e2') and, for spouses and samedoc, the in-context
+  questions (the facts in the prompt, e1 swapped for a distractor's: what finetune_base taught the tiny
+  model, the old task), on finetune_<setting>'s model ("after") and,
   with `compare_base` (on by default), on finetune_base's model ("before", the tiny model's pretraining; a
   real model as it is).
 - `circuits_ioi_<family>`: the IOI families' test rows (`generate_data_ioi`: each row's corrupted prompt
@@ -29,7 +31,7 @@ from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_jso
 from runner.progress import item_bar
 from runner.registry import Job, SubJob
 from twohop.data import ioi, tables
-from twohop.data.dataset import two_hop_tests
+from twohop.data.dataset import in_context_tests, two_hop_tests
 from twohop.data.records import read_records
 from twohop.interp import circuits, contrasts, patching
 from twohop.interp.hooks import Batch
@@ -38,6 +40,7 @@ from twohop.training.recipes import setting_data, trained_or_given
 
 SETTINGS = setting_data()
 FAMILIES = tuple(ioi.families())
+TWO_HOP_TASKS = ("nocot", "cot", "in_context")
 
 
 @dataclass
@@ -52,8 +55,9 @@ class Common:
 class TwoHopConfig(Common):
     setting: Literal[tuple(SETTINGS)] = option("spouses", "the fine-tuning setting: finetune_<setting>'s model on its "
                                                "dataset's two-hop questions")
-    tasks: list[Literal["nocot", "cot"]] = option(["nocot", "cot"], "nocot: the answer e3 vs e3'; cot: the chain's "
-                                                  "bridge e2 vs e2' (prompt + gold chain up to e2)")
+    tasks: list[Literal[TWO_HOP_TASKS]] = option(list(TWO_HOP_TASKS), "nocot: the answer e3 vs e3'; cot: the chain's "
+                                                 "bridge e2 vs e2' (prompt + gold chain up to e2); in_context: facts in "
+                                                 "the prompt, e1 swapped for a distractor person's (the base's task)")
     model_from: Literal["finetune", "cli"] = option("finetune", "finetune: finetune_<setting>'s model; cli: --model "
                                                     "as it is")
     compare_base: bool = option(True, "also run on finetune_base's model (before) and compare")
@@ -91,6 +95,8 @@ def two_hop_tasks(ctx) -> tuple:
     makers = {"nocot": patching.no_cot_item, "cot": contrasts.chain_item}
 
     def items(tokenizer, task):
+        if task == "in_context":
+            return contrasts.in_context_items(tokenizer, in_context_tests(data), config["max_items"])
         return patching.pair_items(tokenizer, two_hop_tests(data, task), config["pair_seed"], config["max_items"],
                                    makers[task])
     return {**models, "after" if models else "model": after}, {t: items for t in config["tasks"]}
@@ -174,10 +180,13 @@ def check_ioi(config: dict, model=None) -> None:
         raise UserError("tasks: empty; give IOI families, e.g. --set tasks=[2obj,3obj]")
 
 
-TWO_HOP = ("spouses", "samedoc") + tuple(tables.ENTITY_TYPES)
+IN_CONTEXT = ("spouses", "samedoc")  # the settings whose data has in-context tests
+TWO_HOP = IN_CONTEXT + tuple(tables.ENTITY_TYPES)
 SUBJOBS = [SubJob("circuits", setting, f"heads and MLPs carrying the two-hop answer and the CoT chain's bridge "
                   f"({setting}), before (finetune_base) and after finetune_{setting}", lambda ctx: run_circuits(
-                      ctx, two_hop_tasks), TwoHopConfig, {"setting": setting}, requires=two_hop_requires,
+                      ctx, two_hop_tasks), TwoHopConfig,
+                  {"setting": setting, "tasks": list(TWO_HOP_TASKS if setting in IN_CONTEXT else TWO_HOP_TASKS[:2])},
+                  requires=two_hop_requires,
                   uses_model=True, seeded=True, check=check_two_hop) for setting in TWO_HOP]
 SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.join(dict.fromkeys([family, '2obj']))}) "
                    f"--model as it is and (compare_finetune) after finetune_ioi_{family}",
