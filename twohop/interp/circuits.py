@@ -191,8 +191,8 @@ def attribution_chunk(model, items: list, pad_id: int) -> tuple:
     corrupted_metric, corrupted_acts, corrupted_grads = run_with_gradients(model, corrupted, items)
     scores = {}
     for component in components(model):
-        delta = pick(model, clean_acts, component) - pick(model, corrupted_acts, component)
-        slope = (pick(model, clean_grads, component) + pick(model, corrupted_grads, component)) / 2
+        delta = pick(model, clean_acts, component).float() - pick(model, corrupted_acts, component).float()
+        slope = (pick(model, clean_grads, component).float() + pick(model, corrupted_grads, component).float()) / 2
         scores[component] = (delta * slope).sum().item()
     return scores, clean_metric.tolist(), corrupted_metric.tolist()
 

@@ -2,9 +2,9 @@
 
 - `circuits_<setting>` (spouses, samedoc and each semi-synthetic type): the two-hop no-CoT questions
   (e1 swapped for another person's e1 of the same token length; e3 vs e3') and the CoT questions up to the
-  bridge in the gold chain (the chain's first hop: e2 vs e2') and, for spouses and samedoc, the in-context
-  questions (the facts in the prompt, e1 swapped for a distractor's: what finetune_base taught the tiny
-  model, the old task), on finetune_<setting>'s model ("after") and,
+  bridge in the gold chain (the chain's first hop: e2 vs e2') and, on request (`tasks`), the in-context
+  questions of spouses and samedoc (the facts in the prompt, e1 swapped for a distractor's), on
+  finetune_<setting>'s model ("after") and,
   with `compare_base` (on by default), on finetune_base's model ("before", the tiny model's pretraining; a
   real model as it is).
 - `circuits_ioi_<family>`: the IOI families' test rows (`generate_data_ioi`: each row's corrupted prompt
@@ -55,9 +55,10 @@ class Common:
 class TwoHopConfig(Common):
     setting: Literal[tuple(SETTINGS)] = option("spouses", "the fine-tuning setting: finetune_<setting>'s model on its "
                                                "dataset's two-hop questions")
-    tasks: list[Literal[TWO_HOP_TASKS]] = option(list(TWO_HOP_TASKS), "nocot: the answer e3 vs e3'; cot: the chain's "
+    tasks: list[Literal[TWO_HOP_TASKS]] = option(["nocot", "cot"], "nocot: the answer e3 vs e3'; cot: the chain's "
                                                  "bridge e2 vs e2' (prompt + gold chain up to e2); in_context: facts in "
-                                                 "the prompt, e1 swapped for a distractor person's (the base's task)")
+                                                 "the prompt, e1 swapped for a distractor person's; spouses and samedoc "
+                                                 "data only)")
     model_from: Literal["finetune", "cli"] = option("finetune", "finetune: finetune_<setting>'s model; cli: --model "
                                                     "as it is")
     compare_base: bool = option(True, "also run on finetune_base's model (before) and compare")
@@ -180,13 +181,11 @@ def check_ioi(config: dict, model=None) -> None:
         raise UserError("tasks: empty; give IOI families, e.g. --set tasks=[2obj,3obj]")
 
 
-IN_CONTEXT = ("spouses", "samedoc")  # the settings whose data has in-context tests
-TWO_HOP = IN_CONTEXT + tuple(tables.ENTITY_TYPES)
+TWO_HOP = ("spouses", "samedoc") + tuple(tables.ENTITY_TYPES)
 SUBJOBS = [SubJob("circuits", setting, f"heads and MLPs carrying the two-hop answer and the CoT chain's bridge "
                   f"({setting}), before (finetune_base) and after finetune_{setting}", lambda ctx: run_circuits(
                       ctx, two_hop_tasks), TwoHopConfig,
-                  {"setting": setting, "tasks": list(TWO_HOP_TASKS if setting in IN_CONTEXT else TWO_HOP_TASKS[:2])},
-                  requires=two_hop_requires,
+                  {"setting": setting}, requires=two_hop_requires,
                   uses_model=True, seeded=True, check=check_two_hop) for setting in TWO_HOP]
 SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.join(dict.fromkeys([family, '2obj']))}) "
                    f"--model as it is and (compare_finetune) after finetune_ioi_{family}",
