@@ -113,6 +113,7 @@ def overlap_plot(comparison: dict, title: str) -> bytes:
         axis.plot(ks, [v if v is not None else np.nan for v in c["jaccard"].values()], marker="o",
                   label=f"{task} (Spearman {_number(c['spearman_attribution'])})")
     axis.set_ylim(-0.05, 1.05)
+    axis.set_xticks(ks)
     axis.set_xlabel("k (top components)")
     axis.set_ylabel("Jaccard, before vs after")
     axis.set_title(title, fontsize=10)
@@ -128,7 +129,11 @@ def faithfulness_plot(results: dict, title: str) -> bytes:
             curve = [p for p in found["curve"] if p["faithfulness"] is not None]
             axis.plot([p["k"] for p in curve], [p["faithfulness"] for p in curve], marker="o", label=f"{task}: {model}")
     axis.axhline(1.0, color="black", linestyle="dashed", linewidth=0.8)
-    axis.set_xscale("symlog", linthresh=10)
+    sizes = sorted({p["k"] for by in results["tasks"].values() for found in by.values() for p in found["curve"]})
+    if sizes[-1] > 20:
+        axis.set_xscale("symlog", linthresh=10)
+    else:
+        axis.set_xticks(sizes)
     axis.set_xlabel("k (top components kept; the rest mean-ablated)")
     axis.set_ylabel("faithfulness")
     axis.set_title(title, fontsize=10)
