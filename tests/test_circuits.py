@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from twohop import stats
 from twohop.data.records import read_records
-from twohop.interp import circuits, contrasts, patching
+from twohop.interp import circuits, contrasts, edges, patching
 from twohop.interp.circuits import Component
 from twohop.interp.hooks import Batch
 
@@ -123,11 +123,34 @@ class RandomModelTest(unittest.TestCase):
             scored = circuits.score(model, random_items(), PAD, batch_size=6, exact_top=3)
             self.assertEqual(len(scored["exact"]), 3)
             self.assertEqual(len(scored["attribution"]), 2 * 4 + 2)
+            # embeddings -> all 5 receivers; a layer-1 head -> L1.mlp, L2.attn, L2.mlp, logits; L1.MLP -> the 3
+            # after it; a layer-2 head -> L2.mlp, logits; L2.MLP -> logits
+            self.assertEqual(len(edges.edge_scores(model, random_items(), PAD, 6)), 5 + 4 * 4 + 3 + 4 * 2 + 1)
 
 
 if __name__ == "__main__":
     unittest.main()
 
+
+
+class EdgeAttributionTest(unittest.TestCase):
+    def test_the_planted_path_embeddings_to_mover_to_logits_carries_the_edges(self):
+        scores = edges.edge_scores(mover_model(), planted_items(), PAD, batch_size=3)
+        carrying = {edge for edge, value in scores.items() if value != 0}
+        self.assertEqual(carrying, {("embeddings", "L2.attn"), ("L2.H0", "logits")})
+        self.assertGreater(min(scores[edge] for edge in carrying), 0.1)
+        self.assertNotIn(("L2.H0", "L1.attn"), scores)  # a later component writes nothing an earlier one reads
+
+    def test_edges_into_a_linear_readout_are_exact(self):
+        model = llama(layers=2, heads=4, kv_heads=2, hidden=32, vocab=40, seed=2)
+        model.model.norm = torch.nn.Identity()
+        with torch.no_grad():
+            model.model.layers[-1].mlp.down_proj.weight.zero_()
+        found = random_items(seed=3)
+        scores = edges.edge_scores(model, found, PAD, batch_size=6)
+        exact = circuits.score(model, found, PAD, batch_size=6, exact_top=0)["exact"]
+        for head in range(4):
+            self.assertAlmostEqual(scores[(f"L2.H{head}", "logits")], exact[Component(2, head)], places=4)
 
 class ContrastsTest(unittest.TestCase):
     """Clean/corrupted pairs from the data the sub-jobs read: IOI test rows generated for a GPT-2-style

@@ -59,7 +59,7 @@ def components(model) -> list:
             for head in list(range(n_heads(model))) + [-1]]
 
 
-def _site_modules(model) -> dict:
+def site_modules(model) -> dict:
     """{("attn", layer): the attention's output projection, ("mlp", layer): the MLP} of every layer."""
     family = family_of(model.config)
     out = {}
@@ -87,7 +87,7 @@ def on_sites(model, edit):
 
     handles = []
     try:
-        for site, module in _site_modules(model).items():
+        for site, module in site_modules(model).items():
             handles.append(module.register_forward_pre_hook(before(site)) if site[0] == "attn" else
                            module.register_forward_hook(after(site)))
         yield
