@@ -239,10 +239,12 @@ class CircuitsRunnerTest(unittest.TestCase):
                              "--set", "circuits_ioi_3obj.top_k=3"])
             self.assertEqual(code, 0, err.getvalue()[-2000:])
             run = w / "experiments" / "circuits" / "ioi_3obj" / "gpt2" / "seed_1"
-            for name in ("scores.jsonl", "results.json", "summary.md", "heatmaps.png", "faithfulness.png", "overlap.png"):
+            for name in ("scores.jsonl", "edges.jsonl", "results.json", "summary.md", "heatmaps.png", "faithfulness.png",
+                         "overlap.png"):
                 self.assertTrue((run / name).is_file(), name)
             results = json.loads((run / "results.json").read_text())
             self.assertEqual(set(results["comparison"]), {"3obj", "2obj"})
             rows = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
             self.assertEqual(len(rows), 2 * 2 * (2 * 4 + 2))  # models x tasks x (heads + MLPs)
             self.assertIn("before's top 3 on 2obj", results["tasks"]["3obj"]["after"]["accuracy"])
+            self.assertEqual(results["comparison"]["3obj"]["edges"]["top"], 6)

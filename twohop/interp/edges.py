@@ -21,6 +21,7 @@ import torch
 
 from models.families import decoder_layers, family_of, final_norm
 from runner.errors import UserError
+from twohop import stats
 from twohop.interp import circuits
 from twohop.interp.hooks import final_logits, read_states
 
@@ -121,3 +122,20 @@ def edge_scores(model, items: list, pad_id: int, batch_size: int) -> dict:
         for edge, value in edge_chunk(model, chunk, pad_id).items():
             total[edge] = total.get(edge, 0.0) + value / len(items)
     return total
+
+
+def summarise(scores: dict, effect: float) -> list:
+    """Edges by decreasing |score|: {sender, receiver, score, fraction (of the clean - corrupted effect)}."""
+    ordered = sorted(scores, key=lambda edge: (-abs(scores[edge]), edge))
+    return [{"sender": s, "receiver": r, "score": scores[(s, r)],
+             "fraction": scores[(s, r)] / effect if effect else None} for s, r in ordered]
+
+
+def compare(before: list, after: list, top: int) -> dict:
+    """Edge change before vs after a fine-tune: Spearman of the edges' fractions of each model's effect and
+    Jaccard of the `top` edges by |score|."""
+    fractions = [{(e["sender"], e["receiver"]): e["fraction"] or 0.0 for e in edges} for edges in (before, after)]
+    names = sorted(fractions[0])
+    return {"spearman": stats.spearman([fractions[0][n] for n in names], [fractions[1][n] for n in names]),
+            "jaccard_top": stats.jaccard([(e["sender"], e["receiver"]) for e in before[:top]],
+                                         [(e["sender"], e["receiver"]) for e in after[:top]]), "top": top}

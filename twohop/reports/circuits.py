@@ -34,16 +34,24 @@ def _task_lines(task: str, by_model: dict) -> list:
     if extra:
         lines += ["", "| model | mean-ablated | accuracy |", "|---|---|---|"]
         lines += [f"| {label} | {name} | {value:.2f} |" for label, name, value in extra]
+    for label, found in by_model.items():
+        if found.get("top_edges"):
+            lines += ["", f"Top edges ({label}; EAP score as a fraction of the effect): " + ", ".join(
+                f"{e['sender']} -> {e['receiver']} ({_number(e['fraction'])})" for e in found["top_edges"])]
     return lines + [""]
 
 
 def _comparison_lines(comparison: dict) -> list:
     lines = ["## Before vs after the fine-tune", "", "| task | top before | top after | Jaccard of the top k "
-             "(k = 1, 2, ...) | Spearman of attribution scores | accuracy before | after |", "|---" * 7 + "|"]
+             "(k = 1, 2, ...) | Spearman of attribution scores | edges: Spearman, Jaccard of the top | accuracy "
+             "before | after |", "|---" * 8 + "|"]
     for task, c in comparison.items():
         jaccard = ", ".join(_number(v) for v in c["jaccard"].values())
+        edge = c.get("edges")
+        edges = f"{_number(edge['spearman'])}, {_number(edge['jaccard_top'])} (top {edge['top']})" if edge else "n/a"
         lines.append(f"| {task} | {', '.join(c['top_before'])} | {', '.join(c['top_after'])} | {jaccard} | "
-                     f"{_number(c['spearman_attribution'])} | {c['accuracy_before']:.2f} | {c['accuracy_after']:.2f} |")
+                     f"{_number(c['spearman_attribution'])} | {edges} | {c['accuracy_before']:.2f} | "
+                     f"{c['accuracy_after']:.2f} |")
     return lines + [""]
 
 
@@ -64,7 +72,10 @@ def markdown(results: dict, label: str) -> str:
         lines += _task_lines(task, by_model)
     if results.get("comparison"):
         lines += _comparison_lines(results["comparison"])
-    lines += ["Edge attribution (EAP) between components: not computed yet.", "",
+    lines += ["Edges (EAP): senders are the embeddings, heads and MLPs; receivers each layer's attention (its heads "
+              "together), each MLP and the logits; score = the sender's clean - corrupted write . the metric's "
+              "gradient at the receiver's input (clean and corrupted averaged). scores.jsonl and edges.jsonl hold "
+              "every component and edge.", "",
               f"Parity check (every component's own output written back; largest logit difference): "
               f"{results['parity']}", "", "Seconds per task and model: " +
               ", ".join(f"{t}/{m} {s:.0f}" for t, by in results["seconds"].items() for m, s in by.items()), ""]

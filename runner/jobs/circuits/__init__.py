@@ -14,9 +14,10 @@
 Per model and task: attribution patching of every component, exact patching of the best `exact_top`, the
 faithfulness curve of the top k (the rest mean-ablated), accuracy with the top set ablated; "after" is
 also run with each task's "before" top set ablated (are the old circuit's components still necessary?).
-Every model starts with the component hooks' parity check. Writes scores.jsonl (one row per model, task
-and component), results.json, summary.md, heatmaps.png, faithfulness.png and, where there are two
-models, overlap.png.
+With `edges`, edge attribution (EAP, `twohop.interp.edges`) between components too. Every model starts
+with the component hooks' parity check. Writes scores.jsonl (one row per model, task and component),
+edges.jsonl (one per model, task and edge), results.json, summary.md, heatmaps.png, faithfulness.png
+and, where there are two models, overlap.png.
 """
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from runner.registry import Job, SubJob
 from twohop.data import ioi, tables
 from twohop.data.dataset import in_context_tests, two_hop_tests
 from twohop.data.records import read_records
-from twohop.interp import circuits, contrasts, patching
+from twohop.interp import circuits, contrasts, edges, patching
 from twohop.interp.hooks import Batch
 from twohop.reports import circuits as report
 from twohop.training.recipes import setting_data, trained_or_given
@@ -41,6 +42,8 @@ from twohop.training.recipes import setting_data, trained_or_given
 SETTINGS = setting_data()
 FAMILIES = tuple(ioi.families())
 TWO_HOP_TASKS = ("nocot", "cot", "in_context")
+TASKS_HELP = ("nocot: the answer e3 vs e3'; cot: the chain's bridge e2 vs e2' (prompt + gold chain up to e2); "
+              "in_context: facts in the prompt, e1 swapped for a distractor person's (spouses and samedoc data only)")
 
 
 @dataclass
@@ -49,16 +52,14 @@ class Common:
     exact_top: int = option(20, "exact patching of the best components by |attribution| (0: all)", minimum=0)
     max_items: int = option(0, "at most this many clean/corrupted pairs per task (0: all)", minimum=0)
     batch_size: int = option(16, "pairs per forward pass", minimum=1)
+    edges: bool = option(True, "edge attribution (EAP) between components; pre-norm families only (llama, gpt2, ...)")
 
 
 @dataclass
 class TwoHopConfig(Common):
     setting: Literal[tuple(SETTINGS)] = option("spouses", "the fine-tuning setting: finetune_<setting>'s model on its "
                                                "dataset's two-hop questions")
-    tasks: list[Literal[TWO_HOP_TASKS]] = option(["nocot", "cot"], "nocot: the answer e3 vs e3'; cot: the chain's "
-                                                 "bridge e2 vs e2' (prompt + gold chain up to e2); in_context: facts in "
-                                                 "the prompt, e1 swapped for a distractor person's; spouses and samedoc "
-                                                 "data only)")
+    tasks: list[Literal[TWO_HOP_TASKS]] = option(["nocot", "cot"], TASKS_HELP)
     model_from: Literal["finetune", "cli"] = option("finetune", "finetune: finetune_<setting>'s model; cli: --model "
                                                     "as it is")
     compare_base: bool = option(True, "also run on finetune_base's model (before) and compare")
@@ -138,36 +139,55 @@ def discover_model(ctx, label: str, path, tasks: dict, before: dict) -> tuple:
         found[task] = {**circuits.discover(model, items, tokenizer.pad_token_id, config["batch_size"], config["top_k"],
                                            config["exact_top"], ablate, item_bar(f"{label} {task}", "pass")),
                        "skipped": skipped}
+        if config["edges"]:
+            found[task]["edges"] = edges.summarise(edges.edge_scores(model, items, tokenizer.pad_token_id,
+                                                                     config["batch_size"]), found[task]["effect"])
         seconds[task] = time.monotonic() - start
         ctx.log.info("%s %s: %d items, effect %.3f, top %s (%.0f s)", label, task, len(items), found[task]["effect"],
                      found[task]["top"], seconds[task])
     return found, seconds, (model, parity)
 
 
+def compare(by_model: dict, tasks: list, top_k: int) -> dict:
+    """Per task, before vs after: the components' comparison and, where edges were scored, the edges'
+    (their top 2 * top_k)."""
+    out = {}
+    for task in tasks:
+        before, after = by_model["before"][task], by_model["after"][task]
+        out[task] = circuits.compare(before, after, top_k)
+        if "edges" in before:
+            out[task]["edges"] = edges.compare(before["edges"], after["edges"], 2 * top_k)
+    return out
+
+
 def run_circuits(ctx, plan) -> dict:
     models, tasks = plan(ctx)
-    by_model, seconds, parity, rows = {}, {}, {}, []
+    by_model, seconds, parity, rows, edge_rows = {}, {}, {}, [], []
     for label, path in models.items():
         found, took, (model, parity[label]) = discover_model(ctx, label, path, tasks, by_model.get("before", {}))
         by_model[label] = found
         for task, discovery in found.items():
             seconds.setdefault(task, {})[label] = took[task]
             rows += circuits.score_rows(model, discovery, {"model": label, "task": task})
+            edge_rows += [{"model": label, "task": task, **edge} for edge in discovery.get("edges", [])]
     shape = (model.config.num_hidden_layers, circuits.n_heads(model))
-    comparison = {t: circuits.compare(by_model["before"][t], by_model["after"][t], ctx.config["top_k"])
-                  for t in tasks} if len(models) == 2 else {}
+    comparison = compare(by_model, list(tasks), ctx.config["top_k"]) if len(models) == 2 else {}
+    for found in (f for by_task in by_model.values() for f in by_task.values()):
+        found["top_edges"] = found.pop("edges", [])[:2 * ctx.config["top_k"]]
     results = {"models": {k: str(v) for k, v in models.items()}, "parity": parity, "seconds": seconds,
                "tasks": {t: {label: by_model[label][t] for label in models} for t in tasks}, "comparison": comparison}
-    write(ctx, results, rows, shape)
+    write(ctx, results, rows, edge_rows, shape)
     headline = {f"{t}_{label}_{key}": value for t in tasks for label in models
                 for key, value in (("effect", by_model[label][t]["effect"]), ("top1", by_model[label][t]["top"][0]))}
     return {**headline, **{f"{t}_jaccard_top{ctx.config['top_k']}": c["jaccard"][ctx.config["top_k"]]
                            for t, c in comparison.items()}}
 
 
-def write(ctx, results: dict, rows: list, shape: tuple) -> None:
+def write(ctx, results: dict, rows: list, edge_rows: list, shape: tuple) -> None:
     label = ctx.run.label
     atomic_write_jsonl(ctx.run_dir / "scores.jsonl", rows)
+    if edge_rows:
+        atomic_write_jsonl(ctx.run_dir / "edges.jsonl", edge_rows)
     atomic_write_json(ctx.run_dir / "results.json", results)
     atomic_write_text(ctx.run_dir / "summary.md", report.markdown(results, label))
     atomic_write_bytes(ctx.run_dir / "heatmaps.png", report.heat_maps(results, *shape, label))
