@@ -232,15 +232,15 @@ class CircuitsRunnerTest(unittest.TestCase):
             gpt2_style(w / "transformers" / "gpt2", tables.names()[0][::3])
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
+                sets = ["generate_data_ioi.train_per_family=20", "generate_data_ioi.test_per_family=6",
+                        "finetune_ioi_3obj.max_steps=3", "finetune_ioi_3obj.eval_subsample=4",
+                        "circuits_ioi_3obj.compare_finetune=true", "circuits_ioi_3obj.top_k=3"]
                 code = main(["--workspace_path", str(w), "--model", "gpt2", "--jobs", "circuits_ioi_3obj", *SMALL_WORLD,
-                             "--set", "generate_data_ioi.train_per_family=20", "--set",
-                             "generate_data_ioi.test_per_family=6", "--set", "finetune_ioi_3obj.max_steps=3",
-                             "--set", "finetune_ioi_3obj.eval_subsample=4", "--set", "circuits_ioi_3obj.compare_finetune=true",
-                             "--set", "circuits_ioi_3obj.top_k=3"])
+                             *[part for value in sets for part in ("--set", value)]])
             self.assertEqual(code, 0, err.getvalue()[-2000:])
             run = w / "experiments" / "circuits" / "ioi_3obj" / "gpt2" / "seed_1"
-            for name in ("scores.jsonl", "edges.jsonl", "results.json", "summary.md", "heatmaps.png", "faithfulness.png",
-                         "overlap.png"):
+            for name in ("scores.jsonl", "edges.jsonl", "results.json", "summary.md", "heatmaps.png",
+                         "faithfulness.png", "overlap.png"):
                 self.assertTrue((run / name).is_file(), name)
             results = json.loads((run / "results.json").read_text())
             self.assertEqual(set(results["comparison"]), {"3obj", "2obj"})
