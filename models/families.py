@@ -22,19 +22,30 @@ class ModelFamily:
     embeddings: str
     unembedding: str
     attention: str  # attribute of a decoder layer holding its self-attention module
+    attention_output: str  # attribute of the attention module projecting the concatenated head outputs
+    mlp: str  # attribute of a decoder layer holding its MLP
     accelerator_dtype: torch.dtype
     lora_targets: tuple  # names of the linear modules LoRA adapts by default (attention and MLP)
+    # attributes of a decoder layer holding the norms whose input is the residual stream the attention and the
+    # MLP read ("": the family normalises elsewhere, e.g. only after each block; edge attribution refuses it)
+    attention_norm: str = ""
+    mlp_norm: str = ""
 
 
 LLAMA_LIKE = dict(body="model", layers="model.layers", final_norm="model.norm", embeddings="model.embed_tokens",
-                  unembedding="lm_head", attention="self_attn", accelerator_dtype=torch.bfloat16)
+                  unembedding="lm_head", attention="self_attn", attention_output="o_proj",
+                  mlp="mlp", accelerator_dtype=torch.bfloat16)
+PRE_NORMS = dict(attention_norm="input_layernorm", mlp_norm="post_attention_layernorm")
 FAMILIES = (
-    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"), **LLAMA_LIKE,
+    ModelFamily(("llama", "mistral", "qwen2", "qwen3", "gemma"), **LLAMA_LIKE, **PRE_NORMS,
                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    ModelFamily(("phi3",), **LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    ModelFamily(("gemma2", "gemma3_text", "olmo2"), **LLAMA_LIKE,  # norms after the blocks too: no edge attribution
+                lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ModelFamily(("phi3",), **LLAMA_LIKE, **PRE_NORMS, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     ModelFamily(("gpt2",), body="transformer", layers="transformer.h", final_norm="transformer.ln_f",
-                embeddings="transformer.wte", unembedding="lm_head", attention="attn",
-                accelerator_dtype=torch.float32, lora_targets=("c_attn", "c_proj", "c_fc")),
+                embeddings="transformer.wte", unembedding="lm_head", attention="attn", attention_output="c_proj",
+                mlp="mlp", accelerator_dtype=torch.float32, lora_targets=("c_attn", "c_proj", "c_fc"),
+                attention_norm="ln_1", mlp_norm="ln_2"),
 )
 
 

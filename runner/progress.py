@@ -76,3 +76,14 @@ class Progress:
         self.log.info("[%d/%d] %s %s | elapsed %s | %s", index + 1, len(self.plan), outcome.run.label, what,
                       clock(time.time() - self.started), estimate)
 
+
+
+def item_bar(label: str, unit: str = "item"):
+    """A tqdm bar for a loop inside one run: update(done, total) moves it (total may change)."""
+    from tqdm.auto import tqdm
+    bar = tqdm(desc=label, unit=unit, dynamic_ncols=True)
+
+    def update(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+    return update

@@ -59,3 +59,31 @@ def resampled_se(values, test_to_train: float):
     if len(values) < 2:
         return None
     return statistics.stdev(values) * math.sqrt(1 / len(values) + test_to_train)
+
+
+def ranks(values) -> np.ndarray:
+    """1-based ranks of `values`, ties sharing their mean rank (as scipy.stats.rankdata)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ranked = np.empty(len(values))
+    ranked[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranked[tied] = ranked[tied].mean()
+    return ranked
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equally long sequences (None where either is constant or too short)."""
+    if len(a) < 2:
+        return None
+    x, y = ranks(a), ranks(b)
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def jaccard(a, b):
+    """|a & b| / |a | b| of two collections (None where both are empty)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else None

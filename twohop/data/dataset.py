@@ -171,6 +171,11 @@ def two_hop_tests(data_dir, style: str = "nocot") -> dict:
     return _tests(data_dir, lambda spec: spec["kind"] == "two_hop" and spec["style"] == style and not spec["shuffled_of"])
 
 
+def in_context_tests(data_dir, style: str = "nocot") -> dict:
+    """{test name: rows} of a generated dataset's in-context tests (the facts in the prompt) in `style`."""
+    return _tests(data_dir, lambda spec: spec["kind"] == "in_context" and spec["style"] == style)
+
+
 def second_hop_tests(data_dir) -> dict:
     """{test name: rows} of a generated dataset's second-hop tests: questions about e2 with the relation r2
     (each row names its `e2`, and its `attribute` where the dataset has several)."""

@@ -260,7 +260,7 @@ def final_logits(model, batch: Batch, last_only: bool = True) -> torch.Tensor:
     return unembed(model, hidden[:, -1] if last_only else hidden).float()
 
 
-def _mismatch(reference: torch.Tensor, hooked: torch.Tensor, tolerance: float):
+def mismatch(reference: torch.Tensor, hooked: torch.Tensor, tolerance: float):
     """The largest difference if it exceeds `tolerance` times the largest logit (and 1e-6), else None."""
     difference = (reference - hooked).abs().max().item()
     return difference if difference > tolerance * max(reference.abs().max().item(), 1e-6) else None
@@ -300,7 +300,7 @@ def parity_check(model, batch: Batch, knockout_layers=(), tolerance: float = Non
               "knockout of nothing": knocked}
     report = {}
     for name, hooked in checks.items():
-        difference = _mismatch(reference[real], hooked[real], tolerance)
+        difference = mismatch(reference[real], hooked[real], tolerance)
         if difference is not None:
             raise UserError(f"parity check failed on {model.config.model_type}: {name} changed the logits by "
                             f"{difference:.3g} (tolerance {tolerance:g} of the largest logit); the hooks do not fit "

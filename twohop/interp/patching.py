@@ -66,21 +66,25 @@ def corrupt(tokenizer, row: dict, prompt: str, clean: tuple, other: dict, item_i
                 {"e1": row["e1"], "e1_corrupt": other["e1"], "e3": row["answer"], "e3_corrupt": other["answer"]})
 
 
-def pair_items(tokenizer, groups: dict, seed: int = 0, max_items: int = 0) -> tuple:
+def no_cot_item(tokenizer, row: dict, other: dict, item_id: str):
+    """`corrupt` of a two-hop no-CoT row's rendered prompt with `other`'s e1 (None where they do not pair)."""
+    prompt = generation.prompt_text(tokenizer, row["messages"])
+    return corrupt(tokenizer, row, prompt, locate(tokenizer, prompt, row["question"], row["e1"]), other, item_id)
+
+
+def pair_items(tokenizer, groups: dict, seed: int = 0, max_items: int = 0, make=no_cot_item) -> tuple:
     """(items, skipped): each two-hop row (records with messages, question, answer, e1) paired with
-    another row of its group (a test file: the same relation) whose e1 has the same token length,
-    chosen in a seeded order; rows with no such partner are skipped. Stops at `max_items` (0: all)."""
+    another row of its group (a test file: the same relation) for which `make(tokenizer, row, other, id)`
+    gives an item (by default: e1 of the same token length, see `corrupt`), partners tried in a seeded
+    order; rows with no such partner are skipped. Stops at `max_items` (0: all)."""
     rng, items, skipped = random.Random(seed), [], 0
     for name, rows in groups.items():
         for index, row in enumerate(rows):
             if max_items and len(items) == max_items:
                 return items, skipped
-            prompt = generation.prompt_text(tokenizer, row["messages"])
-            clean = locate(tokenizer, prompt, row["question"], row["e1"])
             others = [o for o in rows if o["e1"] != row["e1"]]
             rng.shuffle(others)
-            item = next((found for other in others
-                         if (found := corrupt(tokenizer, row, prompt, clean, other, f"{name}:{index}"))), None)
+            item = next((found for other in others if (found := make(tokenizer, row, other, f"{name}:{index}"))), None)
             if item is None:
                 skipped += 1
             else:
