@@ -86,4 +86,6 @@ def item_bar(label: str, unit: str = "item"):
     def update(done, total):
         bar.total = total
         bar.update(done - bar.n)
+        if done == total:
+            bar.close()
     return update

@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from models import load_model
 from runner.config import option
 from runner.errors import UserError
 from runner.files import (append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
                           resume_jsonl)
+from runner.progress import item_bar
 from runner.registry import Job, SubJob
 from twohop.data.dataset import second_hop_tests, two_hop_tests
 from twohop.interp import backpatching, entity_recall, patching, patchscope, probes, steering
@@ -168,15 +168,6 @@ def load(ctx, eager: bool) -> tuple:
     return model, tokenizer, two_hop_tests(ctx.input(SETTINGS[ctx.config["setting"]]) / "data"), str(path)
 
 
-def progress_bar(label: str):
-    bar = tqdm(desc=label, unit="item", dynamic_ncols=True)
-
-    def update(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-    return update
-
-
 def run_patch(ctx) -> dict:
     config = ctx.config
     model, tokenizer, tests, path = load(ctx, eager=True)
@@ -187,7 +178,7 @@ def run_patch(ctx) -> dict:
                                                    tokenizer.pad_token_id), range(1, n_states(model)))
     ctx.log.info("parity check passed (%s); %d items, %d skipped", parity, len(items), skipped)
     rows = patching.sweep(model, items, tokenizer.pad_token_id, config["batch_size"], config["knockout_to"],
-                          progress_bar("patch"))
+                          item_bar("patch"))
     summary = patching.summarise(rows, config["bootstrap"])
     results = {"model": path, "tests": list(tests), "skipped": skipped, "parity": parity, "summary": summary}
     atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
@@ -214,7 +205,7 @@ def run_backpatch(ctx) -> dict:
     rows = resume_jsonl(ctx.run_dir / "rows.jsonl")
     ctx.log.info("parity check passed (%s); %d questions x %d pairs x %s; %d rows done before", parity,
                  len(queries), len(pairs), config["positions"], len(rows))
-    update, total = progress_bar("backpatch"), len(queries) * (1 + len(pairs) * len(config["positions"]))
+    update, total = item_bar("backpatch"), len(queries) * (1 + len(pairs) * len(config["positions"]))
     for chunk in backpatching.grid_rows(model, tokenizer, queries, pairs, config["positions"], config["batch_size"],
                                         config["max_new_tokens"], {backpatching.row_key(r) for r in rows}):
         append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
@@ -267,7 +258,7 @@ def run_entrec(ctx) -> dict:
     parity = parity_check(model, Batch.left_padded([i.prompt.ids for i in items[:config["batch_size"]]],
                                                    tokenizer.pad_token_id))
     ctx.log.info("parity check passed (%s); %d items, skipped %s", parity, len(items), skipped)
-    rows = entity_recall.sweep(model, items, tokenizer.pad_token_id, config["batch_size"], progress_bar("entrec"))
+    rows = entity_recall.sweep(model, items, tokenizer.pad_token_id, config["batch_size"], item_bar("entrec"))
     summary = entity_recall.summarise(rows)
     results = {"model": path, "tests": list(tests), "one_hop_tests": list(one_hop), "skipped": skipped,
                "relation_swaps": config["relation_swaps"], "parity": parity, "summary": summary}
@@ -303,7 +294,7 @@ def run_patchscope(ctx) -> dict:
     ctx.log.info("parity check passed (%s), self-Patchscope identity on %d replies; %d questions x %s x %d (source, "
                  "target) state pairs, %s prompts; %d rows done before", parity, checked, len(queries),
                  config["positions"], len(pairs), style, len(rows))
-    update = progress_bar("patchscope")
+    update = item_bar("patchscope")
     total = len(queries) * (1 + len(config["prompts"]) * (4 + len(config["positions"]) * len(pairs)))
     for chunk in patchscope.scope_rows(model, tokenizer, queries, described, config["positions"], pairs,
                                        config["batch_size"], config["max_new_tokens"],
@@ -367,7 +358,7 @@ def run_steer(ctx) -> dict:
     atomic_write_jsonl(ctx.run_dir / "rows.jsonl", rows)
     done = {steering.row_key(r) for r in rows}
     ctx.log.info("parity check passed (%s); %d interventions, %d done before", parity, len(plan.steers), len(done))
-    update = progress_bar("steer")
+    update = item_bar("steer")
     for chunk in steering.grid_rows(model, tokenizer, plan.steers, plan.graded, plan.unsteered, plan.lm_eval,
                                     config["batch_size"], config["max_new_tokens"], done):
         append_jsonl(ctx.run_dir / "rows.jsonl", chunk)
@@ -408,7 +399,7 @@ def run_probe(ctx) -> dict:
     ctx.log.info("parity check passed (%s); %d questions; probing %s%s", parity, len(items), targets,
                  f"; {refused}" if refused else "")
     rows = probes.sweep({p: states[p] for p in config["positions"]}, items, targets, config["split_seeds"],
-                        config["test_fraction"], config["l2"], progress_bar("probe"))
+                        config["test_fraction"], config["l2"], item_bar("probe"))
     summary = probes.summarise(rows, items, targets, config["positions"])
     direction = None
     if label and not refused:

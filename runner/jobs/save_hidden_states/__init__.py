@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from models import load_model
 from runner.config import option
 from runner.errors import UserError
 from runner.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from runner.progress import item_bar
 from runner.registry import Job, SubJob
 from twohop.data import tables
 from twohop.data.records import read_prompts, read_records
@@ -89,17 +89,6 @@ def base_path(ctx) -> Path:
     return trained_or_given(ctx.input("finetune_base"), ctx.model.path)
 
 
-def progress_bar(label: str):
-    bar = tqdm(desc=label, unit="row", dynamic_ncols=True)
-
-    def update(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-    return update
-
-
 def run_save(ctx, entity_type: str) -> dict:
     model_path = base_path(ctx)
     model, tokenizer = load_model(model_path)
@@ -110,7 +99,7 @@ def run_save(ctx, entity_type: str) -> dict:
         info = save_hidden_states(model, tokenizer, rows, ctx.run_dir / family, ctx.config["positions"],
                                   ctx.config["batch_size"], ctx.config["shard_rows"], ctx.config["dtype"],
                                   {"model": str(model_path), "family": family, "entity_type": entity_type},
-                                  progress_bar(family))
+                                  item_bar(family, "row"))
         saved[family] = info["rows"]
     return {"rows": saved}
 
@@ -130,7 +119,7 @@ def run_prompts(ctx) -> dict:
     info = save_hidden_states(model, tokenizer, rows, ctx.run_dir / "states", ctx.config["positions"],
                               ctx.config["batch_size"], ctx.config["shard_rows"], ctx.config["dtype"],
                               {"model": str(base_path(ctx)), "family": "prompts", "source": str(path)},
-                              progress_bar("prompts"))
+                              item_bar("prompts", "row"))
     return {"rows": info["rows"]}
 
 
