@@ -21,7 +21,7 @@ from models import load_model
 from models.families import decoder_layers
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_text
-from twohop.training import checkpoint
+from twohop.training import checkpoint, memory
 from twohop.training.batching import collate, encode_rows, length_grouped_batches, pack
 from twohop.training.experiment import parse_layer_range
 from twohop.stats import bootstrap_interval
@@ -77,6 +77,9 @@ class Trainer:
                                                 dtype=torch.float32)
         self.model.train()
         freeze_outside(self.model, parse_layer_range(layers, len(decoder_layers(self.model))))
+        parameters = sum(p.numel() for p in self.model.parameters())
+        if memory.use_checkpointing(config["gradient_checkpointing"], parameters, torch.cuda.is_available()):
+            memory.enable_checkpointing(self.model)
         self.with_aux = bool(config["aux_loss_type"]) and config["aux_loss_coef"] > 0
         self._encode(train_rows, eval_sets)
         self._schedule()
