@@ -99,6 +99,11 @@ def semi_synthetic_recipe(attributes, model) -> dict:
     return {**recipe(model, "semi_synthetic"), "train_datasets": train, "eval_datasets": evals}
 
 
+def pretrains(model) -> bool:
+    """Whether finetune_base trains `model`: the embedded tiny model needs its pretraining, a real model brings its own."""
+    return model.embedded_preset is not None
+
+
 def trained_or_given(base_run_dir: Path, model_path: Path) -> Path:
     """What `finetune_base` produced: a trained tiny model, or (for a real model) the model itself."""
     trained = Path(base_run_dir) / "model"
