@@ -179,7 +179,12 @@ def shape_of(model_ref) -> ModelShape:
         from models import tiny
         return model_shape(tiny.model_config(model_ref.embedded_preset))
     from transformers import AutoConfig
-    return model_shape(AutoConfig.from_pretrained(model_ref.path, local_files_only=True))
+    from runner.errors import UserError, first_line
+    try:
+        return model_shape(AutoConfig.from_pretrained(model_ref.path, local_files_only=True))
+    except (AttributeError, TypeError, ValueError, OSError) as error:  # a config the estimate cannot read
+        raise UserError(f"{model_ref.path / 'config.json'}: cannot estimate the model's memory from it "
+                        f"({type(error).__name__}: {first_line(error)}); is it a causal language model's?") from None
 
 
 def use_checkpointing(setting, parameters: int, cuda: bool) -> bool:
