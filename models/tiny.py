@@ -94,14 +94,17 @@ def train_tokenizer(corpus, vocab_size: int):
     return wrapped
 
 
-def build_tiny_model(preset_name: str, output_dir, seed: int = 0) -> Path:
-    """Train the tokenizer, initialise the weights from `seed`, save both to `output_dir`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(preset_name: str, tokenizer=None):
+    """The preset's LlamaConfig; with its tokenizer, that tokenizer's size and special tokens (without, the
+    preset's nominal vocabulary: enough for a memory estimate before the model is built)."""
+    from transformers import LlamaConfig
 
     preset = PRESETS[ALIASES.get(preset_name, preset_name)]
-    tokenizer = train_tokenizer(vocabulary_corpus(), preset.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    tokens = {} if tokenizer is None else {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.convert_tokens_to_ids(EOT),
+        "pad_token_id": tokenizer.pad_token_id}
+    return LlamaConfig(
+        vocab_size=preset.vocab_size if tokenizer is None else len(tokenizer),
         hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size,
         num_hidden_layers=preset.num_layers,
@@ -109,10 +112,17 @@ def build_tiny_model(preset_name: str, output_dir, seed: int = 0) -> Path:
         num_key_value_heads=preset.num_heads,
         max_position_embeddings=preset.max_length,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOT),
-        pad_token_id=tokenizer.pad_token_id,
+        **tokens,
     )
+
+
+def build_tiny_model(preset_name: str, output_dir, seed: int = 0) -> Path:
+    """Train the tokenizer, initialise the weights from `seed`, save both to `output_dir`."""
+    from transformers import LlamaForCausalLM
+
+    preset = PRESETS[ALIASES.get(preset_name, preset_name)]
+    tokenizer = train_tokenizer(vocabulary_corpus(), preset.vocab_size)
+    config = model_config(preset_name, tokenizer)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

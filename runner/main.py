@@ -20,7 +20,7 @@ from runner import locks, slurm
 from runner.errors import UserError
 from runner.execute import Executor, Workspace, summary_table
 from runner.plan import build_plan, parse_overrides
-from runner.preflight import check_inputs
+from runner.preflight import check_inputs, memory_checks, refuse_unfit
 from runner.progress import Progress
 from runner.slurm import split_slurm_overrides
 
@@ -97,9 +97,10 @@ def setup_logging(workspace: Workspace) -> Path:
     return path
 
 
-def describe_plan(plan, executor) -> str:
+def describe_plan(plan, executor, memory: dict = None) -> str:
     """Each run of the plan: why it is there, its state now, whether it will run or be skipped as done (the
-    executor's own test: same inputs, no prerequisite running again), and what it needs."""
+    executor's own test: same inputs, no prerequisite running again), and what it needs; `memory` ({Run:
+    MemoryCheck}) adds each training run's peak memory estimate."""
     lines, will_run = ["plan:"], executor.runs_to_execute(plan)
     for i, planned in enumerate(plan, 1):
         run = planned.run
@@ -116,6 +117,8 @@ def describe_plan(plan, executor) -> str:
         needs = f"; needs {', '.join(r.label for r in planned.prerequisites)}" if planned.prerequisites else ""
         lines.append(f"  {i}. {run.label}  ({why}; now: {status}, {action}{needs})")
         lines.append(f"     -> {run_dir}")
+        if memory and run in memory:
+            lines.append(f"     memory: {memory[run].summary()}{'' if memory[run].fits else '  DOES NOT FIT'}")
     return "\n".join(lines)
 
 
@@ -171,19 +174,22 @@ def main(argv=None, registry=None) -> int:
         if args.no_deps:
             executor.check_prerequisites_done(plan)
         check_inputs(plan, workspace)
+        memory = memory_checks(plan, executor, args.launcher)
         scopes = {*registry.jobs, *registry.subjobs}
         if args.dry_run:
-            print(describe_plan(plan, executor))
+            print(describe_plan(plan, executor, memory))
             if args.launcher == "slurm":
                 slurm.submit(plan, executor, overrides, slurm_overrides, scopes, True, log)
+            refuse_unfit(memory)
             return 0
+        refuse_unfit(memory)
         if args.no_wait:  # refuse before writing anything; a lock taken later is refused when met
             for planned in plan:
                 locks.refuse_if_held(planned.run.run_dir(workspace))
         workspace.create()
         log_path = setup_logging(workspace)
         log.info("invocation log: %s", log_path)
-        log.info("%s", describe_plan(plan, executor))
+        log.info("%s", describe_plan(plan, executor, memory))
         if args.launcher == "slurm":
             submitted = slurm.submit(plan, executor, overrides, slurm_overrides, scopes, False, log)
             return wait_for_slurm(submitted, workspace) if args.wait else 0

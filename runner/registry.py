@@ -44,7 +44,9 @@ class SubJob:
     # run reads it with. Each is read before anything is written (a bad row stops the invocation, naming file,
     # line and field) and fingerprinted by content.
     external_files: Callable = None
-    trains: bool = False  # it trains a model: under SLURM with several GPUs it launches one process per GPU
+    # It trains a model (True, or a function of the run's model saying whether it does): its peak memory is
+    # estimated and checked before anything runs; under SLURM with several GPUs it launches one process per GPU.
+    trains: object = False
     seeds_from_cli: bool = False  # its config's `seeds` ([] by default) takes the invocation's --seeds
     # Planned only when named itself, not by `--jobs <job>`: it needs input only the user can give (files).
     named_only: bool = False
@@ -52,6 +54,9 @@ class SubJob:
     @property
     def full_name(self) -> str:
         return f"{self.job}_{self.name}"
+
+    def trains_model(self, model) -> bool:
+        return self.trains(model) if callable(self.trains) else self.trains
 
     def recipe(self, model) -> dict:
         return dict(self.defaults(model) if callable(self.defaults) else self.defaults)

@@ -88,7 +88,7 @@ def render_script(planned, command: list, resources: dict, dependencies: list, l
     lines += ["set -euo pipefail"] + ([resources["setup"]] if resources["setup"] else [])
     lines.append(f"cd {shlex.quote(str(PROJECT_ROOT))}")
     gpus = int(resources["gpus"] or 0)
-    if gpus > 1 and run.subjob.trains:  # multi-GPU training: one process per GPU, FSDP
+    if gpus > 1 and run.subjob.trains_model(run.model):  # multi-GPU training: one process per GPU, FSDP
         launcher = ["accelerate", "launch", "--config_file", "configs/accelerate_fsdp.yaml", "--num_processes", str(gpus)]
     else:
         launcher = [shlex.quote(sys.executable)]

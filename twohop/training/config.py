@@ -32,6 +32,9 @@ class TrainingConfig:
     max_length: int = option(512, "longest training row in tokens (a longer row is an error)", minimum=8)
     packing: bool = option(False, "concatenate rows into sequences of max_length tokens")
     bf16: Literal["auto", True, False] = option("auto", "bf16 mixed precision; auto: on CUDA devices that support it")
+    gradient_checkpointing: Literal["auto", True, False] = option(
+        "auto", "recompute each decoder layer's activations in the backward pass (far less memory, about a third "
+                "more compute); auto: on for models over 1B parameters on a GPU")
     eval_every_steps: int = option(0, "evaluate every N steps (0: at the start and after each epoch)", minimum=0)
     save_every_steps: int = option(200, "checkpoint every N steps, for resuming (0: never)", minimum=0)
     log_every_steps: int = option(10, "log the training loss every N steps", minimum=1)

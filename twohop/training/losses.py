@@ -15,7 +15,7 @@ def reply_logits(model, input_ids, attention_mask, labels, output_hidden_states=
     [batch, length, 128k] logits tensor.
     """
     outputs = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                  output_hidden_states=output_hidden_states)
+                                  output_hidden_states=output_hidden_states, use_cache=False)
     targets = labels[:, 1:]
     supervised = targets != IGNORE
     logits = unembed(model, outputs.last_hidden_state[:, :-1][supervised]).float()

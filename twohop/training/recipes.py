@@ -109,6 +109,11 @@ def ioi_recipe(family: str, families, model) -> dict:
             "eval_datasets": [entry(f"test/{name}") for name in families]}
 
 
+def pretrains(model) -> bool:
+    """Whether finetune_base trains `model`: the embedded tiny model needs its pretraining, a real model brings its own."""
+    return model.embedded_preset is not None
+
+
 def trained_or_given(base_run_dir: Path, model_path: Path) -> Path:
     """What `finetune_base` produced: a trained tiny model, or (for a real model) the model itself."""
     trained = Path(base_run_dir) / "model"

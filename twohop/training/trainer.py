@@ -23,7 +23,7 @@ from models import load_model
 from models.families import decoder_layers
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_text
-from twohop.training import checkpoint, lora
+from twohop.training import checkpoint, lora, memory
 from twohop.training.batching import collate, encode_rows, length_grouped_batches, pack
 from twohop.training.experiment import parse_layer_range
 from twohop.stats import bootstrap_interval
@@ -77,6 +77,9 @@ class Trainer:
         self.resume_from = checkpoint.latest_checkpoint(self.checkpoints)
         self.model_path = Path(model_path)
         self._load(layers)
+        parameters = sum(p.numel() for p in self.model.parameters())
+        if memory.use_checkpointing(config["gradient_checkpointing"], parameters, torch.cuda.is_available()):
+            memory.enable_checkpointing(self.model)
         self.with_aux = bool(config["aux_loss_type"]) and config["aux_loss_coef"] > 0
         self._encode(train_rows, eval_sets)
         self._schedule()

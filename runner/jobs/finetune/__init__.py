@@ -54,7 +54,7 @@ def run_variant(ctx, data_job: str) -> dict:
 
 
 def run_base(ctx) -> dict:
-    if not ctx.model.embedded_preset:  # a real model brings its pretraining
+    if not recipes.pretrains(ctx.model):
         atomic_write_json(ctx.run_dir / "base.json", {"model_path": str(ctx.model.path), "trained": False})
         return {"trained": False}
     from twohop.training.trainer import train
@@ -78,7 +78,8 @@ SUBJOBS = [
     SubJob("finetune", "base", "the tiny model's pretraining (natural facts, chaining, reading, copying); "
            "a no-op for real models", run_base, BaseConfig, lambda model: recipes.recipe(model, "base"),
            requires=("generate_data_natural_facts", "generate_data_spouses"), uses_model=True,
-           check=lambda config, model: check_training(config), project_data=tables.SHIPPED_DATA, trains=True),
+           check=lambda config, model: check_training(config), project_data=tables.SHIPPED_DATA,
+           trains=recipes.pretrains),
 ] + [
     finetune(v.name, v.help, "generate_data_spouses", partial(recipes.spouses_recipe, v)) for v in recipes.VARIANTS
 ] + [
