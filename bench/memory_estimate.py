@@ -3,7 +3,7 @@
 
     python bench/memory_estimate.py [--sizes 10M 80M 300M] [--steps 4]
 
-Each measurement is a fresh process: its peak resident memory (`ru_maxrss`) after `--steps` training
+Each measurement is a fresh process: its peak resident memory (`VmHWM`) after `--steps` training
 steps minus its peak just before the model is built (libraries imported, kernels warmed up). A step
 is the trainer's: the reply-only loss (`ReplyLoss`, the last 16 tokens of each row are the reply),
 AdamW over the trainer's two parameter groups, gradient clipping, `zero_grad(set_to_none=True)`; the
@@ -16,7 +16,6 @@ which measures the live tensors, against the estimate without its allocator part
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -53,7 +52,10 @@ def estimate(size: str, checkpointing: bool) -> memory.MemoryEstimate:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec. (`ru_maxrss` does not:
+    a child started by a big process inherits its parent's peak, which hid the growth measured here.)"""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def measure(size: str, checkpointing: bool, steps: int) -> dict:

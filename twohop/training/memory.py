@@ -30,7 +30,7 @@ FP32 = 4
 CPU_ALLOCATOR_SLACK = 0.85
 FIT_SHARE = 0.9  # a run fits if its estimate is at most this share of the available memory
 CHECKPOINTING_AUTO_PARAMETERS = 10**9  # gradient_checkpointing=auto: on above this size, on a GPU
-LORA_RANK = 16  # the LoRA alternative offered when a run does not fit: this rank on every linear layer
+LORA_RANK = 8  # the LoRA alternative offered when a run does not fit (peft=lora at the default lora_rank)
 FSDP_GPUS = (2, 4, 8)
 
 
@@ -273,7 +273,7 @@ class MemoryCheck:
         return (f"needs {self.estimate.describe()} {self.settings()}, more than {FIT_SHARE:.0%} of the "
                 f"{size(self.device.available)} available on {self.device.name}. "
                 + (f"Fits with: {fixes}" if fixes else "Nothing tried fits (checkpointing, batch_size=1 with "
-                   f"accumulation, LoRA rank {LORA_RANK}, FSDP over {FSDP_GPUS[-1]} GPUs): use a smaller model"))
+                   f"accumulation, peft=lora, FSDP over {FSDP_GPUS[-1]} GPUs): use a smaller model"))
 
 
 def check_training_memory(config: dict, model_ref, device: Device) -> MemoryCheck:
@@ -281,17 +281,18 @@ def check_training_memory(config: dict, model_ref, device: Device) -> MemoryChec
     model = shape_of(model_ref)
     shape = planned_shape(config, model, device.cuda, device.shards)
     check = MemoryCheck(estimate_peak_memory(model, shape), shape, device)
-    return check if check.fits else replace(check, alternatives=tuple(alternatives(model, shape,
-                                                                                   FIT_SHARE * device.available)))
+    budget = FIT_SHARE * device.available
+    return check if check.fits else replace(check, alternatives=tuple(alternatives(model, shape, budget,
+                                                                                   lora="peft" in config)))
 
 
-def alternatives(model: ModelShape, run: TrainingShape, budget: float) -> list:
+def alternatives(model: ModelShape, run: TrainingShape, budget: float, lora: bool = True) -> list:
     """[(settings, peak)] that bring `run` within `budget` bytes, as the user would set them: with checkpointing,
-    the full model, then LoRA, then (on GPUs) FSDP over 2, 4 or 8 GPUs, each at the largest batch_size that fits
+    the full model, then LoRA (where the run takes `peft` keys), then (on GPUs) FSDP over 2, 4 or 8 GPUs, each at the largest batch_size that fits
     (accumulation keeping the effective batch) and only if it allows a larger batch than those before it."""
     base = replace(run, checkpointing=True)
-    lora = replace(base, trainable=lora_parameters(model, LORA_RANK), largest_trainable=LORA_RANK * model.intermediate)
-    levers = [("", base), (f"LoRA rank {LORA_RANK}", lora)]
+    adapter = replace(base, trainable=lora_parameters(model, LORA_RANK), largest_trainable=LORA_RANK * model.intermediate)
+    levers = [("", base)] + ([("peft=lora", adapter)] if lora else [])
     levers += [(f"FSDP over {gpus} GPUs (configs/accelerate_fsdp.yaml)", replace(base, shards=gpus))
                for gpus in (FSDP_GPUS if run.cuda else ())]
     found, best = [], 0
