@@ -99,7 +99,7 @@ def run_arm(shape: str, method: str, checkpointing: bool, args) -> dict:
                       estimate_gib=estimate(shape, trainable, args, checkpointing, device == "cuda") / memory.GIB)
         result["tokens_per_s"] = train_steps(model, trainable, args, device)
         result["status"] = "ok"
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         result["status"] = "out of memory"
     if device == "cuda":
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / memory.GIB,
