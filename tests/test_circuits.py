@@ -13,6 +13,7 @@ import unittest
 from pathlib import Path
 
 import torch
+from tests.fixtures.planted import blank_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from twohop import stats
@@ -37,13 +38,8 @@ def llama(layers=2, heads=HEADS, kv_heads=HEADS, hidden=HIDDEN, vocab=12, seed=0
 
 
 def mover_model() -> LlamaForCausalLM:
-    model, half = llama(), HIDDEN // HEADS
+    model, half = blank_llama(llama().config), HIDDEN // HEADS
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in [model.model.norm] + [n for layer in model.model.layers
-                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
         embeddings = model.model.embed_tokens.weight
         for token in range(12):
             embeddings[token, 2 + token % (HIDDEN - 2)] = 1.0

@@ -24,6 +24,7 @@ from runner.errors import UserError
 from runner.main import main
 from runner.files import append_jsonl, resume_jsonl
 from tests.fixtures.tiny_families import CONFIGS, random_model
+from tests.fixtures.planted import blank_llama
 from twohop.interp import backpatching, hooks, patching
 from twohop.interp.hooks import Batch, locate, parity_check
 
@@ -38,13 +39,8 @@ def mover_model(layers: int = LAYERS, mover: int = MOVER) -> LlamaForCausalLM:
                          num_attention_heads=2, num_key_value_heads=2, head_dim=HIDDEN // 2, tie_word_embeddings=False,
                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=11, max_position_embeddings=32)
     config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config).eval()
+    model = blank_llama(config)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in [model.model.norm] + [n for layer in model.model.layers
-                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
         embeddings = model.model.embed_tokens.weight
         for token in range(12):
             embeddings[token, 2 + token % (HIDDEN - 2)] = 1.0  # every token has its own direction, beyond 0 and 1

@@ -22,6 +22,7 @@ from runner.errors import UserError
 from runner.main import main
 from tests import test_intervene as intervene_tests
 from tests.test_intervene import StubTokenizer  # not a TestCase: safe to import by name
+from tests.fixtures.planted import blank_llama
 from twohop.interp import patchscope
 from twohop.interp.backpatching import Query
 from twohop.interp.hooks import Batch, final_logits, locate, patch_states
@@ -36,13 +37,8 @@ def hop_model() -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=12, hidden_size=HIDDEN, intermediate_size=2, num_hidden_layers=LAYERS,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=HIDDEN // 2, tie_word_embeddings=False,
                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=11, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).eval()
+    model = blank_llama(config)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in [model.model.norm] + [n for layer in model.model.layers
-                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
         model.model.embed_tokens.weight.copy_(torch.eye(12, HIDDEN))
         model.lm_head.weight.copy_(torch.eye(12, HIDDEN))
         for layer, (read, write, scale) in ((0, (E1, E2, 0.86)), (2, (E2, E3, 2.0))):  # silu(3.46) * 3.46 ~ 11.6
