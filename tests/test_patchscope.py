@@ -20,9 +20,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from runner.errors import UserError
 from runner.main import main
-from tests import test_intervene as intervene_tests
+from models.tiny import train_tokenizer, vocabulary_corpus
 from tests.test_intervene import StubTokenizer  # not a TestCase: safe to import by name
 from tests.fixtures.planted import blank_llama
+from tests.fixtures.tiny_families import CONFIGS, random_model
 from twohop.interp import patchscope
 from twohop.interp.backpatching import Query
 from twohop.interp.hooks import Batch, final_logits, locate, patch_states
@@ -185,9 +186,7 @@ class DescriptionPromptTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        intervene_tests.FamiliesTest.setUpClass()
-        cls.families = intervene_tests.FamiliesTest()
-        cls.tokenizer = intervene_tests.FamiliesTest.tokenizer
+        cls.tokenizer = train_tokenizer(vocabulary_corpus(), 4096)
         rows = [("Ada Hughes-Marsjanska", "Bo Okafor-Lindqvist", "Oslo"), ("Cy Donnelly-Rosenthal", "Di Yamamoto", "Lima"),
                 ("Ed Falkenberg", "Oslo Smith", "Rome"), ("Flo Nowak", "Gus Nowak", "Kyoto")]
         cls.queries = []
@@ -219,9 +218,9 @@ class DescriptionPromptTest(unittest.TestCase):
         self.assertEqual(patchscope.render_style(self.tokenizer, "auto"), "chat")
 
     def test_a_self_patchscope_is_the_identity_on_every_family(self):
-        for model_type in intervene_tests.FAMILIES:
+        for model_type in CONFIGS:
             with self.subTest(model_type):
-                model = self.families.random_model(model_type)
+                model = random_model(model_type, self.tokenizer)
                 checked = patchscope.self_check(model, self.tokenizer, self.queries[0], ["t1", "t2"], range(3), 3)
                 self.assertEqual(checked, 6)
 
