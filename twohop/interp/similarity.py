@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.families import final_norm, unembedding
+from twohop import stats
 from twohop.evaluation import generation
 from twohop.interp.hidden_states import row_states
 
@@ -27,23 +28,10 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def rankdata(values) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def spearman(x, y) -> float:
-    rx, ry = rankdata(x), rankdata(y)
-    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """Spearman's rho (`twohop.stats.spearman`), NaN where it is undefined (a constant side, n < 2)."""
+    rho = stats.spearman(x, y)
+    return float("nan") if rho is None else rho
 
 
 def permutation_p(x, y, samples: int = 10000, seed: int = 0) -> float:
