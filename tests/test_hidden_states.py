@@ -16,7 +16,8 @@ from models.families import final_norm, unembedding
 from twohop.evaluation import generation
 from runner.errors import UserError
 from twohop.interp.hidden_states import HiddenStates, row_states, save_hidden_states
-from twohop.interp.similarity import cosine_matrix, pair_similarity, permutation_p, rankdata, spearman
+from twohop import stats
+from twohop.interp.similarity import cosine_matrix, pair_similarity, permutation_p, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["Oslo", "Lima", "Paris", "Rome", "Cork", "Kyoto", "Quito", "Turin"]
@@ -149,7 +150,7 @@ def write_states(folder: Path, rows: list, layer_vectors: np.ndarray) -> HiddenS
 
 class AnalysisMathsTest(unittest.TestCase):
     def test_spearman_ranks_and_exact_permutation_p(self):
-        np.testing.assert_array_equal(rankdata([10, 10, 30, 20]), [1.5, 1.5, 4, 3])
+        np.testing.assert_array_equal(stats.ranks([10, 10, 30, 20]), [1.5, 1.5, 4, 3])
         self.assertAlmostEqual(spearman([1, 2, 3, 4], [1, 3, 2, 4]), 0.8)
         self.assertAlmostEqual(spearman([1, 2, 3, 4], [40, 30, 20, 10]), -1.0)
         # n = 4: of the 24 orderings, 1 gives rho = 1 and 3 give 0.8, and as many the negatives: p = 8/24.
