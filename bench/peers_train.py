@@ -3,10 +3,12 @@
 Same starting model, same rows, the same completion-only loss (the assistant reply and its
 end-of-turn token, under the model's chat template), batch size, optimizer (AdamW, constant
 learning rate, no warm-up, clipping 1.0), steps and seed, float32 on CPU. Each arm runs in its own
-process (`--arm`). Reported per arm: wall seconds of the training call (ours includes loading,
-encoding and saving the model; the peers' `train()` excludes building the trainer), real (non-pad)
-tokens per second over the rows its batches held, and the mean reply loss of the trained model on
-a fixed 512 training rows, computed the same way for every arm (so "equal loss" is one number).
+process (`--arm`). Reported per arm: wall seconds from the rows to the trained model (loading and
+encoding included: ours is the whole `train()` call, a peer's is building its trainer and `train()`)
+and of the training loop alone (ours: the trainer's own `train_seconds`, from the first step to the
+saved model; a peer's: `train()`), real (non-pad) tokens per second of the loop over the rows its
+batches held, and the mean reply loss of the trained model on a fixed 512 training rows, computed
+the same way for every arm (so "equal loss" is one number).
 
 The peers run with their defaults (random batches padded to the longest row) and, as a second row
 each, with their own length grouping (`train_sampling_strategy="group_by_length"`, transformers'
@@ -60,7 +62,9 @@ def hf_arguments(args, out: Path, grouped: bool, cls):
     return cls(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                max_grad_norm=1.0, seed=0, logging_steps=50, save_strategy="no", report_to=[], use_cpu=True,
-               train_sampling_strategy="group_by_length" if grouped else "random", dataloader_num_workers=0, disable_tqdm=True)
+               train_sampling_strategy="group_by_length" if grouped else "random", dataloader_num_workers=0, disable_tqdm=True,
+               bf16=False, gradient_checkpointing=False)  # float32 and no recomputation in every arm (SFTConfig
+    # defaults both to True: bf16 autocast on a CPU without bf16 units made TRL's arm ~10x slower here)
 
 
 def run_trainer(args, model_path: Path, rows: list, out: Path, grouped: bool):
@@ -100,7 +104,8 @@ def run_ours(args, model_path: Path, rows: list, out: Path) -> dict:
               "log_every_steps": 50, "bf16": False, "seed": 0}
     started = time.perf_counter()
     summary = train(config, model_path, rows, {}, out, logging.getLogger("bench"))
-    return {"seconds": time.perf_counter() - started, "tokens": summary["tokens"], "model": out / "model"}
+    return {"seconds": time.perf_counter() - started, "loop_seconds": summary["train_seconds"],
+            "tokens": summary["tokens"], "model": out / "model"}
 
 
 def held_out_loss(model_path_or_model, rows: list) -> float:
@@ -125,16 +130,18 @@ def arm(name: str, args) -> dict:
             trained = result["model"]
         else:
             build = run_trainer if name.startswith("trainer") else run_sft
-            trainer, collator, model, tokenizer = build(args, model_path, rows, out, name.endswith("grouped"))
             started = time.perf_counter()
+            trainer, collator, model, tokenizer = build(args, model_path, rows, out, name.endswith("grouped"))
+            loop_started = time.perf_counter()
             trainer.train()
-            result = {"seconds": time.perf_counter() - started, "tokens": collator.tokens}
+            loop_seconds = time.perf_counter() - loop_started
+            result = {"seconds": time.perf_counter() - started, "loop_seconds": loop_seconds, "tokens": collator.tokens}
             trained = out / "model"
             model.save_pretrained(trained)
             tokenizer.save_pretrained(trained)
         loss = held_out_loss(trained, rows[:512])
-    return {"arm": name, "seconds": result["seconds"], "tokens": result["tokens"],
-            "tokens_per_s": result["tokens"] / result["seconds"], "loss": loss}
+    return {"arm": name, "seconds": result["seconds"], "loop_seconds": result["loop_seconds"], "tokens": result["tokens"],
+            "tokens_per_s": result["tokens"] / result["loop_seconds"], "loss": loss}
 
 
 def main() -> None:
@@ -152,14 +159,16 @@ def main() -> None:
         print(json.dumps(arm(args.arm, args)))
         return
     common = [a for a in sys.argv[1:] if a != "--arms" and a not in ARMS]
-    print(f"| arm | seconds | real tokens | tokens/s | loss after ({args.steps} steps, 512 rows) |\n|---|---|---|---|---|")
+    print(f"| arm | seconds, all | seconds, training loop | real tokens | tokens/s (loop) | loss after ({args.steps} steps, "
+          f"512 rows) |\n|---|---|---|---|---|---|")
     for name in args.arms:
         done = subprocess.run([sys.executable, __file__, *common, "--arm", name], capture_output=True, text=True)
         if done.returncode:
             print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1]} |", flush=True)
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"| {r['arm']} | {r['seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['loss']:.4f} |",
+        print(f"| {r['arm']} | {r['seconds']:.1f} | {r['loop_seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
+              f"{r['loss']:.4f} |",
               flush=True)
 
 
