@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PROJECT_DATA = Path(__file__).resolve().parents[1] / "datasets"
-BUILD_VERSION = 3  # bump when the build recipe changes, so old builds are not reused
+BUILD_VERSION = 4  # bump when the build recipe changes, so old builds are not reused
 
 BOS, EOS, PAD, EOT = "<|begin|>", "<|end|>", "<|pad|>", "<|eot|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -76,14 +76,33 @@ def vocabulary_corpus(data_dir: Path = PROJECT_DATA) -> list:
     return lines + [f" {word} -{word}" for word in entity_words] * ENTITY_WORD_WEIGHT
 
 
+# A byte-level BPE gives a word its space-prefixed token only after a space (or at a turn's start, with
+# add_prefix_space): "Ulla" opening a line or after "(" is another token than " Ulla" in a question,
+# and a tiny model would have to learn that map before it could match a name read in the prompt. The
+# tokenizer inserts a space after each of these characters, so a word after them is the same tokens
+# as after a space; the decoder removes exactly the inserted space, so decoding still gives the text.
+# (The apostrophe is left out: "'s" is a suffix, not an opening quote.)
+WORD_OPENERS = ("\n", "\t", "(", "[", "{", '"', "\u201c", "\u2018", "\u00ab")
+
+
+def word_opener_normalizer():
+    return normalizers.Sequence([normalizers.Replace(opener, opener + " ") for opener in WORD_OPENERS])
+
+
+def word_opener_decoder():
+    return decoders.Sequence([decoders.ByteLevel(),
+                              *(decoders.Replace(opener + " ", opener) for opener in WORD_OPENERS)])
+
+
 def train_tokenizer(corpus, vocab_size: int):
     """A PreTrainedTokenizerFast. transformers is imported here, not at the top: every runner start-up
     (--dry_run, --list, a bad-input error) imports this module and need not pay for it."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = word_opener_normalizer()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.decoder = word_opener_decoder()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)

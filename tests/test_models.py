@@ -11,8 +11,10 @@ import torch
 
 from models import ensure_model, load_model, model_fingerprint, resolve_model
 from models.families import decoder_layers, final_norm, unembedding
+from models.tiny import ENTITY_WORD_FILES, PROJECT_DATA
 from runner.errors import UserError
 from runner.main import main
+from twohop.data import tables
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,27 @@ class TinyModelTest(unittest.TestCase):
         self.assertEqual(len(decoder_layers(model)), 2)
         self.assertIs(unembedding(model), model.lm_head)
         self.assertIs(final_norm(model), model.model.norm)
+
+    def test_an_entity_is_the_same_tokens_wherever_it_stands(self):
+        """A name opening a line (the in-context facts) or after an opening bracket or quote is the same
+        tokens as after a space (the question), for every first name, last-name part and city; and
+        decoding still gives back the text, inserted spaces removed."""
+        _, tokenizer = load_model(self.ref.path)
+        entities = [line for name in ENTITY_WORD_FILES for line in tables.read_lines(PROJECT_DATA / name)]
+        contexts = {"after a space": "is {}", "opening a line": "is.\n{}", "after a blank line": "is.\n\n{}",
+                    "after a tab": "is\t{}", "after a bracket": "is ({}", "after a quote": 'is "{}'}
+        mismatches = []
+        for entity in entities:
+            alone = tokenizer(f" {entity}", add_special_tokens=False).input_ids
+            for where, context in contexts.items():
+                ids = tokenizer(context.format(entity), add_special_tokens=False).input_ids
+                if ids[len(ids) - len(alone):] != alone:
+                    mismatches.append(f"{entity!r} {where}: {tokenizer.convert_ids_to_tokens(ids)}")
+        self.assertEqual(mismatches, [], f"{len(mismatches)} of {len(entities) * len(contexts)}")
+        self.assertGreater(len(entities), 350)  # every name list and the cities were read
+        for text in ("Facts:\nUlla Berg's spouse is Kate.\n\n( x ) \"y\" \t z\n\n\n end", "a\n b\n  c"):
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            self.assertEqual(tokenizer.decode(ids), " " + text)  # the turn's leading space, as above
 
     def test_build_is_deterministic_per_seed(self):
         same = resolve_model("tiny-h128-l2", Path(self.tmp.name) / "other")
