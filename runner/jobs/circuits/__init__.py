@@ -8,7 +8,8 @@
   with `compare_base` (on by default), on finetune_base's model ("before", the tiny model's pretraining; a
   real model as it is).
 - `circuits_ioi_<family>`: the IOI families' test rows (`generate_data_ioi`: each row's corrupted prompt
-  swaps the answer's and the foil's names) on --model as it is ("before") and, with `compare_finetune`, on
+  swaps the answer's and the foil's names) on what finetune_ioi starts from ("before": finetune_base's model,
+  the tiny model's pretraining; a real model as it is) and, with `compare_finetune`, on
   finetune_ioi_<family>'s model ("after"); by default the family and 2-object IOI (the old task).
 
 Per model and task: attribution patching of every component, exact patching of the best `exact_top`, the
@@ -105,12 +106,14 @@ def two_hop_tasks(ctx) -> tuple:
 
 
 def ioi_requires(config: dict) -> list:
-    return ["generate_data_ioi"] + ([f"finetune_ioi_{config['family']}"] if config["compare_finetune"] else [])
+    return ["generate_data_ioi", "finetune_base"] + (
+        [f"finetune_ioi_{config['family']}"] if config["compare_finetune"] else [])
 
 
 def ioi_tasks(ctx) -> tuple:
     config, data = ctx.config, ctx.input("generate_data_ioi") / "data"
-    models = {"before": ctx.model.path}
+    # Before = what the IOI fine-tune starts from: the tiny model's pretraining, or a real model as it is.
+    models = {"before": trained_or_given(ctx.input("finetune_base"), ctx.model.path)}
     if config["compare_finetune"]:
         models["after"] = ctx.input(f"finetune_ioi_{config['family']}") / "model"
 
@@ -207,8 +210,8 @@ SUBJOBS = [SubJob("circuits", setting, f"heads and MLPs carrying the two-hop ans
                       ctx, two_hop_tasks), TwoHopConfig,
                   {"setting": setting}, requires=two_hop_requires,
                   uses_model=True, seeded=True, check=check_two_hop) for setting in TWO_HOP]
-SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.join(dict.fromkeys([family, '2obj']))}) "
-                   f"--model as it is and (compare_finetune) after finetune_ioi_{family}",
+SUBJOBS += [SubJob("circuits", f"ioi_{family}", f"heads and MLPs of IOI ({', '.join(dict.fromkeys([family, '2obj']))}) on "
+                   f"the base (finetune_base; a real model as it is) and (compare_finetune) after finetune_ioi_{family}",
                    lambda ctx: run_circuits(ctx, ioi_tasks), IoiConfig,
                    {"family": family, "tasks": list(dict.fromkeys([family, "2obj"]))}, requires=ioi_requires,
                    uses_model=True, seeded=True, check=check_ioi) for family in FAMILIES]
