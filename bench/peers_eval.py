@@ -6,7 +6,8 @@ loaded model and the same batch size, and grade with the same grader. lm-eval ru
 `simple_evaluate` with `HFLM` (`generate_until`); ours runs `twohop.evaluation.generation.generate`
 (length-sorted batches, left padding, KV cache, stop at the end-of-turn token). Each arm is timed
 twice and the faster time is kept (the first lm-eval call also builds its task objects). Prints
-questions/s per arm, the ratio, and how many predictions are identical.
+questions/s per arm, the ratio, how many predictions are identical, and the seconds lm-eval spent
+inside `generate_until` (its generation alone, without building tasks, datasets and metrics).
 
 Usage (lm-eval is in requirements.txt):
 
@@ -47,13 +48,23 @@ def ours(model, tokenizer, tasks: dict, batch_size: int) -> dict:
             for name, (prompts, max_tokens) in tasks.items()}
 
 
-def lm_eval_arm(model, tokenizer, tasks: dict, folder: Path, batch_size: int, limit: int) -> dict:
+def lm_eval_arm(model, tokenizer, tasks: dict, folder: Path, batch_size: int, limit: int, generating: list) -> dict:
+    """lm-eval's whole `simple_evaluate` call; the seconds spent inside `generate_until` go to `generating`."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     tokenizer.padding_side = "left"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=getattr(model.config, "max_position_embeddings", None))
+    generate_until = lm.generate_until
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return generate_until(*args, **kwargs)
+        finally:
+            generating.append(time.perf_counter() - started)
+    lm.generate_until = timed
     output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=str(folder)),
                              log_samples=True, verbosity="ERROR", limit=limit)
     return {name: [s["resps"][0][0].strip() for s in sorted(output["samples"][name], key=lambda s: s["doc_id"])]
@@ -90,14 +101,17 @@ def main() -> None:
         tasks = local_tasks(exported, Path(tmp), args.limit)
         n = sum(len(prompts) for prompts, _ in tasks.values())
         print(f"model {model_path}; {len(tasks)} tasks, {n} questions; {torch.get_num_threads()} threads")
+        generating = []
         baseline, baseline_s, baseline_times = best_of_two(lambda: lm_eval_arm(model, tokenizer, tasks, Path(tmp),
-                                                                               args.batch_size, args.limit))
+                                                                               args.batch_size, args.limit, generating))
         mine, mine_s, mine_times = best_of_two(lambda: ours(model, tokenizer, tasks, args.batch_size))
     same = sum(a.strip() == b for name in tasks for a, b in zip(mine[name], baseline[name]))
     print(f"| arm | questions/s | seconds (both runs) |\n|---|---|---|\n"
           f"| lm-eval HF back end (`generate_until`) | {n / baseline_s:,.1f} | {baseline_times[0]:.1f}, {baseline_times[1]:.1f} |\n"
           f"| ours | {n / mine_s:,.1f} | {mine_times[0]:.1f}, {mine_times[1]:.1f} |\n"
-          f"ratio {baseline_s / mine_s:.1f}x; identical predictions {same}/{n}")
+          f"ratio {baseline_s / mine_s:.1f}x; identical predictions {same}/{n}\n"
+          f"inside lm-eval's generate_until: {', '.join(f'{s:.1f}' for s in generating)} s "
+          f"(ratio to ours {min(generating) / mine_s:.1f}x)")
 
 
 if __name__ == "__main__":
