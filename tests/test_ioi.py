@@ -29,9 +29,10 @@ SMALL = {"data_seed": 0, "train_per_family": 40, "test_per_family": 16, "test_na
 EOT = "<|endoftext|>"
 
 
-def gpt2_style(folder: Path, names: list) -> Path:
+def gpt2_style(folder: Path, names: list, **shape) -> Path:
     """A GPT-2-like model: byte-level BPE without a prefix space (only `names` become single tokens),
-    <|endoftext|> as BOS and EOS, trimmed offsets, no chat template, random-init GPT2LMHeadModel."""
+    <|endoftext|> as BOS and EOS, trimmed offsets, no chat template, random-init GPT2LMHeadModel
+    (`shape`: GPT2Config keys over the tiny default, e.g. GPT-2 small's for bench/gpt2_ioi_time.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     tokenizer = Tokenizer(models.BPE())
@@ -43,8 +44,8 @@ def gpt2_style(folder: Path, names: list) -> Path:
     templates = [t for spec in ioi.families().values() for t in spec["templates"]]
     tokenizer.train_from_iterator(templates * 5 + [f"So {name} came" for name in names] * 40, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT)
-    config = GPT2Config(vocab_size=len(wrapped), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=wrapped.bos_token_id, eos_token_id=wrapped.eos_token_id)
+    config = GPT2Config(**{"vocab_size": len(wrapped), "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                           **shape}, bos_token_id=wrapped.bos_token_id, eos_token_id=wrapped.eos_token_id)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     wrapped.save_pretrained(folder)
