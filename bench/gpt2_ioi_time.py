@@ -9,9 +9,10 @@ after, `compare_finetune`) on `--pairs` pairs per task, and reads what the runs 
 `train_seconds` over its steps, and the circuit discovery's seconds per model and task.
 
 It prints those measurements and their linear scaling to the default recipe (1,000 training rows x 3
-epochs / batch 16 = 188 steps; 200 test pairs per task, two tasks, two models). The scaling is an
-estimate: it assumes time linear in steps and in pairs, and leaves out the fine-tune's evaluations and
-each job's start-up (printed apart, as measured in the short runs). Compute is GPT-2 small's; the
+epochs in batches of 16 = 189 steps; an evaluation of every family's test at the start and after each epoch;
+200 test pairs per task, two tasks, two models). The scaling is an estimate: it assumes time linear in
+steps and in pairs, and an evaluation as long as the short run's (its run time less its loop, per
+evaluation, so job start-up is counted in it). Compute is GPT-2 small's; the
 answers are meaningless (random weights), which does not change the work done.
 
     python bench/gpt2_ioi_time.py --workspace_path W [--steps 10] [--pairs 16]
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
-RECIPE_STEPS = 1000 * 3 // 16  # generate_data_ioi's train_per_family x finetune's ioi epochs / batch size
+RECIPE_STEPS = 3 * -(-1000 // 16)  # 189: finetune's ioi epochs x batches of 16 in generate_data_ioi's 1,000 rows
 RECIPE_PAIRS = 200  # generate_data_ioi's test_per_family
 
 
@@ -63,22 +64,27 @@ def main() -> None:
     build(args.workspace_path / "transformers" / "gpt2-small-shape")
     wall = run_jobs(args.workspace_path, args.steps, args.pairs)
     finetune = run_folder(args.workspace_path, "finetune", "ioi_3obj")
-    trained = json.loads((finetune / "metrics.json").read_text())
-    per_step = trained["train_seconds"] / trained["steps"]
+    # The loop's own time: the last logged training step's tokens over its running rate (the trainer's
+    # train_seconds also counts the closing evaluation of every family's test, 256 rows each).
+    logged = [json.loads(line) for line in (finetune / "metrics.jsonl").read_text().splitlines() if line]
+    last = [entry for entry in logged if entry.get("event") == "train"][-1]
+    loop_seconds = last["tokens"] / last["tokens_per_s"]
+    per_step, evaluations = loop_seconds / last["step"], sum(1 for entry in logged if entry.get("event") == "eval")
     circuits = json.loads((run_folder(args.workspace_path, "circuits", "ioi_3obj") / "results.json").read_text())
     per_pair = {f"{model} {task}": seconds / args.pairs for task, by_model in circuits["seconds"].items()
                 for model, seconds in by_model.items()}
     durations = {job: json.loads((run_folder(args.workspace_path, job, sub) / "status.json").read_text())["duration_s"]
                  for job, sub in (("finetune", "ioi_3obj"), ("circuits", "ioi_3obj"))}
-    print(f"measured: {trained['steps']} steps in {trained['train_seconds']:.1f} s ({per_step:.2f} s/step, "
-          f"{trained['tokens_per_s']:.0f} tokens/s); finetune run {durations['finetune']:.0f} s, circuits run "
-          f"{durations['circuits']:.0f} s, whole command {wall:.0f} s")
+    print(f"measured: {last['step']} steps in {loop_seconds:.1f} s ({per_step:.2f} s/step, {last['tokens_per_s']:.0f} "
+          f"tokens/s); finetune run {durations['finetune']:.0f} s with {evaluations} evaluations of every family's "
+          f"test; circuits run {durations['circuits']:.0f} s; whole command {wall:.0f} s")
     for name, seconds in per_pair.items():
         print(f"  circuits {name}: {seconds:.2f} s per pair")
     train_estimate, circuits_estimate = per_step * RECIPE_STEPS, sum(per_pair.values()) * RECIPE_PAIRS
-    print(f"scaled to the default recipe: fine-tune {RECIPE_STEPS} steps ~ {train_estimate / 60:.0f} min, circuits "
-          f"{RECIPE_PAIRS} pairs x {len(per_pair)} (model, task) ~ {circuits_estimate / 60:.0f} min "
-          f"(plus the evaluations and start-up not scaled)")
+    evaluation = (durations["finetune"] - loop_seconds) / evaluations
+    print(f"scaled to the default recipe: fine-tune {RECIPE_STEPS} steps ~ {train_estimate / 60:.0f} min plus 4 "
+          f"evaluations (start and each of 3 epochs) ~ {4 * evaluation / 60:.0f} min, circuits {RECIPE_PAIRS} pairs x "
+          f"{len(per_pair)} (model, task) ~ {circuits_estimate / 60:.0f} min")
 
 
 if __name__ == "__main__":
