@@ -91,10 +91,12 @@ class LlamaAdapterTest(unittest.TestCase):
         self.assertFalse((self.run_dir / "checkpoints").exists() and list((self.run_dir / "checkpoints").iterdir()))
 
     def test_the_loss_decreases(self):
+        # Each step's loss is of another batch (+-0.3 here), so the training curve is compared by halves; the
+        # held-out loss is of the same rows before and after, and must fall by a margin.
         train = [entry["loss"] for entry in records(self.run_dir) if entry["event"] == "train"]
-        self.assertLess(train[-1], train[0] - 0.1, train)
+        self.assertLess(sum(train[3:]) / 3, sum(train[:3]) / 3, train)
         evals = [entry["2hop_nocot/loss"] for entry in records(self.run_dir) if entry["event"] == "eval"]
-        self.assertLess(evals[-1], evals[0], evals)
+        self.assertLess(evals[-1], evals[0] - 0.1, evals)
 
     def test_every_job_loads_the_adapter_as_the_trained_model(self):
         model, tokenizer = load_model(self.run_dir / "model")
