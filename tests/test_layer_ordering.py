@@ -4,6 +4,7 @@ A 4-layer tiny model (so "upper half" is layers 2-3 and the end-exclusive bounda
 trains a few real steps per stage on the small spouses world.
 """
 import logging
+import random
 import tempfile
 import unittest
 from pathlib import Path
@@ -15,7 +16,8 @@ from models import ensure_model, resolve_model
 from runner.errors import UserError
 from runner import config as typed
 from runner.jobs.layer_ordering import JOB
-from twohop.training.stages import STAGES, LayerOrderingConfig, check_config, layer_range, run_chain
+from twohop.training.stages import (REPLAY_STAGES, STAGES, LayerOrderingConfig, check_config, layer_range, run_chain,
+                                    stage_rows)
 from tests.fixtures.train_small import small_data
 
 LOG = logging.getLogger("test_layer_ordering")
@@ -39,7 +41,7 @@ class LayerOrderingTest(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory()
         w = Path(cls.tmp.name) / "w"
         cls.data = small_data(w)
-        cls.model = resolve_model("tiny-h256-l4", w / "transformers")
+        cls.model = resolve_model("tiny-h128-l4", w / "transformers")
         ensure_model(cls.model)
         config = JOB.subjobs[0].default_config(cls.model)
         config.update(max_steps=2, batch_size=8, save_every_steps=0, eval_subsample=16, stages=STAGES[:3],
@@ -104,6 +106,20 @@ class LayerOrderingTest(unittest.TestCase):
         self.assertFalse((run_dir / "stage_1_b_facts/model").exists())
         self.assertFalse((run_dir / "stage_2_a_facts/model").exists())
         self.assertTrue((run_dir / "stage_3_two_hop/model/model.safetensors").is_file())
+
+    def test_replay_stages_train_their_rounds_earlier_facts_and_are_the_replay_subjobs_default(self):
+        def count(stage):
+            return len(stage_rows(self.data, stage["train"], 1.0, random.Random(0)))
+        b, a, two_hop = (count(stage) for stage in STAGES[:3])
+        self.assertEqual([count(stage) for stage in REPLAY_STAGES], [b, a + b, two_hop + a + b] * 2)
+        self.assertEqual([s["layers"] for s in REPLAY_STAGES], [s["layers"] for s in STAGES])
+        self.assertEqual([s["lr_scale"] for s in REPLAY_STAGES], [s["lr_scale"] for s in STAGES])
+        self.assertEqual(REPLAY_STAGES[4]["name"], "a_facts_b_replay_again")
+        by_name = {subjob.name: subjob for subjob in JOB.subjobs}
+        for mode in ("selective", "all"):
+            self.assertEqual(by_name[f"{mode}_replay"].default_config(self.model)["stages"], REPLAY_STAGES)
+            self.assertEqual(by_name[mode].default_config(self.model)["stages"], STAGES)
+        self.assertEqual(by_name["compare_replay"].requires, ("layer_ordering_selective_replay", "layer_ordering_all_replay"))
 
     def test_ranges_and_bad_stages(self):
         self.assertEqual(layer_range("upper", 32, -1), "16-32")
