@@ -43,7 +43,7 @@ class TinyPreset:
 
 PRESETS = {
     "tiny-h128-l2": TinyPreset(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
-    # Four layers at the default's width: enough depth for layer_ordering to store the hops in separate halves.
+    # Four layers at the default's width, so each of layer_ordering's halves holds two layers.
     "tiny-h128-l4": TinyPreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
     "tiny-h256-l4": TinyPreset(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=1024),
 }
