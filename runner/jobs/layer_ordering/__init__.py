@@ -41,8 +41,8 @@ def run(ctx, selective: bool) -> dict:
 
 
 def run_compare(ctx, suffix: str) -> dict:
-    return write_comparison({mode: ctx.input(f"layer_ordering_{mode}{suffix}") for mode in ("selective", "all")},
-                            ctx.run_dir, ctx.run.label)
+    chains = (f"selective{suffix}", f"all{suffix}")  # named in full, so a missing one's error names its sub-job
+    return write_comparison({chain: ctx.input(f"layer_ordering_{chain}") for chain in chains}, ctx.run_dir, ctx.run.label)
 
 
 def chain_subjobs(suffix: str, stages: list, adds: str) -> list:
