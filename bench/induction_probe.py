@@ -75,10 +75,14 @@ def phase_of_step(phases: list, step: int) -> str:
 
 
 def parse_phases(text: str) -> list:
-    phases = [(kind, int(steps)) for kind, steps in (part.split(":") for part in text.split(","))]
-    unknown = {kind for kind, _ in phases} - {"random", "words", "vocab", "names"}
-    if unknown:
-        raise SystemExit(f"--phases: unknown list kind(s) {sorted(unknown)}; use random, words, vocab or names")
+    kinds = ("random", "words", "vocab", "names")
+    phases = []
+    for part in text.split(","):
+        kind, _, steps = part.partition(":")
+        if kind not in kinds or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--phases: {part!r} is not KIND:STEPS with KIND one of {', '.join(kinds)} and "
+                             "STEPS a positive integer (e.g. random:200,names:400)")
+        phases.append((kind, int(steps)))
     return phases
 
 
