@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.tiny import build_tiny_model  # noqa: E402
+from models.tiny import ALIASES, PRESETS, build_tiny_model  # noqa: E402
 from twohop.data import tables  # noqa: E402
 from twohop.data.base_corpus import base_last_parts, random_name  # noqa: E402
 
@@ -89,13 +89,19 @@ def parse_phases(text: str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--phases", default="names:400", help="KIND:STEPS,... (kinds: random, words, vocab, names)")
-    parser.add_argument("--preset", default="tiny-h128-l2", help="embedded preset, built fresh into a temp folder")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--random_length", type=int, default=24, help="tokens per random or words list")
+    parser.add_argument("--preset", default="tiny-h128-l2", choices=sorted([*PRESETS, *ALIASES]),
+                        help="embedded preset, built fresh into a temp folder")
+    parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant)")
+    parser.add_argument("--random_length", type=int, default=24, help="tokens per random, words or vocab list")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' init and of the lists")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps")
     args = parser.parse_args()
+    for name in ("batch_size", "random_length", "every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     phases = parse_phases(args.phases)
     total_steps = sum(steps for _, steps in phases)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,20 +112,20 @@ def main() -> None:
         tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
     pools = word_pools(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    started, curve = time.time(), []
+    started, last = time.time(), None
     for step in range(total_steps + 1):
         data = phase_of_step(phases, step)
         ids, width = list_batches(tokenizer, pools, data, rng, args.batch_size, args.random_length)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         if step % args.every == 0:
-            curve.append({"step": step, "data": data, "second_copy_loss": round(second_copy_loss(logits, ids, width).item(), 3)})
-            print(json.dumps({**curve[-1], "seconds": round(time.time() - started)}), flush=True)
+            last = {"step": step, "data": data, "second_copy_loss": round(second_copy_loss(logits, ids, width).item(), 3)}
+            print(json.dumps({**last, "seconds": round(time.time() - started)}), flush=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"phases": args.phases, "preset": args.preset, "seed": args.seed, "final": curve[-1]}))
+    print(json.dumps({"phases": args.phases, "preset": args.preset, "seed": args.seed, "final": last}))
 
 
 if __name__ == "__main__":
