@@ -10,9 +10,18 @@ copying can bring down. Each phase trains on one kind of list (`--phases KIND:ST
 - `vocab`: random whole-word tokens of the vocabulary (" " + letters: each is one token, as text);
 - `names`: six random people built from the project's name lists ("Ulla Ravenscroft-Szymanski"),
   the kind of name the study asks the model to look up.
+The key-value kinds are lookup itself: six facts "KEY SEPARATOR CITY." with distinct keys and cities,
+then the six keys again in another order, each followed by its fact; the printed loss is on the
+cities of that second part, which only finding the key's earlier fact can bring down:
+- `kv`: one-token keys (first names), the city right after the key (" Ulla Oslo.");
+- `kv_is`: one-token keys, " is" between key and city (" Ulla is Oslo.");
+- `kv_names_is`: whole people as keys, " is" between (" Ulla Ravenscroft-Szymanski is Oslo.");
+- `kv_names_question`: the same facts, asked as " Where is Ulla Ravenscroft-Szymanski? Oslo." (the key
+  is no longer right before the city, as in the study's questions).
 
     python bench/induction_probe.py --phases names:600
     python bench/induction_probe.py --phases random:200,names:400
+    python bench/induction_probe.py --phases kv:300,kv_is:300
 """
 import argparse
 import json
@@ -34,13 +43,25 @@ from twohop.data.base_corpus import base_last_parts, random_name  # noqa: E402
 def word_pools(tokenizer) -> dict:
     first_names, last_parts = tables.names()
     last_parts = sorted({*last_parts, *base_last_parts()})
-    return {"first_names": first_names, "last_parts": last_parts, "words": [*first_names, *last_parts, *tables.cities()],
-            "vocab": vocabulary_words(tokenizer)}
+    return {"first_names": first_names, "last_parts": last_parts, "cities": tables.cities(),
+            "words": [*first_names, *last_parts, *tables.cities()], "vocab": vocabulary_words(tokenizer)}
 
 
-def list_batches(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, random_length: int):
-    """One batch of [list, same list] token rows, every row cut to the batch's shortest list."""
+COPY_KINDS = ("random", "words", "vocab", "names")
+# kind: (keys, a fact's text, a query's text)
+KEY_VALUE_KINDS = {"kv": ("first_name", " {key} {city}.", " {key} {city}."),
+                   "kv_is": ("first_name", " {key} is {city}.", " {key} is {city}."),
+                   "kv_names_is": ("person", " {key} is {city}.", " {key} is {city}."),
+                   "kv_names_question": ("person", " {key} is {city}.", " Where is {key}? {city}.")}
+FACTS_PER_ROW = 6
+
+
+def copy_rows(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple) -> list:
+    """[list, same list] token rows, every list cut to the batch's shortest, and the mask of the second
+    copy's tokens after its first (the first is not predictable). Random, words and vocab lists have a
+    length in `lengths` (min, max), drawn once per batch."""
     lists = []
+    random_length = rng.randint(*lengths) if lengths[0] < lengths[1] else lengths[1]
     for _ in range(batch_size):
         if data == "random":
             lists.append([rng.randrange(len(tokenizer.all_special_ids), len(tokenizer)) for _ in range(random_length)])
@@ -50,7 +71,46 @@ def list_batches(tokenizer, pools: dict, data: str, rng: random.Random, batch_si
             names = ", ".join(random_name(rng, pools["first_names"], pools["last_parts"]) for _ in range(6))
             lists.append(tokenizer(f" {names}.", add_special_tokens=False)["input_ids"])
     width = min(len(ids) for ids in lists)
-    return torch.tensor([ids[:width] * 2 for ids in lists]), width
+    return [(ids[:width] * 2, [False] * (width + 1) + [True] * (width - 1)) for ids in lists]
+
+
+def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
+    """Six facts ("KEY is CITY."), then the keys again, shuffled, in the kind's query text; the mask
+    marks the cities' tokens in that second part."""
+    key_kind, fact_text, query_text = KEY_VALUE_KINDS[data]
+    if key_kind == "first_name":
+        keys = rng.sample(pools["first_names"], FACTS_PER_ROW)
+    else:
+        keys = [random_name(rng, pools["first_names"], pools["last_parts"]) for _ in range(FACTS_PER_ROW)]
+    cities = rng.sample(pools["cities"], FACTS_PER_ROW)
+    queries = rng.sample(range(FACTS_PER_ROW), FACTS_PER_ROW)
+    ids, mask = [], []
+    for i, is_query in [(i, False) for i in range(FACTS_PER_ROW)] + [(i, True) for i in queries]:
+        text = query_text if is_query else fact_text
+        before_city = text[:text.index(" {city}")]
+        fact = tokenizer(text.format(key=keys[i], city=cities[i]), add_special_tokens=False)["input_ids"]
+        city_start = len(tokenizer(before_city.format(key=keys[i]), add_special_tokens=False)["input_ids"])
+        city_end = len(tokenizer(f"{before_city} {{city}}".format(key=keys[i], city=cities[i]),
+                                 add_special_tokens=False)["input_ids"])
+        ids += fact
+        mask += [False] * city_start + [is_query] * (city_end - city_start) + [False] * (len(fact) - city_end)
+    return ids, mask
+
+
+def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple) -> tuple:
+    """(token ids [batch, width], next-token labels with -100 at padding, the mask of target tokens)."""
+    if data in KEY_VALUE_KINDS:
+        rows = [key_value_row(tokenizer, pools, data, rng) for _ in range(batch_size)]
+    else:
+        rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+    labels = torch.full((batch_size, width), -100)
+    targets = torch.zeros((batch_size, width), dtype=torch.bool)
+    for row, (row_ids, row_mask) in enumerate(rows):
+        ids[row, :len(row_ids)] = labels[row, :len(row_ids)] = torch.tensor(row_ids)
+        targets[row, :len(row_mask)] = torch.tensor(row_mask)
+    return ids, labels, targets
 
 
 def vocabulary_words(tokenizer) -> list:
@@ -59,10 +119,11 @@ def vocabulary_words(tokenizer) -> list:
     return sorted(piece[1:] for piece in pieces if re.fullmatch(r" [A-Za-z]+", piece))
 
 
-def second_copy_loss(logits, ids, width: int) -> torch.Tensor:
-    """Mean loss on the second copy's tokens after its first (the first is not predictable)."""
-    predicted = logits[:, width:-1]
-    return torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), ids[:, width + 1:].reshape(-1))
+def target_loss_and_accuracy(logits, ids, targets) -> tuple:
+    """Mean loss and argmax accuracy on the target tokens (the second copy, or the looked-up cities)."""
+    predicted, wanted = logits[:, :-1][targets[:, 1:]], ids[:, 1:][targets[:, 1:]]
+    loss = torch.nn.functional.cross_entropy(predicted, wanted)
+    return loss.item(), (predicted.argmax(-1) == wanted).float().mean().item()
 
 
 def phase_of_step(phases: list, step: int) -> str:
@@ -75,7 +136,7 @@ def phase_of_step(phases: list, step: int) -> str:
 
 
 def parse_phases(text: str) -> list:
-    kinds = ("random", "words", "vocab", "names")
+    kinds = (*COPY_KINDS, *KEY_VALUE_KINDS)
     phases = []
     for part in text.split(","):
         kind, _, steps = part.partition(":")
@@ -88,18 +149,25 @@ def parse_phases(text: str) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phases", default="names:400", help="KIND:STEPS,... (kinds: random, words, vocab, names)")
+    parser.add_argument("--phases", default="names:400", help="KIND:STEPS,... (kinds: " + ", ".join([*COPY_KINDS, *KEY_VALUE_KINDS]) + ")")
     parser.add_argument("--preset", default="tiny-h128-l2", choices=sorted([*PRESETS, *ALIASES]),
                         help="embedded preset, built fresh into a temp folder")
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant)")
     parser.add_argument("--random_length", type=int, default=24, help="tokens per random, words or vocab list")
+    parser.add_argument("--min_random_length", type=int, default=None,
+                        help="if set, each batch's random, words or vocab lists have a length drawn from "
+                             "[this, --random_length], so the copy is no longer at a fixed distance")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' init and of the lists")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps")
     args = parser.parse_args()
-    for name in ("batch_size", "random_length", "every"):
+    if args.min_random_length is None:
+        args.min_random_length = args.random_length
+    for name in ("batch_size", "random_length", "min_random_length", "every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.min_random_length > args.random_length:
+        parser.error(f"--min_random_length ({args.min_random_length}) is above --random_length ({args.random_length})")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     phases = parse_phases(args.phases)
@@ -115,11 +183,13 @@ def main() -> None:
     started, last = time.time(), None
     for step in range(total_steps + 1):
         data = phase_of_step(phases, step)
-        ids, width = list_batches(tokenizer, pools, data, rng, args.batch_size, args.random_length)
+        ids, labels, targets = batch_of(tokenizer, pools, data, rng, args.batch_size,
+                                        (args.min_random_length, args.random_length))
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         if step % args.every == 0:
-            last = {"step": step, "data": data, "second_copy_loss": round(second_copy_loss(logits, ids, width).item(), 3)}
+            target_loss, accuracy = target_loss_and_accuracy(logits, ids, targets)
+            last = {"step": step, "data": data, "target_loss": round(target_loss, 3), "target_accuracy": round(accuracy, 3)}
             print(json.dumps({**last, "seconds": round(time.time() - started)}), flush=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
