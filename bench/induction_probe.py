@@ -10,14 +10,19 @@ copying can bring down. Each phase trains on one kind of list (`--phases KIND:ST
 - `vocab`: random whole-word tokens of the vocabulary (" " + letters: each is one token, as text);
 - `names`: six random people built from the project's name lists ("Ulla Ravenscroft-Szymanski"),
   the kind of name the study asks the model to look up.
-The key-value kinds are lookup itself: six facts "KEY SEPARATOR CITY." with distinct keys and cities,
-then the six keys again in another order, each followed by its fact; the printed loss is on the
-cities of that second part, which only finding the key's earlier fact can bring down:
+The key-value kinds are lookup itself: six facts "KEY SEPARATOR VALUE." with distinct keys and values,
+then the six keys again in another order, each followed by its fact or asked about; the printed loss
+is on the values of that second part, which only finding the key's earlier fact can bring down:
 - `kv`: one-token keys (first names), the city right after the key (" Ulla Oslo.");
 - `kv_is`: one-token keys, " is" between key and city (" Ulla is Oslo.");
 - `kv_names_is`: whole people as keys, " is" between (" Ulla Ravenscroft-Szymanski is Oslo.");
 - `kv_names_question`: the same facts, asked as " Where is Ulla Ravenscroft-Szymanski? Oslo." (the key
-  is no longer right before the city, as in the study's questions).
+  is no longer right before the city, as in the study's questions);
+- `kv_spouses`: the study's first fact and question, people on both sides (" Ulla Ravenscroft-Szymanski's
+  spouse is Aiko Pemberton-Banerjee.", " Who is Ulla Ravenscroft-Szymanski's spouse? Aiko ...");
+- `kv_spouses_born`: the same, with each spouse's second fact (" Aiko Pemberton-Banerjee was born in
+  Oslo.") shuffled in among the facts, as in the study's prompts.
+Their printed loss and accuracy are on the first token of each recalled value (a city is one token).
 
     python bench/induction_probe.py --phases names:600
     python bench/induction_probe.py --phases random:200,names:400
@@ -30,6 +35,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,11 +54,28 @@ def word_pools(tokenizer) -> dict:
 
 
 COPY_KINDS = ("random", "words", "vocab", "names")
-# kind: (keys, a fact's text, a query's text)
-KEY_VALUE_KINDS = {"kv": ("first_name", " {key} {city}.", " {key} {city}."),
-                   "kv_is": ("first_name", " {key} is {city}.", " {key} is {city}."),
-                   "kv_names_is": ("person", " {key} is {city}.", " {key} is {city}."),
-                   "kv_names_question": ("person", " {key} is {city}.", " Where is {key}? {city}.")}
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A key-value kind: what the keys and values are, how a fact and a question read, and whether
+    each value also gets a second fact (" VALUE was born in CITY.", shuffled in among the first)."""
+    keys: str  # "first_name" (one token) or "person" (a whole name, several tokens)
+    values: str  # "city" (one token) or "person"
+    fact: str
+    query: str
+    born_facts: bool = False
+
+
+KEY_VALUE_KINDS = {
+    "kv": Lookup("first_name", "city", " {key} {value}.", " {key} {value}."),
+    "kv_is": Lookup("first_name", "city", " {key} is {value}.", " {key} is {value}."),
+    "kv_names_is": Lookup("person", "city", " {key} is {value}.", " {key} is {value}."),
+    "kv_names_question": Lookup("person", "city", " {key} is {value}.", " Where is {key}? {value}."),
+    "kv_spouses": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}."),
+    "kv_spouses_born": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}.",
+                              born_facts=True),
+}
 FACTS_PER_ROW = 6
 
 
@@ -74,33 +97,46 @@ def copy_rows(tokenizer, pools: dict, data: str, rng: random.Random, batch_size:
     return [(ids[:width] * 2, [False] * (width + 1) + [True] * (width - 1)) for ids in lists]
 
 
-def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
-    """Six facts ("KEY is CITY."), then the keys again, shuffled, in the kind's query text; the mask
-    marks the cities' tokens in that second part."""
-    key_kind, fact_text, query_text = KEY_VALUE_KINDS[data]
-    if key_kind == "first_name":
-        keys = rng.sample(pools["first_names"], FACTS_PER_ROW)
-    else:
-        keys = [random_name(rng, pools["first_names"], pools["last_parts"]) for _ in range(FACTS_PER_ROW)]
-    cities = rng.sample(pools["cities"], FACTS_PER_ROW)
-    queries = rng.sample(range(FACTS_PER_ROW), FACTS_PER_ROW)
+def entities(pools: dict, kind: str, rng: random.Random) -> list:
+    """Six distinct first names or cities, or six random people."""
+    if kind == "first_name":
+        return rng.sample(pools["first_names"], FACTS_PER_ROW)
+    if kind == "city":
+        return rng.sample(pools["cities"], FACTS_PER_ROW)
+    return [random_name(rng, pools["first_names"], pools["last_parts"]) for _ in range(FACTS_PER_ROW)]
+
+
+def tokens_with_target(tokenizer, text: str, key: str, value: str, is_query: bool) -> tuple:
+    """A sentence's token ids, and a mask marking the value's first token if it is a query (the lookup;
+    the value's later tokens are a name's continuation, which copying alone gives)."""
+    ids = tokenizer(text.format(key=key, value=value), add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(text[:text.index(" {value}")].format(key=key), add_special_tokens=False)["input_ids"])
+    return ids, [is_query and i == start for i in range(len(ids))]
+
+
+def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questions: int) -> tuple:
+    """The kind's six facts, then `questions` of its six questions in another order, each followed by
+    its value; the mask marks the first token of each value in that second part."""
+    kind = KEY_VALUE_KINDS[data]
+    keys, values = entities(pools, kind.keys, rng), entities(pools, kind.values, rng)
+    queries = rng.sample(range(FACTS_PER_ROW), FACTS_PER_ROW)[:questions]
+    facts = [(kind.fact, keys[i], values[i]) for i in range(FACTS_PER_ROW)]
+    if kind.born_facts:
+        facts += [(" {key} was born in {value}.", value, city) for value, city in zip(values, entities(pools, "city", rng))]
+        rng.shuffle(facts)
     ids, mask = [], []
-    for i, is_query in [(i, False) for i in range(FACTS_PER_ROW)] + [(i, True) for i in queries]:
-        text = query_text if is_query else fact_text
-        before_city = text[:text.index(" {city}")]
-        fact = tokenizer(text.format(key=keys[i], city=cities[i]), add_special_tokens=False)["input_ids"]
-        city_start = len(tokenizer(before_city.format(key=keys[i]), add_special_tokens=False)["input_ids"])
-        city_end = len(tokenizer(f"{before_city} {{city}}".format(key=keys[i], city=cities[i]),
-                                 add_special_tokens=False)["input_ids"])
-        ids += fact
-        mask += [False] * city_start + [is_query] * (city_end - city_start) + [False] * (len(fact) - city_end)
+    for text, key, value, is_query in [(*f, False) for f in facts] + [(kind.query, keys[i], values[i], True) for i in queries]:
+        sentence, targets = tokens_with_target(tokenizer, text, key, value, is_query)
+        ids += sentence
+        mask += targets
     return ids, mask
 
 
-def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple) -> tuple:
+def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple,
+             questions: int = FACTS_PER_ROW) -> tuple:
     """(token ids [batch, width], next-token labels with -100 at padding, the mask of target tokens)."""
     if data in KEY_VALUE_KINDS:
-        rows = [key_value_row(tokenizer, pools, data, rng) for _ in range(batch_size)]
+        rows = [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
     else:
         rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
     width = max(len(ids) for ids, _ in rows)
@@ -158,6 +194,8 @@ def main() -> None:
     parser.add_argument("--min_random_length", type=int, default=None,
                         help="if set, each batch's random, words or vocab lists have a length drawn from "
                              "[this, --random_length], so the copy is no longer at a fixed distance")
+    parser.add_argument("--questions", type=int, default=FACTS_PER_ROW,
+                        help=f"key-value kinds: questions per row, 1-{FACTS_PER_ROW} (the study asks one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' init and of the lists")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps")
     args = parser.parse_args()
@@ -166,6 +204,8 @@ def main() -> None:
     for name in ("batch_size", "random_length", "min_random_length", "every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 1 <= args.questions <= FACTS_PER_ROW:
+        parser.error(f"--questions must be between 1 and {FACTS_PER_ROW}, got {args.questions}")
     if args.min_random_length > args.random_length:
         parser.error(f"--min_random_length ({args.min_random_length}) is above --random_length ({args.random_length})")
     if args.lr <= 0:
@@ -184,7 +224,7 @@ def main() -> None:
     for step in range(total_steps + 1):
         data = phase_of_step(phases, step)
         ids, labels, targets = batch_of(tokenizer, pools, data, rng, args.batch_size,
-                                        (args.min_random_length, args.random_length))
+                                        (args.min_random_length, args.random_length), args.questions)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         if step % args.every == 0:
