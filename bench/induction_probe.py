@@ -21,7 +21,9 @@ is on the values of that second part, which only finding the key's earlier fact 
 - `kv_spouses`: the study's first fact and question, people on both sides (" Ulla Ravenscroft-Szymanski's
   spouse is Aiko Pemberton-Banerjee.", " Who is Ulla Ravenscroft-Szymanski's spouse? Aiko ...");
 - `kv_spouses_born`: the same, with each spouse's second fact (" Aiko Pemberton-Banerjee was born in
-  Oslo.") shuffled in among the facts, as in the study's prompts.
+  Oslo.") shuffled in among the facts, as in the study's prompts;
+- `chat_spouses_born`: the same facts and one question in the study's own in-context prompt, rendered
+  by the model's chat template with the no-CoT system prompt; the value is the assistant's reply.
 Their printed loss and accuracy are on the first token of each recalled value (a city is one token).
 
     python bench/induction_probe.py --phases names:600
@@ -65,6 +67,7 @@ class Lookup:
     fact: str
     query: str
     born_facts: bool = False
+    chat: bool = False  # the study's in-context prompt in the chat template, one question, the value the reply
 
 
 KEY_VALUE_KINDS = {
@@ -75,6 +78,8 @@ KEY_VALUE_KINDS = {
     "kv_spouses": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}."),
     "kv_spouses_born": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}.",
                               born_facts=True),
+    "chat_spouses_born": Lookup("person", "person", "{key}'s spouse is {value}.", "Who is {key}'s spouse?",
+                                born_facts=True, chat=True),
 }
 FACTS_PER_ROW = 6
 
@@ -124,12 +129,25 @@ def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questio
     if kind.born_facts:
         facts += [(" {key} was born in {value}.", value, city) for value, city in zip(values, entities(pools, "city", rng))]
         rng.shuffle(facts)
+    if kind.chat:
+        return chat_row(tokenizer, facts, kind.query.format(key=keys[queries[0]]), values[queries[0]])
     ids, mask = [], []
     for text, key, value, is_query in [(*f, False) for f in facts] + [(kind.query, keys[i], values[i], True) for i in queries]:
         sentence, targets = tokens_with_target(tokenizer, text, key, value, is_query)
         ids += sentence
         mask += targets
     return ids, mask
+
+
+def chat_row(tokenizer, facts: list, question: str, reply: str) -> tuple:
+    """The study's facts-in-the-prompt question, rendered by the chat template (no-CoT system prompt,
+    one fact a line); the mask marks the reply's first token."""
+    lines = "\n".join(text.strip().format(key=key, value=value) for text, key, value in facts)
+    messages = [{"role": "system", "content": tables.templates("system_prompts")["nocot"]},
+                {"role": "user", "content": tables.templates("spouses")["in_context_prompt"].format(facts=lines, question=question)}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], return_dict=True)["input_ids"]
+    return ids, [i == len(prompt) for i in range(len(ids))]
 
 
 def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple,
