@@ -174,7 +174,7 @@ def vocabulary_words(tokenizer) -> list:
 
 
 def target_loss_and_accuracy(logits, ids, targets) -> tuple:
-    """Mean loss and argmax accuracy on the target tokens (the second copy, or the looked-up cities)."""
+    """Mean loss and argmax accuracy on the target tokens (the second copy, or each looked-up value's first token)."""
     predicted, wanted = logits[:, :-1][targets[:, 1:]], ids[:, 1:][targets[:, 1:]]
     loss = torch.nn.functional.cross_entropy(predicted, wanted)
     return loss.item(), (predicted.argmax(-1) == wanted).float().mean().item()
