@@ -23,7 +23,14 @@ is on the values of that second part, which only finding the key's earlier fact 
 - `kv_spouses_born`: the same, with each spouse's second fact (" Aiko Pemberton-Banerjee was born in
   Oslo.") shuffled in among the facts, as in the study's prompts;
 - `chat_spouses_born`: the same facts and one question in the study's own in-context prompt, rendered
-  by the model's chat template with the no-CoT system prompt; the value is the assistant's reply.
+  by the model's chat template with the no-CoT system prompt; the value is the assistant's reply;
+- `chat_no_system_spouses_born`: the same without the system prompt (the user turn, then the reply);
+- `prompt_spouses_born`: the study's in-context prompt as plain text, no chat template ("Here are some
+  facts:", one fact a line, a blank line, the question), the value right after the question;
+- `lines_spouses_born`: the same without the "Here are some facts:" line;
+- `lines_question_inline_spouses_born`: one fact a line, then the question after a space (no blank line);
+- `inline_question_blank_spouses_born`: the facts inline (as in `kv_spouses_born`), then a blank line and
+  the question.
 Their printed loss and accuracy are on the first token of each recalled value (a city is one token).
 
     python bench/induction_probe.py --phases names:600
@@ -59,17 +66,38 @@ COPY_KINDS = ("random", "words", "vocab", "names")
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a one-question prompt is laid out (the study's in-context prompt by default): its header line
+    ("Here are some facts:"), what joins the facts and what comes before the question, and whether it
+    goes through the chat template ("system": with the no-CoT system prompt, "no_system": without;
+    "": plain text, the value right after the question)."""
+    header: bool = True
+    between_facts: str = "\n"
+    before_question: str = "\n\n"
+    chat: str = ""
+
+
+@dataclass(frozen=True)
 class Lookup:
-    """A key-value kind: what the keys and values are, how a fact and a question read, and whether
-    each value also gets a second fact (" VALUE was born in CITY.", shuffled in among the first)."""
+    """A key-value kind: what the keys and values are, how a fact and a question read, whether each
+    value also gets a second fact (" VALUE was born in CITY.", shuffled in among the first), and the
+    layout of a one-question prompt (None: facts then questions, inline)."""
     keys: str  # "first_name" (one token) or "person" (a whole name, several tokens)
     values: str  # "city" (one token) or "person"
     fact: str
     query: str
     born_facts: bool = False
-    chat: bool = False  # the study's in-context prompt in the chat template, one question, the value the reply
+    layout: Layout = None
 
 
+PROMPT_LAYOUTS = {
+    "prompt": Layout(),
+    "lines": Layout(header=False),
+    "lines_question_inline": Layout(header=False, before_question=" "),
+    "inline_question_blank": Layout(header=False, between_facts=" "),
+    "chat": Layout(chat="system"),
+    "chat_no_system": Layout(chat="no_system"),
+}
 KEY_VALUE_KINDS = {
     "kv": Lookup("first_name", "city", " {key} {value}.", " {key} {value}."),
     "kv_is": Lookup("first_name", "city", " {key} is {value}.", " {key} is {value}."),
@@ -78,8 +106,9 @@ KEY_VALUE_KINDS = {
     "kv_spouses": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}."),
     "kv_spouses_born": Lookup("person", "person", " {key}'s spouse is {value}.", " Who is {key}'s spouse? {value}.",
                               born_facts=True),
-    "chat_spouses_born": Lookup("person", "person", "{key}'s spouse is {value}.", "Who is {key}'s spouse?",
-                                born_facts=True, chat=True),
+    **{f"{name}_spouses_born": Lookup("person", "person", "{key}'s spouse is {value}.", "Who is {key}'s spouse?",
+                                      born_facts=True, layout=layout)
+       for name, layout in PROMPT_LAYOUTS.items()},
 }
 FACTS_PER_ROW = 6
 
@@ -129,8 +158,8 @@ def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questio
     if kind.born_facts:
         facts += [(" {key} was born in {value}.", value, city) for value, city in zip(values, entities(pools, "city", rng))]
         rng.shuffle(facts)
-    if kind.chat:
-        return chat_row(tokenizer, facts, kind.query.format(key=keys[queries[0]]), values[queries[0]])
+    if kind.layout:
+        return prompt_row(tokenizer, kind.layout, facts, kind.query.format(key=keys[queries[0]]), values[queries[0]])
     ids, mask = [], []
     for text, key, value, is_query in [(*f, False) for f in facts] + [(kind.query, keys[i], values[i], True) for i in queries]:
         sentence, targets = tokens_with_target(tokenizer, text, key, value, is_query)
@@ -139,12 +168,18 @@ def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questio
     return ids, mask
 
 
-def chat_row(tokenizer, facts: list, question: str, reply: str) -> tuple:
-    """The study's facts-in-the-prompt question, rendered by the chat template (no-CoT system prompt,
-    one fact a line); the mask marks the reply's first token."""
-    lines = "\n".join(text.strip().format(key=key, value=value) for text, key, value in facts)
-    messages = [{"role": "system", "content": tables.templates("system_prompts")["nocot"]},
-                {"role": "user", "content": tables.templates("spouses")["in_context_prompt"].format(facts=lines, question=question)}]
+def prompt_row(tokenizer, layout: Layout, facts: list, question: str, reply: str) -> tuple:
+    """One question's prompt (its facts in `layout`) and its reply; the mask marks the reply's first token."""
+    template = tables.templates("spouses")["in_context_prompt"]  # "Here are some facts:\n{facts}\n\n{question}"
+    header = template[:template.index("{facts}")] if layout.header else ""
+    user = header + layout.between_facts.join(text.strip().format(key=key, value=value) for text, key, value in facts)
+    user += layout.before_question + question
+    if not layout.chat:
+        prompt = tokenizer(user, add_special_tokens=False)["input_ids"]
+        ids = prompt + tokenizer(f" {reply}.", add_special_tokens=False)["input_ids"]
+        return ids, [i == len(prompt) for i in range(len(ids))]
+    system = [{"role": "system", "content": tables.templates("system_prompts")["nocot"]}] if layout.chat == "system" else []
+    messages = [*system, {"role": "user", "content": user}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], return_dict=True)["input_ids"]
     return ids, [i == len(prompt) for i in range(len(ids))]
