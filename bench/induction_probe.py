@@ -248,7 +248,8 @@ def main() -> None:
                         help="if set, each batch's random, words or vocab lists have a length drawn from "
                              "[this, --random_length], so the copy is no longer at a fixed distance")
     parser.add_argument("--questions", type=int, default=FACTS_PER_ROW,
-                        help=f"key-value kinds: questions per row, 1-{FACTS_PER_ROW} (the study asks one)")
+                        help=f"inline key-value kinds: questions per row, 1-{FACTS_PER_ROW} (the study asks one); "
+                             "the prompt-layout kinds always ask one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights' init and of the lists")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps")
     args = parser.parse_args()
@@ -264,6 +265,9 @@ def main() -> None:
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     phases = parse_phases(args.phases)
+    layout_kinds = [kind for kind, _ in phases if kind in KEY_VALUE_KINDS and KEY_VALUE_KINDS[kind].layout]
+    if layout_kinds and args.questions not in (1, FACTS_PER_ROW):
+        parser.error(f"--questions {args.questions}: {layout_kinds[0]} asks one question per prompt; use --questions 1")
     total_steps = sum(steps for _, steps in phases)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(args.seed)
