@@ -19,7 +19,7 @@ from runner.registry import Job, SubJob
 from twohop.data import base_corpus, ioi, tables
 from twohop.data.records import read_records
 from twohop.evaluation.files import evaluate_block
-from twohop.training import datasets, recipes
+from twohop.training import datasets, drills, recipes
 from twohop.training.config import FinetuneConfig, TrainingConfig, check_finetune, check_training
 
 
@@ -32,6 +32,12 @@ class BaseConfig(TrainingConfig):
     in_context_rounds: int = option(4, "rounds of facts-in-the-prompt questions", minimum=0)
     in_context_per_round: int = option(150, "people asked about per round and style", minimum=1)
     copy_rows: int = option(12000, "'repeat these names' rows (copying a name from the prompt)", minimum=0)
+    warmup_phases: list[str] = option(
+        [], "skill drills trained before the base corpus, KIND[+KIND...]:STEPS each, 32 rows a step (e.g. random:1000 "
+        "forms an induction head, then lines_question_inline_spouses_born:300 teaches finding a spouse among one-fact-a-line "
+        "facts; kinds in twohop.data.drills); [] trains none")
+    warmup_lr: float = option(1e-3, "constant AdamW rate of the drills (an induction head forms at 1e-3, not 3e-3)",
+                              minimum=1e-8)
 
 
 def base_path(ctx):
@@ -63,9 +69,18 @@ def run_base(ctx) -> dict:
     spouses = ctx.input("generate_data_spouses") / "data"
     eval_sets = {"natural_facts": read_records(natural / "test/natural_facts.jsonl")[:256],
                  "in_context_nocot": read_records(spouses / "test/in_context_nocot_seed1.jsonl")[:128]}
+    start = ctx.model.path
+    if ctx.config["warmup_phases"]:
+        start = drills.warm_up(start, ctx.config["warmup_phases"], ctx.config["warmup_lr"], ctx.config["data_seed"],
+                               ctx.run_dir / "warmup", ctx.log)
     ctx.log.info("pretraining the tiny model on %d rows", len(rows))
     return {"trained": True, "rows": len(rows),
-            **train({**ctx.config, "seed": 0}, ctx.model.path, rows, eval_sets, ctx.run_dir, ctx.log)}
+            **train({**ctx.config, "seed": 0}, start, rows, eval_sets, ctx.run_dir, ctx.log)}
+
+
+def check_base(config: dict, model) -> None:
+    check_training(config)
+    drills.parse_phases(config["warmup_phases"])
 
 
 def finetune(name: str, help: str, data_job: str, defaults) -> SubJob:
@@ -78,7 +93,7 @@ SUBJOBS = [
     SubJob("finetune", "base", "the tiny model's pretraining (natural facts, chaining, reading, copying); "
            "a no-op for real models", run_base, BaseConfig, lambda model: recipes.recipe(model, "base"),
            requires=("generate_data_natural_facts", "generate_data_spouses"), uses_model=True,
-           check=lambda config, model: check_training(config), project_data=tables.SHIPPED_DATA,
+           check=check_base, project_data=tables.SHIPPED_DATA,
            trains=recipes.pretrains),
 ] + [
     finetune(v.name, v.help, "generate_data_spouses", partial(recipes.spouses_recipe, v)) for v in recipes.VARIANTS

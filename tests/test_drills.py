@@ -1,0 +1,137 @@
+"""Skill drills (`twohop.data.drills`) and the base's optional drill warm-up (`twohop.training.drills`):
+rows whose lookups can be answered from their own prompt, training that scoring does not disturb, a warm-up
+saved and reused, and `finetune_base` running it through the runner."""
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models import load_model
+from models.tiny import build_tiny_model
+from runner.errors import UserError
+from tests.fixtures.train_small import SMALL_WORLD
+from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, batch_of, word_pools
+from twohop.training.drills import DrillSettings, parse_phases, train_drills, warm_up
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DrillTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.model_path = build_tiny_model("tiny", Path(cls.tmp.name) / "tiny", seed=0)
+        cls.tokenizer = load_model(cls.model_path)[1]
+        cls.pools = word_pools(cls.tokenizer)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_every_lookup_target_stands_earlier_in_its_own_row(self):
+        """A lookup is answerable from the prompt: the asked value's first token was stated before it, and
+        each row asks exactly the questions it was told to."""
+        import random
+        for kind, lookup in KEY_VALUE_KINDS.items():
+            questions = 1 if lookup.layout else 2
+            ids, labels, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 8, (12, 36), questions)
+            for row in range(8):
+                positions = targets[row].nonzero().flatten().tolist()
+                self.assertEqual(len(positions), questions, kind)
+                for position in positions:
+                    self.assertIn(ids[row, position].item(), ids[row, :position].tolist(), kind)
+            self.assertTrue(((labels == -100) == (ids == self.tokenizer.pad_token_id)).all(), kind)
+
+    def test_copy_rows_repeat_their_list_and_score_the_copy(self):
+        import random
+        for kind in COPY_KINDS:
+            ids, _, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 4, (12, 36))
+            width = ids.shape[1] // 2
+            self.assertTrue(torch.equal(ids[:, :width], ids[:, width:]), kind)
+            self.assertEqual(targets[0].nonzero().flatten().tolist(), list(range(width + 1, 2 * width)), kind)
+
+    def test_bad_phase_is_one_line_naming_the_key(self):
+        for phases, expected in ((["random"], "KIND[+KIND...]:STEPS"), (["random:0"], "positive"),
+                                 (["random:5", "kv+nope:3"], "'nope' is not a drill")):
+            with self.assertRaises(UserError) as caught:
+                parse_phases(phases)
+            self.assertIn("warmup_phases", str(caught.exception))
+            self.assertIn(expected, str(caught.exception))
+        self.assertEqual(parse_phases(["random:5", "kv+chat_spouses_born:3"]),
+                         [(("random",), 5), (("kv", "chat_spouses_born"), 3)])
+
+    def train(self, watched=()) -> tuple:
+        torch.manual_seed(0)
+        model, tokenizer = load_model(self.model_path, dtype=torch.float32)
+        reports = []
+        train_drills(model, tokenizer, parse_phases(["random:2", "kv_spouses_born+chat_spouses_born:4"]),
+                     DrillSettings(batch_size=4, every=2), seed=3, report=reports.append, watched=watched)
+        return reports, model.state_dict()
+
+    def test_held_out_scoring_leaves_the_training_unchanged(self):
+        """A mixed phase's kinds and watched kinds are scored on their own stream: the trained weights and
+        the training reports are those of a run that scores nothing extra."""
+        plain, plain_weights = self.train()
+        watched, watched_weights = self.train(watched=("prompt_spouses_born",))
+        self.assertEqual([r["data"] for r in plain], ["random", "kv_spouses_born", "kv_spouses_born", "kv_spouses_born"])
+        self.assertEqual(set(plain[1]["held_out"]), {"kv_spouses_born", "chat_spouses_born"})
+        self.assertNotIn("held_out", plain[0])  # a one-kind phase, nothing watched
+        self.assertEqual(set(watched[1]["held_out"]), {"kv_spouses_born", "chat_spouses_born", "prompt_spouses_born"})
+        strip = lambda reports: [{k: v for k, v in r.items() if k not in ("held_out", "seconds")} for r in reports]
+        self.assertEqual(strip(plain), strip(watched))
+        for name, tensor in plain_weights.items():
+            self.assertTrue(torch.equal(tensor, watched_weights[name]), name)
+
+    def test_warm_up_trains_saves_and_is_reused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "warmup"
+            log = logging.getLogger("test_drills")
+            folder = warm_up(self.model_path, ["random:3"], 1e-3, 0, out, log)
+            self.assertEqual(folder, out / "model")
+            before, after = load_file(self.model_path / "model.safetensors"), load_file(folder / "model.safetensors")
+            self.assertTrue(any(not torch.equal(before[k], after[k]) for k in before), "the drills changed no weight")
+            reports = [json.loads(line) for line in (out / "drills.jsonl").read_text().splitlines()]
+            self.assertEqual([r["step"] for r in reports], [0])  # reported every 50 steps; the run has 3
+            self.assertTrue((folder / "tokenizer.json").is_file())
+            written = (folder / "model.safetensors").stat().st_mtime_ns
+            with self.assertLogs(log, "INFO") as logged:
+                self.assertEqual(warm_up(self.model_path, ["random:3"], 1e-3, 0, out, log), folder)
+            self.assertIn("already done", logged.output[0])
+            self.assertEqual((folder / "model.safetensors").stat().st_mtime_ns, written)
+
+
+@unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow: trains finetune_base (TWOHOP_SKIP_SLOW=1)")
+class BaseWarmUpTest(unittest.TestCase):
+    def test_finetune_base_runs_its_drills_first(self):
+        """`warmup_phases` trains the drills, then the base corpus from the drilled model; a bad phase is
+        refused before anything runs."""
+        small_base = ["--set", "finetune_base.max_steps=1", "--set", "finetune_base.base_people=20",
+                      "--set", "finetune_base.copy_rows=50", "--set", "finetune_base.in_context_per_round=10"]
+        with tempfile.TemporaryDirectory() as tmp:
+            run = lambda *extra: subprocess.run(
+                [sys.executable, "runner/main.py", "--workspace_path", str(Path(tmp) / "w"), "--jobs", "finetune_base",
+                 *SMALL_WORLD, *small_base, *extra], cwd=ROOT, capture_output=True, text=True)
+            refused = run("--set", "finetune_base.warmup_phases=[random:2,copying:2]")
+            self.assertNotEqual(refused.returncode, 0)
+            self.assertIn("warmup_phases: 'copying' is not a drill", refused.stderr)
+            self.assertFalse((Path(tmp) / "w" / "experiments" / "finetune").exists())
+            result = run("--set", "finetune_base.warmup_phases=[random:2,chat_spouses_born:2]")
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            base = Path(tmp) / "w" / "experiments" / "finetune" / "base" / "tiny-h128-l2"
+            self.assertTrue((base / "warmup" / "model" / "model.safetensors").is_file())
+            self.assertEqual(json.loads((base / "warmup" / "drills.jsonl").read_text().splitlines()[0])["data"], "random")
+            self.assertIn("drills step 0 (random)", (base / "log.txt").read_text())
+            self.assertEqual(json.loads((base / "config.json").read_text())["config"]["warmup_phases"],
+                             ["random:2", "chat_spouses_born:2"])
+            self.assertTrue((base / "model" / "model.safetensors").is_file())
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,150 @@
+"""Training on skill drills (`twohop.data.drills`): the tiny model's optional warm-up before its base corpus.
+
+A plain PyTorch loop, as in the drills' probe (`bench/induction_probe.py`): full next-token loss,
+AdamW at a constant rate, clipping at 1.0, one batch of one kind a step. Phases run in order
+(`KIND[+KIND...]:STEPS`, a mixed phase taking its kinds in turn). Every `every` steps it reports the
+step's target loss and accuracy (the second copy, or each looked-up value's first token) and, for a
+mixed phase's kinds and any watched kind, the same on a held-out batch drawn from a stream of its own,
+so scoring never changes the training rows.
+"""
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runner.errors import UserError
+from runner.files import atomic_directory, atomic_write_text
+from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, batch_of, word_pools
+
+KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS)
+
+
+@dataclass(frozen=True)
+class DrillSettings:
+    batch_size: int = 32  # rows a step
+    lr: float = 1e-3  # the induction head forms at 1e-3 and not at 3e-3 (bench/README.md)
+    min_list_length: int = 12  # copy lists vary in length, so copying is not a fixed offset
+    max_list_length: int = 36
+    questions: int = 1  # questions per inline key-value row (the study asks one)
+    every: int = 50  # steps between reports
+
+
+def parse_kinds(text: str, what: str) -> tuple:
+    kinds = tuple(text.split("+"))
+    for kind in kinds:
+        if kind not in KINDS:
+            raise UserError(f"{what}: {kind!r} is not a drill; drills are {', '.join(KINDS)}")
+    return kinds
+
+
+def parse_phases(phases: list, what: str = "warmup_phases") -> list:
+    """["KIND[+KIND...]:STEPS", ...] -> [(kinds, steps), ...], or one line naming the bad entry."""
+    parsed = []
+    for text in phases:
+        kinds, _, steps = text.partition(":")
+        if not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"{what}: {text!r} is not KIND[+KIND...]:STEPS with STEPS a positive integer "
+                            "(e.g. random:1000)")
+        parsed.append((parse_kinds(kinds, what), int(steps)))
+    return parsed
+
+
+def phase_at(phases: list, step: int) -> tuple:
+    """(the kinds of the phase `step` is in, the step's index in it); the step after the last (where the
+    final report is made) counts as the last phase's."""
+    for kinds, steps in phases:
+        if step < steps:
+            return kinds, step
+        step -= steps
+    return phases[-1][0], step
+
+
+def target_loss_and_accuracy(logits, ids, targets) -> tuple:
+    """Mean loss and argmax accuracy on the target tokens."""
+    predicted, wanted = logits[:, :-1][targets[:, 1:]], ids[:, 1:][targets[:, 1:]]
+    loss = torch.nn.functional.cross_entropy(predicted, wanted)
+    return loss.item(), (predicted.argmax(-1) == wanted).float().mean().item()
+
+
+def scores(logits, ids, targets) -> dict:
+    loss, accuracy = target_loss_and_accuracy(logits, ids, targets)
+    return {"target_loss": round(loss, 3), "target_accuracy": round(accuracy, 3)}
+
+
+class Drills:
+    """The drill rows of one run: a training stream and a held-out stream, both seeded."""
+
+    def __init__(self, tokenizer, settings: DrillSettings, seed: int):
+        self.tokenizer, self.settings, self.pools = tokenizer, settings, word_pools(tokenizer)
+        self.rng, self.held_out_rng = random.Random(seed), random.Random(f"held out {seed}")
+
+    def batch(self, kind: str, held_out: bool = False) -> tuple:
+        s = self.settings
+        return batch_of(self.tokenizer, self.pools, kind, self.held_out_rng if held_out else self.rng,
+                        s.batch_size, (s.min_list_length, s.max_list_length), s.questions)
+
+    def held_out_scores(self, model, kinds) -> dict:
+        """Each kind's target loss and accuracy on a fresh batch, without a gradient."""
+        with torch.no_grad():
+            return {kind: scores(model(input_ids=ids).logits, ids, targets)
+                    for kind in kinds for ids, _, targets in [self.batch(kind, held_out=True)]}
+
+
+def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: int, report, watched=()) -> dict:
+    """Train `model` in place on the drill `phases` ((kinds, steps) from `parse_phases`); `report(entry)`
+    gets each report (step, kind, scores, seconds). Returns the last one."""
+    if not 1 <= settings.questions <= FACTS_PER_ROW:
+        raise UserError(f"drill questions must be between 1 and {FACTS_PER_ROW}, got {settings.questions}")
+    drills = Drills(tokenizer, settings, seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    total_steps = sum(steps for _, steps in phases)
+    started, last = time.time(), None
+    model.train()
+    for step in range(total_steps + 1):
+        kinds, index = phase_at(phases, step)
+        ids, labels, targets = drills.batch(kinds[index % len(kinds)])
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        if step % settings.every == 0:
+            last = {"step": step, "data": kinds[index % len(kinds)], **scores(logits, ids, targets)}
+            held_out = drills.held_out_scores(model, (*kinds, *watched) if len(kinds) > 1 else watched)
+            if held_out:
+                last["held_out"] = held_out
+            report({**last, "seconds": round(time.time() - started)})
+        if step == total_steps:
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return last
+
+
+def warm_up(model_path, phases: list, lr: float, seed: int, out_dir, log) -> Path:
+    """Train the model at `model_path` on the drill `phases` (["KIND[+KIND...]:STEPS", ...]) and save it
+    (safetensors, with its tokenizer) to `out_dir`/model, each report appended to `out_dir`/drills.jsonl.
+    A finished warm-up (its model folder) is reused; a killed one starts again (minutes on the tiny model)."""
+    from models import load_model
+    out_dir = Path(out_dir)
+    if (out_dir / "model").is_dir():
+        log.info("drill warm-up already done: %s", out_dir / "model")
+        return out_dir / "model"
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_path, dtype=torch.float32)
+    reports = []
+
+    def report(entry: dict) -> None:
+        reports.append(entry)
+        log.info("drills step %d (%s): target loss %.3f, accuracy %.3f", entry["step"], entry["data"],
+                 entry["target_loss"], entry["target_accuracy"])
+
+    train_drills(model, tokenizer, parse_phases(phases), DrillSettings(lr=lr), seed, report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "drills.jsonl", "".join(json.dumps(entry) + "\n" for entry in reports))
+    with atomic_directory(out_dir / "model") as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return out_dir / "model"
