@@ -1,6 +1,6 @@
 """Skill drills (`twohop.data.drills`) and the base's optional drill warm-up (`twohop.training.drills`):
-rows whose lookups can be answered from their own prompt, training that scoring does not disturb, a warm-up
-saved and reused, and `finetune_base` running it through the runner."""
+rows whose lookups can be answered from their own prompt, the lookup drill as base rows, training that
+scoring does not disturb, a warm-up saved and reused, and `finetune_base` running it through the runner."""
 import json
 import logging
 import os
@@ -17,7 +17,9 @@ from models import load_model
 from models.tiny import build_tiny_model
 from runner.errors import UserError
 from tests.fixtures.train_small import SMALL_WORLD
-from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, batch_of, word_pools
+from twohop.data import base_corpus, tables
+from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, batch_of, lookup_records, word_pools
+from twohop.data.records import record
 from twohop.training.drills import DrillSettings, parse_phases, train_drills, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,33 @@ class DrillTest(unittest.TestCase):
             width = ids.shape[1] // 2
             self.assertTrue(torch.equal(ids[:, :width], ids[:, width:]), kind)
             self.assertEqual(targets[0].nonzero().flatten().tolist(), list(range(width + 1, 2 * width)), kind)
+
+    def test_lookup_records_ask_a_spouse_stated_in_their_prompt(self):
+        import random
+        rows = lookup_records(20, random.Random(0))
+        for row in rows:
+            system, user, reply = row["messages"]
+            user = user["content"]
+            asked = user.rsplit("Who is ", 1)[1].removesuffix("'s spouse?")
+            self.assertIn(f"\n{asked}'s spouse is {reply['content']}.\n", "\n" + user + "\n")
+            self.assertEqual(user.count("'s spouse is "), 6)
+            self.assertEqual(user.count(" was born in "), 6)
+            self.assertEqual((row["answer"], system["content"]), (reply["content"], tables.templates("system_prompts")["nocot"]))
+        self.assertGreater(len({row["answer"] for row in rows}), 15)  # fresh people each row
+
+    def test_base_corpus_lookup_rows_add_rows_and_change_nothing_else(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            natural = Path(tmp) / "natural.jsonl"
+            natural.write_text(json.dumps(record("What is the capital of Xland?", "Xcity", "Xcity")) + "\n")
+            config = {"data_seed": 0, "base_people": 6, "base_paraphrases": 1, "in_context_rounds": 1,
+                      "in_context_per_round": 2, "copy_rows": 3, "lookup_rows": 0}
+            plain = [json.dumps(row, sort_keys=True) for row in base_corpus.corpus(natural, config)]
+            more = [json.dumps(row, sort_keys=True) for row in base_corpus.corpus(natural, {**config, "lookup_rows": 4})]
+        self.assertEqual(len(more), len(plain) + 4)
+        added = sorted(set(more) - set(plain))
+        self.assertEqual(len(added), 4)
+        self.assertTrue(all("Who is " in json.loads(row)["question"] for row in added))
+        self.assertEqual(sorted(set(more) & set(plain)), sorted(plain))
 
     def test_bad_phase_is_one_line_naming_the_key(self):
         for phases, expected in ((["random"], "KIND[+KIND...]:STEPS"), (["random:0"], "positive"),

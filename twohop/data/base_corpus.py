@@ -8,30 +8,23 @@ population disjoint from every experiment's (its people take their last names fr
   questions, with two-hop questions answered with and without a chain of thought;
 - reading facts in the prompt: the facts given in context, then a one- or two-hop question;
 - same-document facts: both facts of a person in one document;
-- copying names from the prompt ("List: ... Repeat the list."), over every name list.
+- copying names from the prompt ("List: ... Repeat the list."), over every name list;
+- optionally (`lookup_rows`), finding a spouse among six fresh couples' facts in the prompt.
 """
 import random
 
 from twohop.data.records import read_records, record
 from twohop.data import tables
-from twohop.data.dataset import fictional_people
+from twohop.data import drills
+from twohop.data.dataset import fictional_people, random_name
 from twohop.data.spouses import fact_sentences, in_context_rows
 
 COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
 
 
-def base_last_parts() -> list:
-    return tables.read_lines(tables.DATA / "names" / "base_last_name_parts.txt")
-
-
-def random_name(rng: random.Random, first_names, last_parts) -> str:
-    first, (a, b) = rng.choice(first_names), rng.sample(last_parts, 2)
-    return f"{first} {a}-{b}"
-
-
 def base_people(rng: random.Random, count: int) -> list:
     first_names, _ = tables.names()
-    people = fictional_people(rng, 2 * count, first_names, base_last_parts())
+    people = fictional_people(rng, 2 * count, first_names, tables.base_last_parts())
     cities = tables.cities()
     return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
 
@@ -67,9 +60,12 @@ def corpus(natural_facts_file, config: dict) -> list:
     # 2-layer model learns to copy "the name in the prompt" in a few hundred steps, while copying
     # long lists needs induction heads, which take far longer to form.
     first_names, last_parts = tables.names()
-    last_parts = sorted({*last_parts, *base_last_parts()})
+    last_parts = sorted({*last_parts, *tables.base_last_parts()})
     for _ in range(config["copy_rows"]):
         names = ", ".join(random_name(rng, first_names, last_parts) for _ in range(1 if rng.random() < 0.8 else 2))
         rows.append(record(rng.choice(COPY_PROMPTS).format(names=names), names, f"{names}."))
+    # Reading the prompt: the spouse-lookup drill as rows about fresh random people (its own stream, so 0
+    # rows leaves the corpus as it was), to keep a lookup formed by the drill warm-up in use.
+    rows.extend(drills.lookup_records(config["lookup_rows"], random.Random(f"lookup:{config['data_seed']}")))
     rng.shuffle(rows)
     return rows

@@ -20,6 +20,12 @@ def fictional_people(rng: random.Random, count: int, first_names, last_parts, fo
     return rng.sample(pool, count)
 
 
+def random_name(rng: random.Random, first_names, last_parts) -> str:
+    """A random person: a first name and a double-barrelled last name ("Ulla Ravenscroft-Szymanski")."""
+    first, (a, b) = rng.choice(first_names), rng.sample(last_parts, 2)
+    return f"{first} {a}-{b}"
+
+
 def derangement(rng: random.Random, n: int) -> list:
     """A random permutation with no fixed point (Sattolo's algorithm: one cycle through all)."""
     order = list(range(n))

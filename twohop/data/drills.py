@@ -22,14 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from twohop.data import tables
-from twohop.data.base_corpus import base_last_parts, random_name
+from twohop.data.dataset import random_name
+from twohop.data.records import record
 
 
-def word_pools(tokenizer) -> dict:
+def word_pools(tokenizer=None) -> dict:
+    """What drills draw from: every name list (a drill's people are random, so they state no fact the study
+    uses), the cities, and with a tokenizer its whole-word tokens (the `vocab` drill)."""
     first_names, last_parts = tables.names()
-    last_parts = sorted({*last_parts, *base_last_parts()})
+    last_parts = sorted({*last_parts, *tables.base_last_parts()})
     return {"first_names": first_names, "last_parts": last_parts, "cities": tables.cities(),
-            "words": [*first_names, *last_parts, *tables.cities()], "vocab": vocabulary_words(tokenizer)}
+            "words": [*first_names, *last_parts, *tables.cities()],
+            "vocab": vocabulary_words(tokenizer) if tokenizer else []}
 
 
 COPY_KINDS = ("random", "words", "vocab", "names")
@@ -118,32 +122,59 @@ def tokens_with_target(tokenizer, text: str, key: str, value: str, is_query: boo
     return ids, [is_query and i == start for i in range(len(ids))]
 
 
-def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questions: int) -> tuple:
-    """The kind's six facts, then `questions` of its six questions in another order, each followed by
-    its value; the mask marks the first token of each value in that second part."""
-    kind = KEY_VALUE_KINDS[data]
+def lookup_facts(pools: dict, kind: Lookup, rng: random.Random) -> tuple:
+    """The kind's six facts ((sentence, key, value), each spouse's birthplace shuffled in if it has them),
+    its keys and values, and the order in which the keys are asked."""
     keys, values = entities(pools, kind.keys, rng), entities(pools, kind.values, rng)
-    queries = rng.sample(range(FACTS_PER_ROW), FACTS_PER_ROW)[:questions]
+    queries = rng.sample(range(FACTS_PER_ROW), FACTS_PER_ROW)
     facts = [(kind.fact, keys[i], values[i]) for i in range(FACTS_PER_ROW)]
     if kind.born_facts:
         facts += [(" {key} was born in {value}.", value, city) for value, city in zip(values, entities(pools, "city", rng))]
         rng.shuffle(facts)
+    return facts, keys, values, queries
+
+
+def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questions: int) -> tuple:
+    """The kind's six facts, then `questions` of its six questions in another order, each followed by
+    its value; the mask marks the first token of each value in that second part."""
+    kind = KEY_VALUE_KINDS[data]
+    facts, keys, values, queries = lookup_facts(pools, kind, rng)
     if kind.layout:
         return prompt_row(tokenizer, kind.layout, facts, kind.query.format(key=keys[queries[0]]), values[queries[0]])
     ids, mask = [], []
-    for text, key, value, is_query in [(*f, False) for f in facts] + [(kind.query, keys[i], values[i], True) for i in queries]:
+    for text, key, value, is_query in [(*f, False) for f in facts] + [(kind.query, keys[i], values[i], True)
+                                                                      for i in queries[:questions]]:
         sentence, targets = tokens_with_target(tokenizer, text, key, value, is_query)
         ids += sentence
         mask += targets
     return ids, mask
 
 
-def prompt_row(tokenizer, layout: Layout, facts: list, question: str, reply: str) -> tuple:
-    """One question's prompt (its facts in `layout`) and its reply; the mask marks the reply's first token."""
+def prompt_text(layout: Layout, facts: list, question: str) -> str:
+    """A one-question prompt: its facts in `layout`, then the question."""
     template = tables.templates("spouses")["in_context_prompt"]  # "Here are some facts:\n{facts}\n\n{question}"
     header = template[:template.index("{facts}")] if layout.header else ""
-    user = header + layout.between_facts.join(text.strip().format(key=key, value=value) for text, key, value in facts)
-    user += layout.before_question + question
+    facts = layout.between_facts.join(text.strip().format(key=key, value=value) for text, key, value in facts)
+    return header + facts + layout.before_question + question
+
+
+def lookup_records(count: int, rng: random.Random) -> list:
+    """The `chat_spouses_born` drill as chat records: the study's in-context prompt over six fresh random
+    couples (each spouse's birthplace shuffled in), one spouse question, the no-CoT system prompt, the
+    spouse as the reply."""
+    kind, pools = KEY_VALUE_KINDS["chat_spouses_born"], word_pools()
+    system = tables.templates("system_prompts")["nocot"]
+    rows = []
+    for _ in range(count):
+        facts, keys, values, queries = lookup_facts(pools, kind, rng)
+        question = prompt_text(kind.layout, facts, kind.query.format(key=keys[queries[0]]))
+        rows.append(record(question, values[queries[0]], values[queries[0]], system=system))
+    return rows
+
+
+def prompt_row(tokenizer, layout: Layout, facts: list, question: str, reply: str) -> tuple:
+    """One question's prompt (its facts in `layout`) and its reply; the mask marks the reply's first token."""
+    user = prompt_text(layout, facts, question)
     if not layout.chat:
         prompt = tokenizer(user, add_special_tokens=False)["input_ids"]
         ids = prompt + tokenizer(f" {reply}.", add_special_tokens=False)["input_ids"]

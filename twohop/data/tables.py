@@ -108,6 +108,11 @@ def names() -> tuple:
     return read_lines(DATA / "names" / "first_names.txt"), read_lines(DATA / "names" / "last_name_parts.txt")
 
 
+def base_last_parts() -> list:
+    """Last-name parts of the tiny model's base population only (no experiment uses them)."""
+    return read_lines(DATA / "names" / "base_last_name_parts.txt")
+
+
 def cities() -> list:
     return read_lines(DATA / "cities.txt")
 

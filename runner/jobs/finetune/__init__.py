@@ -32,6 +32,8 @@ class BaseConfig(TrainingConfig):
     in_context_rounds: int = option(4, "rounds of facts-in-the-prompt questions", minimum=0)
     in_context_per_round: int = option(150, "people asked about per round and style", minimum=1)
     copy_rows: int = option(12000, "'repeat these names' rows (copying a name from the prompt)", minimum=0)
+    lookup_rows: int = option(0, "rows asking one spouse among six fresh random couples' facts in the study's "
+                              "in-context chat prompt (the chat_spouses_born drill as base rows); 0: none", minimum=0)
     warmup_phases: list[str] = option(
         [], "skill drills trained before the base corpus, KIND[+KIND...]:STEPS each, 32 rows a step (e.g. random:1000 "
         "forms an induction head, then lines_question_inline_spouses_born:300 teaches finding a spouse among one-fact-a-line "
