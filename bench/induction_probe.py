@@ -2,7 +2,7 @@
 
 In-context lookup ("X's spouse is Y ... Who is X's spouse?") needs the model to find an earlier
 occurrence of a name and copy what follows it. This probe isolates that skill (its drills are
-`twohop.data.drills`, its loop `twohop.training.drills`, which `finetune_base`'s `warmup_phases` also
+`twohop.data.drills`, its loop `twohop.training.drills`, which `finetune_base`'s `drill_phases` also
 runs): a fresh tiny model is trained with plain PyTorch (full next-token loss, AdamW, clipping at 1.0) on sequences that are a
 random list followed by the same list again, and it prints the loss on the second copy, which only
 copying can bring down. Each phase trains on one kind of list (`--phases KIND:STEPS,...`):

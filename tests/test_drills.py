@@ -91,7 +91,7 @@ class DrillTest(unittest.TestCase):
                                  (["random:5", "kv+nope:3"], "'nope' is not a drill")):
             with self.assertRaises(UserError) as caught:
                 parse_phases(phases)
-            self.assertIn("warmup_phases", str(caught.exception))
+            self.assertIn("drill_phases", str(caught.exception))
             self.assertIn(expected, str(caught.exception))
         self.assertEqual(parse_phases(["random:5", "kv+chat_spouses_born:3"]),
                          [(("random",), 5), (("kv", "chat_spouses_born"), 3)])
@@ -139,7 +139,7 @@ class DrillTest(unittest.TestCase):
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow: trains finetune_base (TWOHOP_SKIP_SLOW=1)")
 class BaseWarmUpTest(unittest.TestCase):
     def test_finetune_base_runs_its_drills_first(self):
-        """`warmup_phases` trains the drills, then the base corpus from the drilled model; a bad phase is
+        """`drill_phases` trains the drills, then the base corpus from the drilled model; a bad phase is
         refused before anything runs."""
         small_base = ["--set", "finetune_base.max_steps=1", "--set", "finetune_base.base_people=20",
                       "--set", "finetune_base.copy_rows=50", "--set", "finetune_base.in_context_per_round=10"]
@@ -147,17 +147,17 @@ class BaseWarmUpTest(unittest.TestCase):
             run = lambda *extra: subprocess.run(
                 [sys.executable, "runner/main.py", "--workspace_path", str(Path(tmp) / "w"), "--jobs", "finetune_base",
                  *SMALL_WORLD, *small_base, *extra], cwd=ROOT, capture_output=True, text=True)
-            refused = run("--set", "finetune_base.warmup_phases=[random:2,copying:2]")
+            refused = run("--set", "finetune_base.drill_phases=[random:2,copying:2]")
             self.assertNotEqual(refused.returncode, 0)
-            self.assertIn("warmup_phases: 'copying' is not a drill", refused.stderr)
+            self.assertIn("drill_phases: 'copying' is not a drill", refused.stderr)
             self.assertFalse((Path(tmp) / "w" / "experiments" / "finetune").exists())
-            result = run("--set", "finetune_base.warmup_phases=[random:2,chat_spouses_born:2]")
+            result = run("--set", "finetune_base.drill_phases=[random:2,chat_spouses_born:2]")
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])
             base = Path(tmp) / "w" / "experiments" / "finetune" / "base" / "tiny-h128-l2"
-            self.assertTrue((base / "warmup" / "model" / "model.safetensors").is_file())
-            self.assertEqual(json.loads((base / "warmup" / "drills.jsonl").read_text().splitlines()[0])["data"], "random")
+            self.assertTrue((base / "drills" / "model" / "model.safetensors").is_file())
+            self.assertEqual(json.loads((base / "drills" / "drills.jsonl").read_text().splitlines()[0])["data"], "random")
             self.assertIn("drills step 0 (random)", (base / "log.txt").read_text())
-            self.assertEqual(json.loads((base / "config.json").read_text())["config"]["warmup_phases"],
+            self.assertEqual(json.loads((base / "config.json").read_text())["config"]["drill_phases"],
                              ["random:2", "chat_spouses_born:2"])
             self.assertTrue((base / "model" / "model.safetensors").is_file())
 

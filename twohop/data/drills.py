@@ -4,7 +4,7 @@ In-context lookup ("X's spouse is Y ... Who is X's spouse?") needs the model to 
 occurrence of a name and copy what follows it: an induction head. The embedded tiny model does not
 form one from the study's rows (bench/README.md, "Copying a repeated list"); these drills isolate the
 skill, for `bench/induction_probe.py` and for the base's optional warm-up (`finetune_base`'s
-`warmup_phases`, trained by `twohop.training.drills`). Every drill is token rows with a mask of its
+`drill_phases`, trained by `twohop.training.drills`). Every drill is token rows with a mask of its
 target tokens:
 - copy kinds (a list, then the same list again; the target is the second copy after its first token):
   `random` (random token ids), `words` (entity words), `vocab` (whole-word vocabulary tokens), `names`

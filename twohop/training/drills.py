@@ -40,7 +40,7 @@ def parse_kinds(text: str, what: str) -> tuple:
     return kinds
 
 
-def parse_phases(phases: list, what: str = "warmup_phases") -> list:
+def parse_phases(phases: list, what: str = "drill_phases") -> list:
     """["KIND[+KIND...]:STEPS", ...] -> [(kinds, steps), ...], or one line naming the bad entry."""
     parsed = []
     for text in phases:

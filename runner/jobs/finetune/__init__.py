@@ -34,11 +34,11 @@ class BaseConfig(TrainingConfig):
     copy_rows: int = option(12000, "'repeat these names' rows (copying a name from the prompt)", minimum=0)
     lookup_rows: int = option(0, "rows asking one spouse among six fresh random couples' facts in the study's "
                               "in-context chat prompt (the chat_spouses_born drill as base rows); 0: none", minimum=0)
-    warmup_phases: list[str] = option(
+    drill_phases: list[str] = option(
         [], "skill drills trained before the base corpus, KIND[+KIND...]:STEPS each, 32 rows a step (e.g. random:1000 "
         "forms an induction head, then lines_question_inline_spouses_born:300 teaches finding a spouse among one-fact-a-line "
         "facts; kinds in twohop.data.drills); [] trains none")
-    warmup_lr: float = option(1e-3, "constant AdamW rate of the drills (an induction head forms at 1e-3, not 3e-3)",
+    drill_lr: float = option(1e-3, "constant AdamW rate of the drills (an induction head forms at 1e-3, not 3e-3)",
                               minimum=1e-8)
 
 
@@ -72,9 +72,9 @@ def run_base(ctx) -> dict:
     eval_sets = {"natural_facts": read_records(natural / "test/natural_facts.jsonl")[:256],
                  "in_context_nocot": read_records(spouses / "test/in_context_nocot_seed1.jsonl")[:128]}
     start = ctx.model.path
-    if ctx.config["warmup_phases"]:
-        start = drills.warm_up(start, ctx.config["warmup_phases"], ctx.config["warmup_lr"], ctx.config["data_seed"],
-                               ctx.run_dir / "warmup", ctx.log)
+    if ctx.config["drill_phases"]:
+        start = drills.warm_up(start, ctx.config["drill_phases"], ctx.config["drill_lr"], ctx.config["data_seed"],
+                               ctx.run_dir / "drills", ctx.log)
     ctx.log.info("pretraining the tiny model on %d rows", len(rows))
     return {"trained": True, "rows": len(rows),
             **train({**ctx.config, "seed": 0}, start, rows, eval_sets, ctx.run_dir, ctx.log)}
@@ -82,7 +82,7 @@ def run_base(ctx) -> dict:
 
 def check_base(config: dict, model) -> None:
     check_training(config)
-    drills.parse_phases(config["warmup_phases"])
+    drills.parse_phases(config["drill_phases"])
 
 
 def finetune(name: str, help: str, data_job: str, defaults) -> SubJob:
