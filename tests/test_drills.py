@@ -138,6 +138,11 @@ class DrillTest(unittest.TestCase):
 
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow: trains finetune_base (TWOHOP_SKIP_SLOW=1)")
 class BaseWarmUpTest(unittest.TestCase):
+    @staticmethod
+    def real_model(tmp) -> Path:
+        """A saved model passed by path: a real model to the runner (finetune_base does not train it)."""
+        return build_tiny_model("tiny", Path(tmp) / "real", seed=0)
+
     def test_finetune_base_runs_its_drills_first(self):
         """`drill_phases` trains the drills, then the base corpus from the drilled model; a bad phase is
         refused before anything runs."""
@@ -151,6 +156,11 @@ class BaseWarmUpTest(unittest.TestCase):
             self.assertNotEqual(refused.returncode, 0)
             self.assertIn("drill_phases: 'copying' is not a drill", refused.stderr)
             self.assertFalse((Path(tmp) / "w" / "experiments" / "finetune").exists())
+            real = subprocess.run([sys.executable, "runner/main.py", "--workspace_path", str(Path(tmp) / "w"), "--jobs",
+                                   "finetune_base", "--model", str(self.real_model(tmp)),
+                                   "--set", "finetune_base.lookup_rows=5", "--dry_run"], cwd=ROOT, capture_output=True, text=True)
+            self.assertNotEqual(real.returncode, 0)
+            self.assertIn("is a real model, which finetune_base does not train", real.stderr)
             result = run("--set", "finetune_base.drill_phases=[random:2,chat_spouses_born:2]")
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])
             base = Path(tmp) / "w" / "experiments" / "finetune" / "base" / "tiny-h128-l2"

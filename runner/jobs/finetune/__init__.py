@@ -14,6 +14,7 @@ from functools import partial
 from accelerate import PartialState
 
 from runner.config import option
+from runner.errors import UserError
 from runner.files import atomic_write_json
 from runner.registry import Job, SubJob
 from twohop.data import base_corpus, ioi, tables
@@ -83,6 +84,9 @@ def run_base(ctx) -> dict:
 def check_base(config: dict, model) -> None:
     check_training(config)
     drills.parse_phases(config["drill_phases"])
+    if (config["drill_phases"] or config["lookup_rows"]) and model is not None and not recipes.pretrains(model):
+        raise UserError("drill_phases and lookup_rows shape the embedded tiny model's pretraining; "
+                        f"{model.path} is a real model, which finetune_base does not train: drop them")
 
 
 def finetune(name: str, help: str, data_job: str, defaults) -> SubJob:
