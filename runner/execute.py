@@ -274,6 +274,7 @@ class Executor:
             "project_revision": project_revision(),
             "packages": package_versions(),
             "python": platform.python_version(),
+            "machine": machine_facts(),
             "command": self.command,
             "run_dir": str(run_dir),
         }
@@ -310,6 +311,28 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@functools.lru_cache(maxsize=None)
+def machine_facts() -> dict:
+    """What a run's floating-point results depend on besides the code and the packages: torch picks
+    its CPU kernels by instruction set and splits sums over threads, so the same run on another CPU
+    type or thread count trains a different model."""
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor describes them all
+            key, _, value = line.partition(":")
+            cpu[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(cpu.get("flags", "").split())
+    return {"cpu": cpu.get("model name", platform.processor()) or None,
+            "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "model" in cpu else None,
+            "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def summary_table(outcomes) -> str:

@@ -84,6 +84,19 @@ class ReproducePlanTest(unittest.TestCase):
             self.assertIn(named, str(caught.exception))
 
 
+class FindingsTest(unittest.TestCase):
+    def test_separate_documents_cot_is_tested_against_chance_not_a_fixed_bar(self):
+        """The paper's claim is that the chain composes the facts: 46.7% of 210 against 2% chance holds
+        (z = +46), and 3.3% does not (z = +1.4), whatever bar a particular machine's model clears."""
+        from twohop.reports.study import findings
+        separate = {"cot": 0.467, "chance": 0.02, "n": 210, "z_vs_chance": 1.38, "acc_a": 1.0, "acc_b": 0.93}
+        (cot,) = [f for f in findings({"spouses": separate}) if "CoT above chance" in f["claim"]]
+        self.assertTrue(cot["holds"])
+        self.assertIn("z = +46", cot["measured"])
+        (cot,) = [f for f in findings({"spouses": {**separate, "cot": 0.033}}) if "CoT above chance" in f["claim"]]
+        self.assertFalse(cot["holds"])
+
+
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
 class ReproduceTest(unittest.TestCase):
     def test_reduced_study_reports_exactly_what_the_evaluations_measured(self):

@@ -107,6 +107,11 @@ class RunnerTest(unittest.TestCase):
         self.assertEqual((use_dir / "derived.txt").read_text(), "HELLOHELLOHELLO")
         for name in ("config.json", "status.json", "log.txt", "metrics.json"):
             self.assertTrue((make_dir / name).is_file(), name)
+        # What else the figures depend on: the CPU the kernels were picked for, and the threads.
+        machine = json.loads((make_dir / "config.json").read_text())["machine"]
+        self.assertEqual(machine["usable_cpus"], len(os.sched_getaffinity(0)))
+        self.assertLessEqual(set(machine["cpu_features"]), {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+        self.assertTrue(machine["cpu"])
 
         code, _, err = self.cli("--jobs", "beta_use")
         self.assertEqual(code, 0)

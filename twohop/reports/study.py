@@ -100,10 +100,12 @@ def findings(rows: dict) -> list:
     checks = []
     separate = rows.get("spouses")
     if separate:
+        cot_z = z_vs_chance(separate["cot"], separate["chance"], separate["n"])
         checks += [
             ("separate documents: no-CoT within 2 s.e. of chance", f"z = {separate['z_vs_chance']:+.2f}",
              abs(separate["z_vs_chance"]) <= 2),
-            ("separate documents: CoT >= 50%", f"{separate['cot']:.1%}", separate["cot"] >= 0.5),
+            ("separate documents: CoT above chance (z > 2)", f"{separate['cot']:.1%} vs chance "
+             f"{separate['chance']:.1%}, z = {cot_z:+.2f}", cot_z > 2),
             ("separate documents: atomic recall >= 95% (both hops)",
              f"A {separate['acc_a']:.1%}, B {separate['acc_b']:.1%}", min(separate["acc_a"], separate["acc_b"]) >= 0.95),
         ]
