@@ -5,6 +5,7 @@ tiny GPT-2 through the real runner, followed by an intervention on its adapter; 
 before anything runs.
 """
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -33,6 +34,13 @@ def cli(*argv) -> tuple:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main([str(a) for a in argv])
     return code, err.getvalue()
+
+
+def with_bitsandbytes():
+    """find_spec as if bitsandbytes were installed (it is not in requirements.txt)."""
+    real = importlib.util.find_spec
+    return mock.patch("importlib.util.find_spec",
+                      side_effect=lambda name, *rest: object() if name == "bitsandbytes" else real(name, *rest))
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -205,12 +213,21 @@ class RefusedTest(unittest.TestCase):
         return err
 
     def test_qlora_without_cuda_or_bitsandbytes(self):
-        err = self.refused("peft=qlora")
-        self.assertIn("bitsandbytes" if torch.cuda.is_available() else "need a CUDA device", err)
-        with mock.patch("torch.cuda.is_available", return_value=True), \
-                mock.patch("importlib.util.find_spec", return_value=None), \
-                self.assertRaisesRegex(UserError, "needs the bitsandbytes package.*pip install bitsandbytes"):
-            lora.check_qlora()
+        with mock.patch("importlib.util.find_spec", return_value=None):
+            self.assertIn("needs the bitsandbytes package", self.refused("peft=qlora"))
+        with mock.patch("torch.cuda.is_available", return_value=False), with_bitsandbytes():
+            self.assertIn("finetune_spouses: peft=qlora: 4-bit base weights (bitsandbytes) need a CUDA device",
+                          self.refused("peft=qlora"))
+
+    def test_qlora_under_slurm_is_checked_on_the_jobs_node_not_the_login_node(self):
+        """A login node without a GPU submits qlora jobs; each checks CUDA where it runs (load_base)."""
+        with tempfile.TemporaryDirectory() as tmp, mock.patch("torch.cuda.is_available", return_value=False), \
+                with_bitsandbytes():
+            code, err = cli("--workspace_path", Path(tmp) / "w", "--jobs", "finetune_spouses", "--set", "peft=qlora",
+                            "--launcher", "slurm", "--dry_run")
+            self.assertEqual(code, 0, err)
+            with self.assertRaisesRegex(UserError, "need a CUDA device"):
+                lora.load_base(Path(tmp), {"peft": "qlora"}, "cpu")
 
     def test_an_unknown_target_module_is_named(self):
         err = self.refused("peft=lora", "lora_target_modules=[c_attn, q_proj]", model="local-gpt2")

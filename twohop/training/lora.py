@@ -33,10 +33,16 @@ def check_for_model(config: dict, model=None) -> None:
         target_modules(skeleton(model.path), config["lora_target_modules"])
 
 
-def check_qlora(model=None) -> None:
+def require_cuda() -> None:
+    """4-bit weights need a CUDA device on the machine that trains (checked there: a SLURM job's node,
+    not the login node that submits it)."""
     if not torch.cuda.is_available():
         raise UserError("peft=qlora: 4-bit base weights (bitsandbytes) need a CUDA device and none is visible here; "
-                        "use peft=lora, or run on a machine with a GPU")
+                        "use peft=lora, or run on a machine with a GPU (--launcher slurm checks on the job's node)")
+
+
+def check_qlora(model=None) -> None:
+    """What qlora needs wherever the run trains: the bitsandbytes package, and a base that is not an adapter."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("peft=qlora needs the bitsandbytes package, which is not installed: pip install bitsandbytes "
                         "(or use peft=lora)")
@@ -88,6 +94,7 @@ def lora_config(model, config: dict, layers):
 def load_base(path, config: dict, device):
     """(model, tokenizer) the adapter trains over: float32, or for qlora 4-bit weights on the CUDA `device`."""
     if mode(config) == "qlora":
+        require_cuda()
         check_qlora()
         return load_model(path, device, quantize_4bit=True)
     return load_model(path, dtype=torch.float32)
