@@ -15,9 +15,15 @@ each, with their own length grouping (`train_sampling_strategy="group_by_length"
 `LengthGroupedSampler`; TRL's `padding_free` needs flash attention, so SFTTrainer gets the same
 sampler), so the comparison is not only against padding.
 
+"Equal loss" over the run, not only at its end: with `--curve_every K` every arm runs a second
+time and its model is scored on the same 512 rows (the same function) every K steps. Each arm's
+seconds to a loss L are then the steps its curve needs to reach L times its seconds per step in the
+first (unscored) run, whose data order and updates the second repeats (same seed); the second table
+gives them for a ladder of losses, against the faster peer at each.
+
 Usage (the peers are not in requirements.txt: `pip install trl==1.16.0`):
 
-    python bench/peers_train.py --workspace_path W [--steps 200] [--batch_size 32]
+    python bench/peers_train.py --workspace_path W [--steps 200] [--batch_size 32] [--curve_every 10]
 
 The model defaults to W's `finetune_base` (the tiny default, h128/L2); rows are W's spouses
 training files (what `finetune_spouses` trains on).
@@ -67,6 +73,24 @@ def hf_arguments(args, out: Path, grouped: bool, cls):
     # defaults both to True: bf16 autocast on a CPU without bf16 units made TRL's arm ~10x slower here)
 
 
+def probe_examples(tokenizer, rows: list) -> list:
+    from twohop.training.batching import encode_chat
+    return [encode_chat(tokenizer, row["messages"], 512) for row in rows[:512]]
+
+
+def scoring_callback(every: int, examples: list, pad_id: int, curve: list):
+    """A transformers TrainerCallback appending (step, loss on the 512 rows) to `curve` every `every` steps."""
+    import torch
+    from transformers import TrainerCallback
+    from twohop.training.losses import evaluate_losses
+
+    class Scoring(TrainerCallback):
+        def on_step_end(self, arguments, state, control, model=None, **kwargs):
+            if state.global_step % every == 0:
+                curve.append((state.global_step, evaluate_losses(model, examples, pad_id, torch.device("cpu"))[0]["loss"]))
+    return Scoring()
+
+
 def run_trainer(args, model_path: Path, rows: list, out: Path, grouped: bool):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from datasets import Dataset
@@ -96,16 +120,19 @@ def run_sft(args, model_path: Path, rows: list, out: Path, grouped: bool):
 
 
 def run_ours(args, model_path: Path, rows: list, out: Path) -> dict:
+    """Our trainer; with --scored, its own evaluation of the 512 rows every curve_every steps is the curve."""
     from runner.config import defaults
     from twohop.training.config import TrainingConfig
     from twohop.training.trainer import train
     config = {**defaults(TrainingConfig), "lr": args.lr, "lr_scheduler": "constant", "warmup_ratio": 0.0,
               "max_steps": args.steps, "epochs": 1000, "batch_size": args.batch_size, "save_every_steps": 0,
-              "log_every_steps": 50, "bf16": False, "seed": 0}
+              "log_every_steps": 50, "bf16": False, "seed": 0, "eval_every_steps": args.curve_every if args.scored else 0}
     started = time.perf_counter()
-    summary = train(config, model_path, rows, {}, out, logging.getLogger("bench"))
+    summary = train(config, model_path, rows, {"probe": rows[:512]} if args.scored else {}, out, logging.getLogger("bench"))
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if args.scored else []
+    curve = [(e["step"], e["probe/loss"]) for e in entries if e.get("event") == "eval" and e["step"]]
     return {"seconds": time.perf_counter() - started, "loop_seconds": summary["train_seconds"],
-            "tokens": summary["tokens"], "model": out / "model"}
+            "tokens": summary["tokens"], "model": out / "model", "curve": curve}
 
 
 def held_out_loss(model_path_or_model, rows: list) -> float:
@@ -132,16 +159,50 @@ def arm(name: str, args) -> dict:
             build = run_trainer if name.startswith("trainer") else run_sft
             started = time.perf_counter()
             trainer, collator, model, tokenizer = build(args, model_path, rows, out, name.endswith("grouped"))
+            curve = []
+            if args.scored:
+                trainer.add_callback(scoring_callback(args.curve_every, probe_examples(tokenizer, rows),
+                                                      tokenizer.pad_token_id, curve))
             loop_started = time.perf_counter()
             trainer.train()
             loop_seconds = time.perf_counter() - loop_started
-            result = {"seconds": time.perf_counter() - started, "loop_seconds": loop_seconds, "tokens": collator.tokens}
+            result = {"seconds": time.perf_counter() - started, "loop_seconds": loop_seconds, "tokens": collator.tokens,
+                      "curve": curve}
             trained = out / "model"
             model.save_pretrained(trained)
             tokenizer.save_pretrained(trained)
         loss = held_out_loss(trained, rows[:512])
     return {"arm": name, "seconds": result["seconds"], "loop_seconds": result["loop_seconds"], "tokens": result["tokens"],
-            "tokens_per_s": result["tokens"] / result["loop_seconds"], "loss": loss}
+            "tokens_per_s": result["tokens"] / result["loop_seconds"], "loss": loss, "curve": result["curve"]}
+
+
+def run_arm(name: str, common: list, *extra) -> dict:
+    """One arm in its own process; its JSON, or {"arm", "failed"} with the error's last line."""
+    done = subprocess.run([sys.executable, __file__, *common, "--arm", name, *extra], capture_output=True, text=True)
+    if done.returncode:
+        return {"arm": name, "failed": done.stderr.strip().splitlines()[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def steps_to(curve: list, loss: float):
+    """The first scored step at which the curve is at or below `loss`, or None."""
+    return next((step for step, value in curve if value <= loss), None)
+
+
+def print_time_to_loss(speed: dict, curves: dict, losses: list, steps: int) -> None:
+    """Seconds (and steps) each arm needs to reach each loss, and ours against the faster peer."""
+    arms = [a for a in curves if a in speed and "failed" not in speed[a]]
+    print(f"\n| loss on the 512 rows | {' | '.join(arms)} | faster peer / ours |\n|---|{'---|' * (len(arms) + 1)}")
+    for loss in losses:
+        seconds = {}
+        for a in arms:
+            at = steps_to(curves[a], loss)
+            seconds[a] = None if at is None else (at * speed[a]["loop_seconds"] / steps, at)
+        cells = ["not in %d steps" % steps if seconds[a] is None else "%.1f s (%d)" % seconds[a] for a in arms]
+        peers = [seconds[a][0] for a in arms if a != "ours" and seconds[a]]
+        ratio = ("%.2fx" % (min(peers) / seconds["ours"][0]) if peers and seconds.get("ours")
+                 else "no peer reaches it" if seconds.get("ours") else "n/a")
+        print(f"| {loss:g} | {' | '.join(cells)} | {ratio} |", flush=True)
 
 
 def main() -> None:
@@ -153,7 +214,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rows", type=int, default=8000, help="training rows (shuffled, seeded)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--curve_every", type=int, default=0,
+                        help="also run every arm scored every K steps and print seconds to each of --losses; 0: off")
+    parser.add_argument("--losses", type=float, nargs="+", default=[1.5, 1.2, 1.0, 0.8, 0.6, 0.5],
+                        help="the losses (nats, on the 512 rows) the time-to-loss table is given for")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--scored", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         print(json.dumps(arm(args.arm, args)))
@@ -161,15 +227,17 @@ def main() -> None:
     common = [a for a in sys.argv[1:] if a != "--arms" and a not in ARMS]
     print(f"| arm | seconds, all | seconds, training loop | real tokens | tokens/s (loop) | loss after ({args.steps} steps, "
           f"512 rows) |\n|---|---|---|---|---|---|")
+    speed = {}
     for name in args.arms:
-        done = subprocess.run([sys.executable, __file__, *common, "--arm", name], capture_output=True, text=True)
-        if done.returncode:
-            print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1]} |", flush=True)
+        r = speed[name] = run_arm(name, common)
+        if "failed" in r:
+            print(f"| {name} | failed: {r['failed']} |", flush=True)
             continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {r['arm']} | {r['seconds']:.1f} | {r['loop_seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
-              f"{r['loss']:.4f} |",
-              flush=True)
+              f"{r['loss']:.4f} |", flush=True)
+    if args.curve_every:
+        curves = {name: run_arm(name, common, "--scored").get("curve", []) for name in args.arms}
+        print_time_to_loss(speed, curves, args.losses, args.steps)
 
 
 if __name__ == "__main__":
