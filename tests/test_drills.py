@@ -20,7 +20,7 @@ from tests.fixtures.train_small import SMALL_WORLD
 from twohop.data import base_corpus, tables
 from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, batch_of, lookup_records, word_pools
 from twohop.data.records import record
-from twohop.training.drills import DrillSettings, parse_phases, train_drills, warm_up
+from twohop.training.drills import DrillSettings, interleaved_drill, parse_phases, train_drills, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,22 @@ class DrillTest(unittest.TestCase):
         self.assertEqual(parse_phases(["random:5", "kv+chat_spouses_born:3"]),
                          [(("random",), 5), (("kv", "chat_spouses_born"), 3)])
 
+    def test_interleaved_drill_adds_a_batch_every_n_steps_kinds_in_turn(self):
+        model = load_model(self.model_path, dtype=torch.float32)[0]
+        loss = interleaved_drill(self.tokenizer, "random+kv:2", seed=0)
+        self.assertIsNone(loss(model, 1))
+        self.assertIsNone(loss(model, 3))
+        first = loss(model, 0)
+        first.backward()
+        self.assertGreater(first.item(), 0)
+        self.assertTrue(any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()))
+        # The same seed draws the same batches.
+        again = interleaved_drill(self.tokenizer, "random+kv:2", seed=0)
+        self.assertAlmostEqual(again(model, 0).item(), first.item(), places=5)
+        with self.assertRaises(UserError) as caught:
+            interleaved_drill(self.tokenizer, "random:0", seed=0)
+        self.assertIn("drill_interleave: 'random:0' is not KIND[+KIND...]:EVERY", str(caught.exception))
+
     def train(self, watched=()) -> tuple:
         torch.manual_seed(0)
         model, tokenizer = load_model(self.model_path, dtype=torch.float32)
@@ -161,7 +177,8 @@ class BaseWarmUpTest(unittest.TestCase):
                                    "--set", "finetune_base.lookup_rows=5", "--dry_run"], cwd=ROOT, capture_output=True, text=True)
             self.assertNotEqual(real.returncode, 0)
             self.assertIn("is a real model, which finetune_base does not train", real.stderr)
-            result = run("--set", "finetune_base.drill_phases=[random:2,chat_spouses_born:2]")
+            result = run("--set", "finetune_base.drill_phases=[random:2,chat_spouses_born:2]",
+                         "--set", "finetune_base.drill_interleave=random:1")
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])
             base = Path(tmp) / "w" / "experiments" / "finetune" / "base" / "tiny-h128-l2"
             self.assertTrue((base / "drills" / "model" / "model.safetensors").is_file())
@@ -169,6 +186,7 @@ class BaseWarmUpTest(unittest.TestCase):
             self.assertIn("drills step 0 (random)", (base / "log.txt").read_text())
             self.assertEqual(json.loads((base / "config.json").read_text())["config"]["drill_phases"],
                              ["random:2", "chat_spouses_born:2"])
+            self.assertEqual(json.loads((base / "config.json").read_text())["config"]["drill_interleave"], "random:1")
             self.assertTrue((base / "model" / "model.safetensors").is_file())
 
 

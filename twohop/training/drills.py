@@ -40,14 +40,14 @@ def parse_kinds(text: str, what: str) -> tuple:
     return kinds
 
 
-def parse_phases(phases: list, what: str = "drill_phases") -> list:
+def parse_phases(phases: list, what: str = "drill_phases", count: str = "STEPS") -> list:
     """["KIND[+KIND...]:STEPS", ...] -> [(kinds, steps), ...], or one line naming the bad entry."""
     parsed = []
     for text in phases:
         kinds, _, steps = text.partition(":")
         if not steps.isdigit() or int(steps) < 1:
-            raise UserError(f"{what}: {text!r} is not KIND[+KIND...]:STEPS with STEPS a positive integer "
-                            "(e.g. random:1000)")
+            raise UserError(f"{what}: {text!r} is not KIND[+KIND...]:{count} with {count} a positive integer "
+                            f"(e.g. random:{1000 if count == 'STEPS' else 2})")
         parsed.append((parse_kinds(kinds, what), int(steps)))
     return parsed
 
@@ -121,6 +121,23 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return last
+
+
+def interleaved_drill(tokenizer, spec: str, seed: int):
+    """For the trainer's `extra_loss`: from "KIND[+KIND...]:EVERY", the full next-token loss of one drill
+    batch (its kinds in turn) on every EVERY-th step, None on the others, so a skill the drills formed
+    keeps being trained while the base corpus is learned."""
+    ((kinds, every),) = parse_phases([spec], "drill_interleave", "EVERY")
+    drills = Drills(tokenizer, DrillSettings(), seed)
+
+    def loss(model, step: int):
+        if step % every:
+            return None
+        ids, labels, _ = drills.batch(kinds[step // every % len(kinds)])
+        logits = model(input_ids=ids.to(model.device)).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].to(model.device).reshape(-1))
+    return loss
 
 
 def warm_up(model_path, phases: list, lr: float, seed: int, out_dir, log) -> Path:

@@ -68,8 +68,9 @@ class Trainer:
     """One training run: set-up in __init__, then `run()` (steps, evals, checkpoints) and `finish()`."""
 
     def __init__(self, config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, log,
-                 layers: str = "", loss_gaps: dict = None):
+                 layers: str = "", loss_gaps: dict = None, extra_loss=None):
         self.config, self.run_dir, self.log, self.loss_gaps = config, run_dir, log, loss_gaps or {}
+        self.extra_loss = extra_loss
         self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16(config["bf16"]) else "no",
                                        cpu=not torch.cuda.is_available())
         torch.manual_seed(config["seed"])
@@ -83,6 +84,8 @@ class Trainer:
         self.with_aux = bool(config["aux_loss_type"]) and config["aux_loss_coef"] > 0
         self._encode(train_rows, eval_sets)
         self._schedule()
+        if extra_loss and self.world > 1:
+            raise UserError("an extra loss (finetune_base's drill_interleave) trains in one process only; launch one")
         self._optimizer()
         self.reply_loss, self.optimizer = self.accelerator.prepare(ReplyLoss(self.model), self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.reply_loss).model
@@ -183,6 +186,9 @@ class Trainer:
             aux = auxiliary_loss(self.unwrapped, hidden_states, batch, self.config)
             loss = loss + self.config["aux_loss_coef"] * aux
             self.aux_window.append(aux.item())
+        extra = self.extra_loss(self.unwrapped, self.position["step"]) if self.extra_loss else None
+        if extra is not None:
+            loss = loss + extra
         self.accelerator.backward(loss / self.accumulation)
         self.last_loss = lm_loss.item()
         self.loss_window.append(self.last_loss)
@@ -298,12 +304,14 @@ class Trainer:
 
 
 def train(config: dict, model_path, train_rows, eval_sets: dict, run_dir: Path, log, layers: str = "",
-          loss_gaps: dict = None) -> dict:
+          loss_gaps: dict = None, extra_loss=None) -> dict:
     """Fine-tune the model at `model_path` on `train_rows`; save it (or the adapter) to `run_dir/model`.
 
     `layers` ('s-e', end-exclusive) trains (or, with peft, adapts) only those decoder layers; `loss_gaps` maps an
-    eval set of shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`."""
-    return Trainer(config, model_path, train_rows, eval_sets, run_dir, log, layers, loss_gaps).run()
+    eval set of shuffled answers to its true set, whose loss difference is logged as `<true>/loss_gap`;
+    `extra_loss(model, step)`, when given, returns a loss added to the step's (or None): a single-process
+    hook, used to keep a skill drill up during the tiny model's pretraining."""
+    return Trainer(config, model_path, train_rows, eval_sets, run_dir, log, layers, loss_gaps, extra_loss).run()
 
 
 def _maybe_wandb(config, run_dir):

@@ -41,6 +41,8 @@ class BaseConfig(TrainingConfig):
         "facts; kinds in twohop.data.drills); [] trains none")
     drill_lr: float = option(1e-3, "constant AdamW rate of the drills (an induction head forms at 1e-3, not 3e-3)",
                               minimum=1e-8)
+    drill_interleave: str = option("", "a drill kept up while the base corpus trains, KIND[+KIND...]:EVERY: one drill "
+                                   "batch (32 rows, full next-token loss) added to every EVERY-th step's loss; '' none")
 
 
 def base_path(ctx):
@@ -76,16 +78,24 @@ def run_base(ctx) -> dict:
     if ctx.config["drill_phases"]:
         start = drills.warm_up(start, ctx.config["drill_phases"], ctx.config["drill_lr"], ctx.config["data_seed"],
                                ctx.run_dir / "drills", ctx.log)
+    extra_loss = None
+    if ctx.config["drill_interleave"]:
+        from transformers import AutoTokenizer
+        extra_loss = drills.interleaved_drill(AutoTokenizer.from_pretrained(start), ctx.config["drill_interleave"],
+                                              ctx.config["data_seed"])
     ctx.log.info("pretraining the tiny model on %d rows", len(rows))
     return {"trained": True, "rows": len(rows),
-            **train({**ctx.config, "seed": 0}, start, rows, eval_sets, ctx.run_dir, ctx.log)}
+            **train({**ctx.config, "seed": 0}, start, rows, eval_sets, ctx.run_dir, ctx.log, extra_loss=extra_loss)}
 
 
 def check_base(config: dict, model) -> None:
     check_training(config)
     drills.parse_phases(config["drill_phases"])
-    if (config["drill_phases"] or config["lookup_rows"]) and model is not None and not recipes.pretrains(model):
-        raise UserError("drill_phases and lookup_rows shape the embedded tiny model's pretraining; "
+    if config["drill_interleave"]:
+        drills.parse_phases([config["drill_interleave"]], "drill_interleave", "EVERY")
+    shaping = config["drill_phases"] or config["lookup_rows"] or config["drill_interleave"]
+    if shaping and model is not None and not recipes.pretrains(model):
+        raise UserError("drill_phases, drill_interleave and lookup_rows shape the embedded tiny model's pretraining; "
                         f"{model.path} is a real model, which finetune_base does not train: drop them")
 
 
