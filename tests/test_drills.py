@@ -105,9 +105,12 @@ class DrillTest(unittest.TestCase):
         first.backward()
         self.assertGreater(first.item(), 0)
         self.assertTrue(any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()))
-        # The same seed draws the same batches.
+        # A step's rows depend on (seed, step) alone: a fresh hook (a resumed run) gives step 0 the same
+        # batch after drawing others, and another step another batch.
         again = interleaved_drill(self.tokenizer, "random+kv:2", seed=0)
+        again(model, 4)
         self.assertAlmostEqual(again(model, 0).item(), first.item(), places=5)
+        self.assertNotAlmostEqual(again(model, 4).item(), first.item(), places=3)
         with self.assertRaises(UserError) as caught:
             interleaved_drill(self.tokenizer, "random:0", seed=0)
         self.assertIn("drill_interleave: 'random:0' is not KIND[+KIND...]:EVERY", str(caught.exception))

@@ -126,13 +126,15 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
 def interleaved_drill(tokenizer, spec: str, seed: int):
     """For the trainer's `extra_loss`: from "KIND[+KIND...]:EVERY", the full next-token loss of one drill
     batch (its kinds in turn) on every EVERY-th step, None on the others, so a skill the drills formed
-    keeps being trained while the base corpus is learned."""
+    keeps being trained while the base corpus is learned. A step's rows depend on (seed, step) alone, so
+    a resumed run draws the rows an uninterrupted one would."""
     ((kinds, every),) = parse_phases([spec], "drill_interleave", "EVERY")
     drills = Drills(tokenizer, DrillSettings(), seed)
 
     def loss(model, step: int):
         if step % every:
             return None
+        drills.rng = random.Random(f"interleaved {seed} {step}")
         ids, labels, _ = drills.batch(kinds[step // every % len(kinds)])
         logits = model(input_ids=ids.to(model.device)).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
