@@ -77,7 +77,7 @@ class DrillTest(unittest.TestCase):
             natural = Path(tmp) / "natural.jsonl"
             natural.write_text(json.dumps(record("What is the capital of Xland?", "Xcity", "Xcity")) + "\n")
             config = {"data_seed": 0, "base_people": 6, "base_paraphrases": 1, "in_context_rounds": 1,
-                      "in_context_per_round": 2, "copy_rows": 3, "lookup_rows": 0}
+                      "in_context_per_round": 2, "copy_rows": 3, "lookup_rows": 0, "in_context_people": "base"}
             plain = [json.dumps(row, sort_keys=True) for row in base_corpus.corpus(natural, config)]
             more = [json.dumps(row, sort_keys=True) for row in base_corpus.corpus(natural, {**config, "lookup_rows": 4})]
         self.assertEqual(len(more), len(plain) + 4)
@@ -85,6 +85,27 @@ class DrillTest(unittest.TestCase):
         self.assertEqual(len(added), 4)
         self.assertTrue(all("Who is " in json.loads(row)["question"] for row in added))
         self.assertEqual(sorted(set(more) & set(plain)), sorted(plain))
+
+    def test_fresh_in_context_people_are_none_of_the_base_people(self):
+        """in_context_people=fresh swaps the facts-in-the-prompt rows' people for ones the base never learns
+        (so memory cannot answer them) and leaves every other row as it was."""
+        with tempfile.TemporaryDirectory() as tmp:
+            natural = Path(tmp) / "natural.jsonl"
+            natural.write_text(json.dumps(record("What is the capital of Xland?", "Xcity", "Xcity")) + "\n")
+            config = {"data_seed": 0, "base_people": 6, "base_paraphrases": 1, "in_context_rounds": 2,
+                      "in_context_per_round": 3, "copy_rows": 3, "lookup_rows": 0, "in_context_people": "base"}
+            plain, fresh = (base_corpus.corpus(natural, {**config, "in_context_people": people}) for people in ("base", "fresh"))
+        in_context = lambda rows: [r for r in rows if "n_distractors" in r]
+        self.assertEqual(len(in_context(fresh)), len(in_context(plain)))
+        base_people = {r[k] for r in in_context(plain) for k in ("e1", "e2")}
+        fresh_people = {r[k] for r in in_context(fresh) for k in ("e1", "e2")}
+        self.assertFalse(base_people & fresh_people)
+        self.assertGreater(len(fresh_people), len(base_people))  # drawn anew for each round and style
+        rest = lambda rows: sorted(json.dumps(r, sort_keys=True) for r in rows if "n_distractors" not in r)
+        self.assertEqual(rest(fresh), rest(plain))
+        for row in in_context(fresh):
+            self.assertIn(row["e1"], row["question"])
+            self.assertIn(f"{row['e2']} was born in {row['e3']}", row["question"])
 
     def test_bad_phase_is_one_line_naming_the_key(self):
         for phases, expected in ((["random"], "KIND[+KIND...]:STEPS"), (["random:0"], "positive"),

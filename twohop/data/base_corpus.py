@@ -6,7 +6,8 @@ population disjoint from every experiment's (its people take their last names fr
 - natural knowledge: every entity type's facts (hop B of the semi-synthetic study);
 - storing facts from training and chaining them: base people's spouse / birth-city facts as
   questions, with two-hop questions answered with and without a chain of thought;
-- reading facts in the prompt: the facts given in context, then a one- or two-hop question;
+- reading facts in the prompt: the facts given in context, then a one- or two-hop question (about the
+  base's own people, or with `in_context_people=fresh` about random people it never learned);
 - same-document facts: both facts of a person in one document;
 - copying names from the prompt ("List: ... Repeat the list."), over every name list;
 - optionally (`lookup_rows`), finding a spouse among six fresh couples' facts in the prompt.
@@ -29,6 +30,21 @@ def base_people(rng: random.Random, count: int) -> list:
     return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
 
 
+def fresh_people(rng: random.Random, count: int, forbidden: set) -> list:
+    """`count` (e1, e2, e3) triplets of random people none of whom is in `forbidden` (the base's own people,
+    whose facts the base also learns closed-book): in-context rows about them can only be answered by
+    reading the prompt."""
+    first_names, last_parts = tables.names()
+    last_parts = sorted({*last_parts, *tables.base_last_parts()})
+    names = []
+    while len(names) < 2 * count:
+        name = random_name(rng, first_names, last_parts)
+        if name not in forbidden and name not in names:
+            names.append(name)
+    cities = tables.cities()
+    return [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
+
+
 def corpus(natural_facts_file, config: dict) -> list:
     rng = random.Random(f"base:{config['data_seed']}")
     templates = tables.templates("spouses")
@@ -49,11 +65,14 @@ def corpus(natural_facts_file, config: dict) -> list:
         a, b = fact_sentences(t, rng.choice(templates["fact_sentences"]))
         rows.append(record(templates["samedoc_prompt"].format(**t), t["e2"], f"{a} {b}"))
     # Facts in the prompt: one-hop questions about a stated fact and two-hop questions over them.
+    known = {name for t in people for name in (t["e1"], t["e2"])}
     for seed in range(config["in_context_rounds"]):
         for style in ("nocot", "cot"):
-            targets = rng.sample(people, min(len(people), config["in_context_per_round"]))
+            population = people if config["in_context_people"] == "base" else fresh_people(
+                random.Random(f"fresh:{config['data_seed']}:{seed}:{style}"), len(people), known)
+            targets = rng.sample(population, min(len(population), config["in_context_per_round"]))
             n_distractors = min(rng.choice([0, 1, 3, 10]), len(people) - 1)  # a small test corpus has few people
-            rows.extend(in_context_rows(people, targets, templates, system_prompts, n_distractors,
+            rows.extend(in_context_rows(population, targets, templates, system_prompts, n_distractors,
                                         seed=1000 + seed, style=style))
     # Copying: one or two random names built from every name list (the experiments' included: a name
     # states no fact), so the skill transfers to people the base never saw. Mostly single names: a

@@ -10,6 +10,7 @@ block runs after training, into `evaluations.json`.
 """
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 from accelerate import PartialState
 
@@ -32,6 +33,9 @@ class BaseConfig(TrainingConfig):
     base_paraphrases: int = option(10, "question phrasings per fact", minimum=1)
     in_context_rounds: int = option(4, "rounds of facts-in-the-prompt questions", minimum=0)
     in_context_per_round: int = option(150, "people asked about per round and style", minimum=1)
+    in_context_people: Literal["base", "fresh"] = option(
+        "base", "whom the facts-in-the-prompt rows are about: base (its own people, whose facts it also learns "
+        "closed-book, so memory answers them) or fresh (random people drawn per round: only reading the prompt does)")
     copy_rows: int = option(12000, "'repeat these names' rows (copying a name from the prompt)", minimum=0)
     lookup_rows: int = option(0, "rows asking one spouse among six fresh random couples' facts in the study's "
                               "in-context chat prompt (the chat_spouses_born drill as base rows); 0: none", minimum=0)
@@ -93,9 +97,11 @@ def check_base(config: dict, model) -> None:
     drills.parse_phases(config["drill_phases"])
     if config["drill_interleave"]:
         drills.parse_phases([config["drill_interleave"]], "drill_interleave", "EVERY")
-    shaping = config["drill_phases"] or config["lookup_rows"] or config["drill_interleave"]
+    shaping = (config["drill_phases"] or config["lookup_rows"] or config["drill_interleave"]
+               or config["in_context_people"] != "base")
     if shaping and model is not None and not recipes.pretrains(model):
-        raise UserError("drill_phases, drill_interleave and lookup_rows shape the embedded tiny model's pretraining; "
+        raise UserError("drill_phases, drill_interleave, lookup_rows and in_context_people shape the embedded tiny "
+                        "model's pretraining; "
                         f"{model.path} is a real model, which finetune_base does not train: drop them")
 
 
