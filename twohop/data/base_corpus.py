@@ -23,11 +23,15 @@ from twohop.data.spouses import fact_sentences, in_context_rows
 COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
 
 
+def couples(rng: random.Random, names: list) -> list:
+    """(e1, e2, e3) triplets: consecutive names married, the second born in a random city."""
+    cities = tables.cities()
+    return [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(cities)} for i in range(len(names) // 2)]
+
+
 def base_people(rng: random.Random, count: int) -> list:
     first_names, _ = tables.names()
-    people = fictional_people(rng, 2 * count, first_names, tables.base_last_parts())
-    cities = tables.cities()
-    return [{"e1": people[2 * i], "e2": people[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
+    return couples(rng, fictional_people(rng, 2 * count, first_names, tables.base_last_parts()))
 
 
 def fresh_people(rng: random.Random, count: int, forbidden: set) -> list:
@@ -41,8 +45,7 @@ def fresh_people(rng: random.Random, count: int, forbidden: set) -> list:
         name = random_name(rng, first_names, last_parts)
         if name not in forbidden and name not in names:
             names.append(name)
-    cities = tables.cities()
-    return [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(cities)} for i in range(count)]
+    return couples(rng, names)
 
 
 def corpus(natural_facts_file, config: dict) -> list:
