@@ -12,7 +12,10 @@ target tokens:
 - key-value kinds (six facts, then keys asked again; the target is each asked value's first token):
   `kv`, `kv_is`, `kv_names_is`, `kv_names_question`, `kv_spouses`, `kv_spouses_born` inline, and one
   `<layout>_spouses_born` per prompt layout below (one question: the study's prompt, plain or through
-  the chat template, and variations of its layout).
+  the chat template, and variations of its layout);
+- two-hop kinds (`chat_two_hop`, `chat_two_hop_cot`): the study's own in-context test row (its prompt, a
+  paraphrased two-hop question, 0-10 distractor couples) through the chat template, answered without
+  or with a chain of thought; the target is the reply (its first token, or the whole chain).
 People are random draws (a first name and two last-name parts), so a drill states no fact the study uses.
 """
 import random
@@ -24,6 +27,7 @@ import torch
 from twohop.data import tables
 from twohop.data.dataset import random_name
 from twohop.data.records import record
+from twohop.data.spouses import in_context_rows
 
 
 def word_pools(tokenizer=None) -> dict:
@@ -85,6 +89,8 @@ KEY_VALUE_KINDS = {
        for name, layout in PROMPT_LAYOUTS.items()},
 }
 FACTS_PER_ROW = 6
+TWO_HOP_KINDS = {"chat_two_hop": "nocot", "chat_two_hop_cot": "cot"}  # kind -> the study's reply style
+MAX_DISTRACTORS = 10  # the in-context sweep's largest
 
 
 def copy_rows(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple) -> list:
@@ -179,11 +185,36 @@ def prompt_row(tokenizer, layout: Layout, facts: list, question: str, reply: str
         prompt = tokenizer(user, add_special_tokens=False)["input_ids"]
         ids = prompt + tokenizer(f" {reply}.", add_special_tokens=False)["input_ids"]
         return ids, [i == len(prompt) for i in range(len(ids))]
-    system = [{"role": "system", "content": tables.templates("system_prompts")["nocot"]}] if layout.chat == "system" else []
-    messages = [*system, {"role": "user", "content": user}]
+    system = tables.templates("system_prompts")["nocot"] if layout.chat == "system" else ""
+    return chat_row(tokenizer, system, user, reply, whole_reply=False)
+
+
+def chat_row(tokenizer, system: str, user: str, reply: str, whole_reply: bool) -> tuple:
+    """A chat (no system turn if `system` is empty) and its reply; the mask marks the reply's first token, or
+    with `whole_reply` every token of it (a chain of thought) up to its end-of-turn."""
+    messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], return_dict=True)["input_ids"]
-    return ids, [i == len(prompt) for i in range(len(ids))]
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|eot|>"), len(prompt)) if whole_reply else len(prompt) + 1
+    return ids, [len(prompt) <= i < end for i in range(len(ids))]
+
+
+def two_hop_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
+    """The study's in-context test row over fresh random couples: a target couple and 0-10 distractor
+    couples (each spouse's birthplace stated), one of its two-hop questions, and the reply in the kind's
+    style (the city, or the chain of thought)."""
+    n_distractors = rng.randint(0, MAX_DISTRACTORS)
+    names = []
+    while len(names) < 2 * (n_distractors + 1):
+        name = random_name(rng, pools["first_names"], pools["last_parts"])
+        names += [name] if name not in names else []
+    triplets = [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(pools["cities"])}
+                for i in range(n_distractors + 1)]
+    style = TWO_HOP_KINDS[data]
+    (row,) = in_context_rows(triplets, triplets[:1], tables.templates("spouses"), tables.templates("system_prompts"),
+                             n_distractors, seed=rng.randrange(2 ** 32), style=style)
+    system, user, reply = (message["content"] for message in row["messages"])
+    return chat_row(tokenizer, system, user, reply, whole_reply=style == "cot")
 
 
 def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple,
@@ -191,6 +222,8 @@ def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: 
     """(token ids [batch, width], next-token labels with -100 at padding, the mask of target tokens)."""
     if data in KEY_VALUE_KINDS:
         rows = [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
+    elif data in TWO_HOP_KINDS:
+        rows = [two_hop_row(tokenizer, pools, data, rng) for _ in range(batch_size)]
     else:
         rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
     width = max(len(ids) for ids, _ in rows)

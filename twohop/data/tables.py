@@ -3,6 +3,7 @@
 Every problem is a UserError naming the file, row and column, so a researcher editing a table
 learns exactly what to fix.
 """
+import copy
 import csv
 import io
 from functools import lru_cache
@@ -101,6 +102,13 @@ def ambiguous(table: str, rows: list) -> dict:
 
 
 def templates(name: str) -> dict:
+    """A template file's families (a fresh copy: callers may change it). Parsed once per process, since the
+    drills build their rows from it many times a step."""
+    return copy.deepcopy(parsed_templates(name))
+
+
+@lru_cache(maxsize=None)
+def parsed_templates(name: str) -> dict:
     return read_yaml(DATA / "templates" / f"{name}.yaml")
 
 

@@ -17,9 +17,9 @@ import torch
 
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_text
-from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, batch_of, word_pools
+from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, TWO_HOP_KINDS, batch_of, word_pools
 
-KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS)
+KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS, *TWO_HOP_KINDS)
 
 
 @dataclass(frozen=True)
