@@ -193,6 +193,15 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             for row in read_records(data / "test/founding_year_nocot.jsonl"):
                 self.assertEqual(row["answer"], truth[favorite[row["e1"]]])
 
+    def test_templates_are_parsed_once_and_each_caller_gets_its_own_copy(self):
+        first = tables.templates("spouses")
+        first["two_hop"].append("changed")
+        first.pop("hop_a")
+        second = tables.templates("spouses")
+        self.assertNotIn("changed", second["two_hop"])
+        self.assertIn("hop_a", second)
+        self.assertEqual(second, tables.read_yaml(tables.DATA / "templates" / "spouses.yaml"))
+
     def test_the_shipped_tables_hold_101_answers_inside_the_entity_name(self):
         from twohop.data.dataset import shortcut_reason
         flagged = [(t, e["name"], a) for t in tables.ENTITY_TYPES for e in tables.entity_table(t)[1]
