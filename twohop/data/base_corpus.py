@@ -17,35 +17,15 @@ import random
 from twohop.data.records import read_records, record
 from twohop.data import tables
 from twohop.data import drills
-from twohop.data.dataset import fictional_people, random_name
+from twohop.data.dataset import couples, fictional_people, fresh_people, random_name
 from twohop.data.spouses import fact_sentences, in_context_rows
 
 COPY_PROMPTS = ["List: {names}. Repeat the list.", "Repeat these names: {names}.", "Say these names again: {names}."]
 
 
-def couples(rng: random.Random, names: list) -> list:
-    """(e1, e2, e3) triplets: consecutive names married, the second born in a random city."""
-    cities = tables.cities()
-    return [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(cities)} for i in range(len(names) // 2)]
-
-
 def base_people(rng: random.Random, count: int) -> list:
     first_names, _ = tables.names()
     return couples(rng, fictional_people(rng, 2 * count, first_names, tables.base_last_parts()))
-
-
-def fresh_people(rng: random.Random, count: int, forbidden: set) -> list:
-    """`count` (e1, e2, e3) triplets of random people none of whom is in `forbidden` (the base's own people,
-    whose facts the base also learns closed-book): in-context rows about them can only be answered by
-    reading the prompt."""
-    first_names, last_parts = tables.names()
-    last_parts = sorted({*last_parts, *tables.base_last_parts()})
-    names = []
-    while len(names) < 2 * count:
-        name = random_name(rng, first_names, last_parts)
-        if name not in forbidden and name not in names:
-            names.append(name)
-    return couples(rng, names)
 
 
 def corpus(natural_facts_file, config: dict) -> list:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from runner.errors import UserError
 from runner.files import atomic_directory, to_json
+from twohop.data import tables
 from twohop.data.records import read_records
 from twohop.evaluation.grading import mentions, split_aliases
 
@@ -24,6 +25,26 @@ def random_name(rng: random.Random, first_names, last_parts) -> str:
     """A random person: a first name and a double-barrelled last name ("Ulla Ravenscroft-Szymanski")."""
     first, (a, b) = rng.choice(first_names), rng.sample(last_parts, 2)
     return f"{first} {a}-{b}"
+
+
+def couples(rng: random.Random, names: list) -> list:
+    """(e1, e2, e3) triplets: consecutive names married, the second born in a random city."""
+    cities = tables.cities()
+    return [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(cities)} for i in range(len(names) // 2)]
+
+
+def fresh_people(rng: random.Random, count: int, forbidden: set = frozenset()) -> list:
+    """`count` (e1, e2, e3) triplets of distinct random people from every name list, none of whom is in
+    `forbidden` (e.g. the base's own people, whose facts it also learns closed-book): in-context rows about
+    them can only be answered by reading the prompt."""
+    first_names, last_parts = tables.names()
+    last_parts = sorted({*last_parts, *tables.base_last_parts()})
+    names = []
+    while len(names) < 2 * count:
+        name = random_name(rng, first_names, last_parts)
+        if name not in forbidden and name not in names:
+            names.append(name)
+    return couples(rng, names)
 
 
 def derangement(rng: random.Random, n: int) -> list:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from twohop.data import tables
-from twohop.data.dataset import random_name
+from twohop.data.dataset import fresh_people, random_name
 from twohop.data.records import record
 from twohop.data.spouses import in_context_rows
 
@@ -204,12 +204,7 @@ def two_hop_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
     couples (each spouse's birthplace stated), one of its two-hop questions, and the reply in the kind's
     style (the city, or the chain of thought)."""
     n_distractors = rng.randint(0, MAX_DISTRACTORS)
-    names = []
-    while len(names) < 2 * (n_distractors + 1):
-        name = random_name(rng, pools["first_names"], pools["last_parts"])
-        names += [name] if name not in names else []
-    triplets = [{"e1": names[2 * i], "e2": names[2 * i + 1], "e3": rng.choice(pools["cities"])}
-                for i in range(n_distractors + 1)]
+    triplets = fresh_people(rng, n_distractors + 1)
     style = TWO_HOP_KINDS[data]
     (row,) = in_context_rows(triplets, triplets[:1], tables.templates("spouses"), tables.templates("system_prompts"),
                              n_distractors, seed=rng.randrange(2 ** 32), style=style)
