@@ -63,6 +63,10 @@ class EndToEndTest(unittest.TestCase):
                 self.assertIn(f"| {setting['n_distractors']} | {setting['n_facts']} | 4 | {setting['accuracy']['mean']:.3f}",
                               summary)
             self.assertEqual((sweep / "accuracy_vs_distractors.png").read_bytes()[:4], b"\x89PNG")
+            # A random birthplace from the prompt: the only one with no distractors, one of two with one.
+            prompt_city = {s["n_distractors"]: s["prompt_city_chance"]["mean"] for s in results["settings"].values()}
+            self.assertEqual((prompt_city[0], prompt_city[1]), (1.0, 0.5))
+            self.assertGreaterEqual(prompt_city[10], 1 / 11)
             self.assertTrue((exp / "in_context/nocot/tiny-h128-l2/results.json").is_file())
 
             # save_hidden_states: every family saved and readable; the analysis reads the evaluation's accuracy.

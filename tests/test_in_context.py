@@ -77,6 +77,8 @@ class WrongAnswerBreakdownTest(unittest.TestCase):
         self.assertAlmostEqual(summary["wrong_other_city_share"], 0.25)
         self.assertAlmostEqual(summary["wrong_no_city_share"], 0.25)
         self.assertAlmostEqual(summary["wrong_distractor_chance"], 2 / 4)  # 2 of the 4 wrong candidates
+        # naming one of the prompt's three birthplaces (Oslo, Lima, Paris) at random is right a third of the time
+        self.assertAlmostEqual(summary["prompt_city_chance"], 1 / 3)
 
         # CoT: the city the final part names counts, not the cities the chain passes through.
         cot = grade_row(row, "Ju's spouse is Kate Hughes. Kate Hughes was born in Oslo. So the answer is Lima.",

@@ -96,6 +96,19 @@ class FindingsTest(unittest.TestCase):
         (cot,) = [f for f in findings({"spouses": {**separate, "cot": 0.033}}) if "CoT above chance" in f["claim"]]
         self.assertFalse(cot["holds"])
 
+    def test_in_context_is_tested_against_a_random_city_from_the_prompt(self):
+        """With 10 distractor triplets a model that names any birthplace in its prompt gets about 1/11: 6.2%
+        no-CoT over 210 questions is above 1/50 chance but not above that; 83.3% CoT is."""
+        from twohop.reports.study import findings
+        from twohop.stats import z_vs_chance
+        in_context = {"nocot": 0.062, "cot": 0.833, "chance": 0.091, "n": 210, "first_hop": 0.857,
+                      "z_vs_chance": z_vs_chance(0.062, 0.091, 210)}
+        nocot, cot = [f for f in findings({"in_context": in_context}) if f["claim"].startswith("in context")]
+        self.assertEqual(nocot["claim"], "in context: no-CoT above a random city from the prompt (z > 2)")
+        self.assertFalse(nocot["holds"])
+        self.assertTrue(cot["holds"])
+        self.assertIn("the chain names the bridge in 85.7%", cot["measured"])
+
 
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow end-to-end test (TWOHOP_SKIP_SLOW=1)")
 class ReproduceTest(unittest.TestCase):
@@ -126,6 +139,9 @@ class ReproduceTest(unittest.TestCase):
             for style in ("nocot", "cot"):
                 (setting,) = read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
                 self.assertAlmostEqual(rows["in_context"][style], setting["accuracy"]["mean"])
+            # ... tested against a random city from the prompt (about 1/11 with 10 distractor triplets), not 1/50.
+            self.assertAlmostEqual(rows["in_context"]["chance"], setting["prompt_city_chance"]["mean"])
+            self.assertGreater(rows["in_context"]["chance"], 2 * rows["in_context"]["uniform_chance"])
             # Semi-synthetic: the mean over the entity type's no-CoT tests.
             universities = read(exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json")["tests"]
             nocot = [t["correct"] for name, t in universities.items() if name.startswith("test/") and name.endswith("_nocot")]
@@ -136,7 +152,7 @@ class ReproduceTest(unittest.TestCase):
             markdown = (study / "report.md").read_text()
             for row in rows.values():
                 self.assertIn(f"| {row['setting']} | {row['runs']} | {row['n']} | {100 * row['nocot']:.1f}% |", markdown)
-            self.assertEqual(len(report["findings"]), 7)
+            self.assertEqual(len(report["findings"]), 8)
             self.assertTrue(report["findings"][-1]["claim"].startswith("semi-synthetic: no-CoT loss gap"))
             for name in ("figure1.png", "loss_gap.png", "semi_synthetic/accuracy_by_type.png"):
                 self.assertEqual((study / name).read_bytes()[:4], b"\x89PNG", name)

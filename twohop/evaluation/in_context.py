@@ -8,7 +8,9 @@ so the default (10 distractors, seeds 1-3) is exactly those files and a sweep ov
 Per (style, distractors, seed): accuracy (CoT: the final answer; also the answer stated in the
 chain), `first_hop` (bridge mentioned), and how wrong answers split: a distractor's e3 ("followed
 the wrong chain"), another city ("made one up") or no city, with the distractor share a uniformly
-guessed wrong city would give.
+guessed wrong city would give, and `prompt_city_chance`: the accuracy of naming one of the prompt's
+birthplaces at random, the baseline for a model that reads the prompt without chaining (about 1/11 with 10
+distractor triplets, where uniform chance over the world's cities is 1/50).
 
 The reference repo's own in-context files (`all_in_context_test_{1,2,3}.jsonl`: triplet, context, question,
 answer) are graded the same way with the reference's prompt (`evaluate_reference_file`), each file one
@@ -54,7 +56,9 @@ def grade_row(row: dict, generation: str, style: str, cities, known_cities) -> d
             "wrong_other_city": wrong and bool(city) and city not in distractor_cities,
             "wrong_no_city": wrong and not city,
             # if a wrong answer were a uniform guess among the other cities, it would hit a distractor's this often
-            "distractor_chance": len(distractor_cities) / (len(cities) - 1)}
+            "distractor_chance": len(distractor_cities) / (len(cities) - 1),
+            # a model that reads the prompt but does not chain (any birthplace stated there) is right this often
+            "prompt_city_chance": 1 / len(distractor_cities | {row["answer"]})}
 
 
 def summarise(grades: list) -> dict:
@@ -68,6 +72,7 @@ def summarise(grades: list) -> dict:
     for kind in ("distractor", "other_city", "no_city"):
         out[f"wrong_{kind}_share"] = sum(g[f"wrong_{kind}"] for g in wrong) / len(wrong) if wrong else None
     out["wrong_distractor_chance"] = sum(g["distractor_chance"] for g in wrong) / len(wrong) if wrong else None
+    out["prompt_city_chance"] = sum(g["prompt_city_chance"] for g in grades) / n
     for kind in ("distractor", "other_city", "no_city"):
         out.pop(f"wrong_{kind}")  # shares of the wrong answers are what is meaningful
     return out
@@ -84,7 +89,7 @@ def over_seeds(per_seed: dict, key: str) -> dict:
 
 
 SEED_METRICS = ("accuracy", "chain_correct", "first_hop", "valid_cot", "wrong_distractor_share",
-                "wrong_other_city_share", "wrong_no_city_share", "wrong_distractor_chance")
+                "wrong_other_city_share", "wrong_no_city_share", "wrong_distractor_chance", "prompt_city_chance")
 
 
 def evaluate_rows(model, tokenizer, rows: list, style: str, answers: tuple, config: dict, what: str, log) -> tuple:
