@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -186,7 +187,7 @@ class DrillTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "warmup"
             log = logging.getLogger("test_drills")
-            folder = warm_up(self.model_path, ["random:3"], 1e-3, 0, out, log)
+            folder = warm_up(self.model_path, ["random:3"], DrillSettings(), 0, out, log)
             self.assertEqual(folder, out / "model")
             before, after = load_file(self.model_path / "model.safetensors"), load_file(folder / "model.safetensors")
             self.assertTrue(any(not torch.equal(before[k], after[k]) for k in before), "the drills changed no weight")
@@ -195,9 +196,39 @@ class DrillTest(unittest.TestCase):
             self.assertTrue((folder / "tokenizer.json").is_file())
             written = (folder / "model.safetensors").stat().st_mtime_ns
             with self.assertLogs(log, "INFO") as logged:
-                self.assertEqual(warm_up(self.model_path, ["random:3"], 1e-3, 0, out, log), folder)
+                self.assertEqual(warm_up(self.model_path, ["random:3"], DrillSettings(), 0, out, log), folder)
             self.assertIn("already done", logged.output[0])
             self.assertEqual((folder / "model.safetensors").stat().st_mtime_ns, written)
+
+
+    def test_a_killed_warm_up_resumes_as_if_never_stopped(self):
+        """A warm-up process killed (SIGKILL) after a checkpoint resumes from it: the same weights and the same
+        reports as a run never stopped, and its checkpoints are gone once the model is saved."""
+        warm = ("import logging, sys; from pathlib import Path; from twohop.training.drills import DrillSettings, "
+                "warm_up; logging.basicConfig(level=logging.INFO); "
+                f"warm_up(Path({str(self.model_path)!r}), ['random:60', 'kv_spouses_born:60'], "
+                "DrillSettings(batch_size=4, every=10, checkpoint_every=20), 0, Path(sys.argv[1]), logging.getLogger())")
+        strip = lambda out: [{k: v for k, v in r.items() if k != "seconds"}
+                             for r in map(json.loads, (out / "drills.jsonl").read_text().splitlines())]
+        with tempfile.TemporaryDirectory() as tmp:
+            whole, killed = Path(tmp) / "whole", Path(tmp) / "killed"
+            run = lambda out: subprocess.run([sys.executable, "-c", warm, str(out)], cwd=ROOT, check=True, timeout=600,
+                                             capture_output=True, text=True)
+            run(whole)
+            process = subprocess.Popen([sys.executable, "-c", warm, str(killed)], cwd=ROOT, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 600
+            while not (killed / "checkpoints" / "step_60").is_dir() and process.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            process.kill()
+            process.wait()
+            self.assertFalse((killed / "model").exists(), "killed too late: the warm-up had finished")
+            self.assertRegex(run(killed).stderr, r"resuming the drills at step (60|80|100)")
+            self.assertEqual(strip(killed), strip(whole))
+            self.assertEqual([r["step"] for r in strip(whole)], list(range(0, 121, 10)))
+            resumed, uninterrupted = (load_file(out / "model" / "model.safetensors") for out in (killed, whole))
+            for name, tensor in uninterrupted.items():
+                self.assertTrue(torch.equal(tensor, resumed[name]), name)
+            self.assertFalse((killed / "checkpoints").exists())
 
 
 @unittest.skipIf(os.environ.get("TWOHOP_SKIP_SLOW") == "1", "slow: trains finetune_base (TWOHOP_SKIP_SLOW=1)")

@@ -7,8 +7,8 @@ step's target loss and accuracy (the second copy, or each looked-up value's firs
 mixed phase's kinds and any watched kind, the same on a held-out batch drawn from a stream of its own,
 so scoring never changes the training rows.
 """
-import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from runner.errors import UserError
-from runner.files import atomic_directory, atomic_write_text
+from runner.files import atomic_directory, atomic_write_jsonl, resume_jsonl
+from twohop.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, TWO_HOP_KINDS, batch_of, word_pools
 
 KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS, *TWO_HOP_KINDS)
@@ -30,6 +31,7 @@ class DrillSettings:
     max_list_length: int = 36
     questions: int = 1  # questions per inline key-value row (the study asks one)
     every: int = 50  # steps between reports
+    checkpoint_every: int = 200  # steps between the checkpoints a killed warm-up resumes from
 
 
 def parse_kinds(text: str, what: str) -> tuple:
@@ -98,17 +100,31 @@ class Drills:
                     for kind in kinds for ids, _, targets in [self.batch(kind, held_out=True)]}
 
 
-def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: int, report, watched=()) -> dict:
+def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: int, report, watched=(),
+                 checkpoints: Path = None, resume: Path = None) -> dict:
     """Train `model` in place on the drill `phases` ((kinds, steps) from `parse_phases`); `report(entry)`
-    gets each report (step, kind, scores, seconds). Returns the last one."""
+    gets each report (step, kind, scores, seconds). With `checkpoints` (a folder), the weights, optimizer
+    and row streams are saved there every `settings.checkpoint_every` steps; `resume` (one of those, whose
+    weights `model` already holds) continues from it exactly as an uninterrupted run would. Returns the
+    last report."""
     if not 1 <= settings.questions <= FACTS_PER_ROW:
         raise UserError(f"drill questions must be between 1 and {FACTS_PER_ROW}, got {settings.questions}")
     drills = Drills(tokenizer, settings, seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # the checkpoint format has a scheduler
+    position = load_checkpoint(resume, optimizer, constant)[0] if resume else {"step": 0, "seconds": 0}
+    if resume:
+        drills.rng.setstate(as_random_state(position["rows"]))
+        drills.held_out_rng.setstate(as_random_state(position["held_out_rows"]))
     total_steps = sum(steps for _, steps in phases)
-    started, last = time.time(), None
+    started, last = time.time() - position["seconds"], None
     model.train()
-    for step in range(total_steps + 1):
+    for step in range(position["step"], total_steps + 1):
+        if checkpoints and step > position["step"] and step % settings.checkpoint_every == 0:
+            save_checkpoint(Path(checkpoints) / f"step_{step}", model, tokenizer, optimizer, constant,
+                            {"step": step, "seconds": time.time() - started, "rows": drills.rng.getstate(),
+                             "held_out_rows": drills.held_out_rng.getstate()}, {})
+            prune_checkpoints(Path(checkpoints))
         kinds, index = phase_at(phases, step)
         ids, labels, targets = drills.batch(kinds[index % len(kinds)])
         logits = model(input_ids=ids).logits
@@ -128,6 +144,12 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
     return last
 
 
+def as_random_state(saved: list) -> tuple:
+    """A `random.Random` state back from its JSON form (lists for tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
 def interleaved_drill(tokenizer, spec: str, seed: int):
     """For the trainer's `extra_loss`: from "KIND[+KIND...]:EVERY", the full next-token loss of one drill
     batch (its kinds in turn) on every EVERY-th step, None on the others, so a skill the drills formed
@@ -145,28 +167,36 @@ def interleaved_drill(tokenizer, spec: str, seed: int):
     return loss
 
 
-def warm_up(model_path, phases: list, lr: float, seed: int, out_dir, log) -> Path:
+def warm_up(model_path, phases: list, settings: DrillSettings, seed: int, out_dir, log) -> Path:
     """Train the model at `model_path` on the drill `phases` (["KIND[+KIND...]:STEPS", ...]) and save it
-    (safetensors, with its tokenizer) to `out_dir`/model, each report appended to `out_dir`/drills.jsonl.
-    A finished warm-up (its model folder) is reused; a killed one starts again (minutes on the tiny model)."""
+    (safetensors, with its tokenizer) to `out_dir`/model, each report written to `out_dir`/drills.jsonl as it
+    is made. A finished warm-up (its model folder) is reused; a killed one resumes from its last checkpoint
+    (`out_dir`/checkpoints, removed once the model is saved)."""
     from models import load_model
     out_dir = Path(out_dir)
     if (out_dir / "model").is_dir():
         log.info("drill warm-up already done: %s", out_dir / "model")
         return out_dir / "model"
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
     torch.manual_seed(seed)
-    model, tokenizer = load_model(model_path, dtype=torch.float32)
+    model, tokenizer = load_model(checkpoint / "model" if checkpoint else model_path, dtype=torch.float32)
     reports = []
+    if checkpoint:
+        step = int(checkpoint.name.split("_")[1])
+        reports = [e for e in resume_jsonl(out_dir / "drills.jsonl") if e["step"] < step]
+        log.info("resuming the drills at step %d from %s", step, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def report(entry: dict) -> None:
         reports.append(entry)
+        atomic_write_jsonl(out_dir / "drills.jsonl", reports)
         log.info("drills step %d (%s): target loss %.3f, accuracy %.3f", entry["step"], entry["data"],
                  entry["target_loss"], entry["target_accuracy"])
 
-    train_drills(model, tokenizer, parse_phases(phases), DrillSettings(lr=lr), seed, report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "drills.jsonl", "".join(json.dumps(entry) + "\n" for entry in reports))
+    train_drills(model, tokenizer, parse_phases(phases), settings, seed, report,
+                 checkpoints=out_dir / "checkpoints", resume=checkpoint)
     with atomic_directory(out_dir / "model") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir / "model"

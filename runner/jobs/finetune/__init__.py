@@ -80,7 +80,8 @@ def run_base(ctx) -> dict:
                  "in_context_nocot": read_records(spouses / "test/in_context_nocot_seed1.jsonl")[:128]}
     start = ctx.model.path
     if ctx.config["drill_phases"]:
-        start = drills.warm_up(start, ctx.config["drill_phases"], ctx.config["drill_lr"], ctx.config["data_seed"],
+        start = drills.warm_up(start, ctx.config["drill_phases"], drills.DrillSettings(lr=ctx.config["drill_lr"]),
+                               ctx.config["data_seed"],
                                ctx.run_dir / "drills", ctx.log)
     extra_loss = None
     if ctx.config["drill_interleave"]:
