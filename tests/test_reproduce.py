@@ -97,7 +97,7 @@ class FindingsTest(unittest.TestCase):
         self.assertFalse(cot["holds"])
 
     def test_in_context_is_tested_against_a_random_city_from_the_prompt(self):
-        """With 10 distractor triplets a model that names any birthplace in its prompt gets about 1/11: 6.2%
+        """With 10 distractor triplets a model that names any birthplace in its prompt gets about 1/10: 6.2%
         no-CoT over 210 questions is above 1/50 chance but not above that; 83.3% CoT is."""
         from twohop.reports.study import findings
         from twohop.stats import z_vs_chance
@@ -139,7 +139,7 @@ class ReproduceTest(unittest.TestCase):
             for style in ("nocot", "cot"):
                 (setting,) = read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
                 self.assertAlmostEqual(rows["in_context"][style], setting["accuracy"]["mean"])
-            # ... tested against a random city from the prompt (about 1/11 with 10 distractor triplets), not 1/50.
+            # ... tested against a random city from the prompt (about 1/10 with 10 distractor triplets), not 1/50.
             self.assertAlmostEqual(rows["in_context"]["chance"], setting["prompt_city_chance"]["mean"])
             self.assertGreater(rows["in_context"]["chance"], 2 * rows["in_context"]["uniform_chance"])
             # Semi-synthetic: the mean over the entity type's no-CoT tests.

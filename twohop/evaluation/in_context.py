@@ -9,8 +9,8 @@ Per (style, distractors, seed): accuracy (CoT: the final answer; also the answer
 chain), `first_hop` (bridge mentioned), and how wrong answers split: a distractor's e3 ("followed
 the wrong chain"), another city ("made one up") or no city, with the distractor share a uniformly
 guessed wrong city would give, and `prompt_city_chance`: the accuracy of naming one of the prompt's
-birthplaces at random, the baseline for a model that reads the prompt without chaining (about 1/11 with 10
-distractor triplets, where uniform chance over the world's cities is 1/50).
+birthplaces at random, the baseline for a model that reads the prompt without chaining (9.9% with 10
+distractor triplets in the study's test, whose distractors' birthplaces can repeat; uniform chance is 1/50).
 
 The reference repo's own in-context files (`all_in_context_test_{1,2,3}.jsonl`: triplet, context, question,
 answer) are graded the same way with the reference's prompt (`evaluate_reference_file`), each file one

@@ -59,7 +59,7 @@ def synthetic_row(setting: str, evaluations: dict) -> dict:
 def in_context_row(folders: dict) -> dict:
     """The in-context setting over data seeds: folders is {style: in_context run folder}, one setting each.
     Its chance is the better of a uniform guess and naming a random birthplace from the prompt: a model
-    that reads the prompt without chaining gets the latter (about 9% with 10 distractor triplets)."""
+    that reads the prompt without chaining gets the latter (9.9% with 10 distractor triplets)."""
     (nocot,), (cot,) = (read_json(folders[s] / "results.json")["settings"].values() for s in ("nocot", "cot"))
     prompt_city = nocot.get("prompt_city_chance", {}).get("mean")
     if prompt_city is None:
