@@ -46,6 +46,9 @@ PRESETS = {
     # Four layers at the default's width, so each of layer_ordering's halves holds two layers.
     "tiny-h128-l4": TinyPreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
     "tiny-h256-l4": TinyPreset(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=1024),
+    # The default's architecture and init, pretrained with drills that teach it to read facts in its prompt
+    # (its base recipe: twohop.training.recipes.ORGANISM_BASE).
+    "tiny-organism": TinyPreset(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
 }
 ALIASES = {"tiny": "tiny-h128-l2"}
 

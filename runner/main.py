@@ -56,7 +56,7 @@ def parse_args(argv):
                              "instead of waiting for it (not the opposite of --wait, which is for SLURM)")
     parser.add_argument("--model", default=None,
                         help="model for sub-jobs that use one: an embedded preset (tiny, tiny-h128-l2, "
-                             "tiny-h128-l4, tiny-h256-l4), a folder name under W/transformers/, a path, or a Hugging Face name "
+                             "tiny-h128-l4, tiny-h256-l4, tiny-organism), a folder name under W/transformers/, a path, or a Hugging Face name "
                              "org/name[@revision] from the local cache, downloaded there if the hub is reachable "
                              "(default: tiny)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="N",

@@ -75,6 +75,25 @@ class ReproducePlanTest(unittest.TestCase):
         tiny = {p.run.label: p.config for p in self.plan("tiny")}
         self.assertEqual(tiny["finetune_spouses [tiny, seed 2]"]["lr"], 3e-3)
 
+    def test_the_organism_is_the_default_model_pretrained_with_its_drills(self):
+        """`tiny-organism`: the default's weights and tokenizer before training, the same study plan (3 seeds
+        of separate and same document, in context, universities), and only its base's recipe differs."""
+        from models import ensure_model, resolve_model
+        from twohop.training.recipes import ORGANISM_BASE
+        organism, tiny = (resolve_model(name, self.transformers) for name in ("tiny-organism", "tiny"))
+        ensure_model(organism)
+        for name in ("model.safetensors", "tokenizer.json"):
+            self.assertEqual((organism.path / name).read_bytes(), (tiny.path / name).read_bytes(), name)
+        plans = {name: {p.run.label.replace(name, "MODEL"): p.config for p in self.plan(name)}
+                 for name in ("tiny", "tiny-organism")}
+        self.assertEqual(sorted(plans["tiny"]), sorted(plans["tiny-organism"]))
+        base = "finetune_base [MODEL]"
+        self.assertEqual({k: plans["tiny-organism"][base][k] for k in ORGANISM_BASE}, ORGANISM_BASE)
+        self.assertEqual(plans["tiny"][base]["drill_phases"], [])
+        different = {label for label in plans["tiny"] if plans["tiny"][label] != plans["tiny-organism"][label]}
+        self.assertEqual(different, {base})
+        self.assertEqual(plans["tiny-organism"]["reproduce_study [MODEL]"]["seeds"], [1, 2, 3])
+
     def test_bad_settings_are_one_clear_error(self):
         from runner.errors import UserError
         for key, value, named in (("semi_synthetic_types", "[universities, dragons]", "dragons"),

@@ -69,9 +69,24 @@ def setting_data() -> dict:
             **{t: f"generate_data_{t}" for t in tables.ENTITY_TYPES}}
 
 
+# `tiny-organism`'s pretraining: the default's base corpus after drills that form an induction head
+# (random), then find a spouse among facts one a line and in the study's chat prompt, then answer the
+# study's in-context two-hop question (CoT and no-CoT in turn); that last drill is kept up on every base
+# step, with the chat lookup as base rows and facts-in-the-prompt rows about people it never learned.
+# Trials 9-11 of the README's "Facts in the prompt" led to it.
+ORGANISM_BASE = {"drill_phases": ["random:1000", "lines_question_inline_spouses_born:400", "chat_spouses_born:400",
+                                  "chat_two_hop_cot+chat_two_hop:1600"],
+                 "drill_interleave": "chat_two_hop_cot+chat_two_hop:1", "lookup_rows": 2000,
+                 "in_context_people": "fresh"}
+PRESET_RECIPES = {"tiny-organism": {"base": ORGANISM_BASE}}
+
+
 def recipe(model, kind: str) -> dict:
-    """`kind` (synthetic, semi_synthetic, base, ioi) for the tiny model or for a real one."""
-    return dict((TINY if model is not None and model.embedded_preset else REFERENCE)[kind])
+    """`kind` (synthetic, semi_synthetic, base, ioi) for the tiny model (with its preset's own settings,
+    if any) or for a real one."""
+    if model is None or not model.embedded_preset:
+        return dict(REFERENCE[kind])
+    return {**TINY[kind], **PRESET_RECIPES.get(model.embedded_preset, {}).get(kind, {})}
 
 
 def entry(file: str, **extra) -> dict:
