@@ -2,8 +2,8 @@
 
 A run's expected duration is the last one measured for the same sub-job and model on this workspace
 (W/experiments/runner/durations.json, updated after every run); failing that, the figure shipped
-for the embedded tiny model on 2 CPU cores (runner/typical_durations.json, a copy of that file
-from a measured run of `--jobs reproduce`), scaled by how this machine's runs so far compare with
+for the embedded tiny models on 2 CPU cores (runner/typical_durations.json, copies of that file
+from measured runs of `--jobs reproduce` on the default and on `tiny-organism`), scaled by how this machine's runs so far compare with
 the shipped figures. Runs already done with unchanged prerequisites are expected to be skipped.
 """
 import time
