@@ -120,7 +120,7 @@ class FindingsTest(unittest.TestCase):
         no-CoT over 210 questions is above 1/50 chance but not above that; 83.3% CoT is."""
         from twohop.reports.study import findings
         from twohop.stats import z_vs_chance
-        in_context = {"nocot": 0.062, "cot": 0.833, "chance": 0.091, "n": 210, "first_hop": 0.857,
+        in_context = {"nocot": 0.062, "cot": 0.833, "chance": 0.091, "cot_chance": 0.092, "n": 210, "first_hop": 0.857,
                       "z_vs_chance": z_vs_chance(0.062, 0.091, 210)}
         nocot, cot = [f for f in findings({"in_context": in_context}) if f["claim"].startswith("in context")]
         self.assertEqual(nocot["claim"], "in context: no-CoT above a random city from the prompt (z > 2)")
@@ -159,7 +159,10 @@ class ReproduceTest(unittest.TestCase):
                 (setting,) = read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
                 self.assertAlmostEqual(rows["in_context"][style], setting["accuracy"]["mean"])
             # ... tested against a random city from the prompt (about 1/10 with 10 distractor triplets), not 1/50.
-            self.assertAlmostEqual(rows["in_context"]["chance"], setting["prompt_city_chance"]["mean"])
+            (nocot,), (cot,) = (read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
+                                for style in ("nocot", "cot"))
+            self.assertAlmostEqual(rows["in_context"]["chance"], nocot["prompt_city_chance"]["mean"])
+            self.assertAlmostEqual(rows["in_context"]["cot_chance"], cot["prompt_city_chance"]["mean"])
             self.assertGreater(rows["in_context"]["chance"], 2 * rows["in_context"]["uniform_chance"])
             # Semi-synthetic: the mean over the entity type's no-CoT tests.
             universities = read(exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json")["tests"]

@@ -24,15 +24,16 @@ def summary_markdown(report: dict, title: str) -> str:
              f"{report['candidates']} cities (chance {1 / report['candidates']:.3f}). Mean ± s.e. over these replicates. "
              "CoT accuracy is the final answer's; `chain` is the city the chain states. Wrong answers split into "
              "a distractor's e3 (wrong chain followed), another city, or no city; `distractor chance` is the "
-             "distractor share uniformly guessed wrong cities would give; `prompt city` is the accuracy of naming one of "
-             "the prompt's birthplaces at random (reading the prompt without chaining).", "",
+             "distractor share uniformly guessed wrong cities would give; `prompt city` is the accuracy of naming "
+             "one of the prompt's birthplaces at random (reading the prompt without chaining).", "",
              "| style | distractors | facts | n each | accuracy | prompt city | chain | first hop | wrong: distractor | "
              "distractor chance | wrong: other city | wrong: no city |", "|" + "---|" * 12]
     for s in report["settings"].values():
         n = next(iter(s["per_seed"].values()))["n"]
         chain = mean_se(s["chain_correct"]) if s["style"] == "cot" else ""
         lines.append(f"| {STYLE_NAMES[s['style']]} | {s['n_distractors']} | {s['n_facts']} | {n} | "
-                     f"{mean_se(s['accuracy'])} | {fmt(s['prompt_city_chance']['mean'])} | {chain} | {mean_se(s['first_hop'])} | "
+                     f"{mean_se(s['accuracy'])} | {fmt(s['prompt_city_chance']['mean'])} | {chain} | "
+                     f"{mean_se(s['first_hop'])} | "
                      f"{mean_se(s['wrong_distractor_share'])} | {fmt(s['wrong_distractor_chance']['mean'])} | "
                      f"{mean_se(s['wrong_other_city_share'])} | {mean_se(s['wrong_no_city_share'])} |")
     return "\n".join(lines) + "\n"
@@ -51,7 +52,8 @@ def accuracy_plot(report: dict, title: str) -> bytes:
     axis.axhline(1 / report["candidates"], color="black", linestyle="--", label="chance")
     counts = sorted({s["n_distractors"] for s in settings})
     prompt_city = {s["n_distractors"]: s["prompt_city_chance"]["mean"] for s in settings}
-    axis.plot(counts, [prompt_city[c] for c in counts], color="gray", linestyle=":", label="a random city from the prompt")
+    axis.plot(counts, [prompt_city[c] for c in counts], color="gray", linestyle=":", marker="_", markersize=14,
+              label="a random city from the prompt")  # the marker shows a single count
     if len(counts) > 2 and counts[-1] > 3 * max(counts[1], 1):
         axis.set_xscale("symlog", linthresh=1)
     axis.set_xticks(counts, [str(c) for c in counts])

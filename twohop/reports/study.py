@@ -61,15 +61,21 @@ def in_context_row(folders: dict) -> dict:
     Its chance is the better of a uniform guess and naming a random birthplace from the prompt: a model
     that reads the prompt without chaining gets the latter (9.9% with 10 distractor triplets)."""
     (nocot,), (cot,) = (read_json(folders[s] / "results.json")["settings"].values() for s in ("nocot", "cot"))
-    prompt_city = nocot.get("prompt_city_chance", {}).get("mean")
-    if prompt_city is None:
-        raise UserError(f"{folders['nocot'] / 'results.json'} has no prompt_city_chance (written before it was "
-                        "graded): rerun it with --force --jobs in_context_nocot in_context_cot")
+    nocot_chance, cot_chance = (max(s["chance"], prompt_city_chance(s, folders[s["style"]])) for s in (nocot, cot))
     return row(f"in context ({nocot['n_distractors']} distractor triplets)",
                f"data seeds {', '.join(nocot['per_seed'])}", nocot["accuracy"]["values"], cot["accuracy"]["values"],
-               [max(nocot["chance"], prompt_city)], sum(s["n"] for s in nocot["per_seed"].values()),
+               [nocot_chance], sum(s["n"] for s in nocot["per_seed"].values()),
                [folders[s] / "results.json" for s in ("nocot", "cot")], uniform_chance=nocot["chance"],
-               prompt_city_chance=prompt_city, first_hop=cot["first_hop"]["mean"])
+               cot_chance=cot_chance, first_hop=cot["first_hop"]["mean"])
+
+
+def prompt_city_chance(setting: dict, folder) -> float:
+    """An in-context setting's rate of naming a random birthplace from the prompt (its rows differ by style)."""
+    rate = setting.get("prompt_city_chance", {}).get("mean")
+    if rate is None:
+        raise UserError(f"{folder / 'results.json'} has no prompt_city_chance (written before it was graded): rerun "
+                        f"it with --force --jobs in_context_{setting['style']} and the same --model")
+    return rate
 
 
 def two_hop_tests(results: dict, style: str) -> list:
@@ -124,9 +130,9 @@ def findings(rows: dict) -> list:
                            f"{rows[key]['chance']:.1%}, z = {rows[key]['z_vs_chance']:+.2f}", rows[key]["z_vs_chance"] > 2))
     if "in_context" in rows:
         in_context = rows["in_context"]
-        cot_z = z_vs_chance(in_context["cot"], in_context["chance"], in_context["n"])
+        cot_z = z_vs_chance(in_context["cot"], in_context["cot_chance"], in_context["n"])
         checks.append(("in context: CoT above a random city from the prompt (z > 2)",
-                       f"{in_context['cot']:.1%} vs {in_context['chance']:.1%}, z = {cot_z:+.2f}; the chain names "
+                       f"{in_context['cot']:.1%} vs {in_context['cot_chance']:.1%}, z = {cot_z:+.2f}; the chain names "
                        f"the bridge in {in_context['first_hop']:.1%}", cot_z > 2))
     if "semi_synthetic" in rows:
         checks += [semi_synthetic_finding(rows["semi_synthetic"]["premise"]),
@@ -221,8 +227,9 @@ def write_report(run_dir, model, synthetic: dict, in_context: dict, semi: dict, 
     semi_table = (run_dir / "semi_synthetic" / "summary.md").read_text().split("\n", 2)[2] if semi_results else ""
     lines = [f"# Two-hop latent reasoning: the study on `{model.name}`", "",
              "No-CoT and CoT accuracy on two-hop questions about fictional people, per setting (mean ± s.e. over "
-             "runs; `chance`: a uniform guess among the setting's answers, and for the in-context setting the better of that "
-             "and naming a random birthplace from the prompt, which reading without chaining gives; `z_vs_chance`: no-CoT minus chance in units of a guesser's standard error over all `n` questions; "
+             "runs; `chance`: a uniform guess among the setting's answers, and for the in-context setting the "
+             "better of that and naming a random birthplace from the prompt, which reading without chaining gives; "
+             "`z_vs_chance`: no-CoT minus chance in units of a guesser's standard error over all `n` questions; "
              "`loss_gap`: shuffled-minus-true loss of the no-CoT answer, with each run's 95% bootstrap interval over "
              "questions in `loss_gap_ci95`: a gap whose interval covers 0 is no evidence of a leak).", "",
              "![Figure 1](figure1.png)", "", *markdown_table(COLUMNS, table, cell), "",

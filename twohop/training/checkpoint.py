@@ -12,6 +12,7 @@ from runner.files import atomic_directory
 
 
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, position: dict, logged: dict) -> None:
+    """`scheduler` may be None (a constant rate, as in the drills)."""
     state = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     plain_state = {}
@@ -22,7 +23,8 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, pos
             else:
                 plain_state.setdefault(str(index), {})[key] = value
     trainer_state = {"position": position, "logged": logged, "param_groups": state["param_groups"],
-                     "optimizer_plain": plain_state, "scheduler": scheduler.state_dict(),
+                     "optimizer_plain": plain_state,
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "rng_python": random.getstate()}
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging / "model", safe_serialization=True)
@@ -55,11 +57,17 @@ def load_checkpoint(directory: Path, optimizer, scheduler) -> tuple:
     for index, plain in trainer_state["optimizer_plain"].items():
         state.setdefault(int(index), {}).update(plain)
     optimizer.load_state_dict({"state": state, "param_groups": trainer_state["param_groups"]})
-    scheduler.load_state_dict(trainer_state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = trainer_state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(as_random_state(trainer_state["rng_python"]))
     return trainer_state["position"], trainer_state["logged"]
+
+
+def as_random_state(saved: list) -> tuple:
+    """A `random.Random` state back from its JSON form (lists for tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def prune_checkpoints(checkpoints: Path, keep: int = 1) -> None:

@@ -17,7 +17,8 @@ import torch
 
 from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_jsonl, resume_jsonl
-from twohop.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from twohop.training.checkpoint import (as_random_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                       save_checkpoint)
 from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, TWO_HOP_KINDS, batch_of, word_pools
 
 KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS, *TWO_HOP_KINDS)
@@ -111,8 +112,7 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
         raise UserError(f"drill questions must be between 1 and {FACTS_PER_ROW}, got {settings.questions}")
     drills = Drills(tokenizer, settings, seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # the checkpoint format has a scheduler
-    position = load_checkpoint(resume, optimizer, constant)[0] if resume else {"step": 0, "seconds": 0}
+    position = load_checkpoint(resume, optimizer, None)[0] if resume else {"step": 0, "seconds": 0}
     if resume:
         drills.rng.setstate(as_random_state(position["rows"]))
         drills.held_out_rng.setstate(as_random_state(position["held_out_rows"]))
@@ -120,8 +120,8 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
     started, last = time.time() - position["seconds"], None
     model.train()
     for step in range(position["step"], total_steps + 1):
-        if checkpoints and step > position["step"] and step % settings.checkpoint_every == 0:
-            save_checkpoint(Path(checkpoints) / f"step_{step}", model, tokenizer, optimizer, constant,
+        if checkpoints and position["step"] < step < total_steps and step % settings.checkpoint_every == 0:
+            save_checkpoint(Path(checkpoints) / f"step_{step}", model, tokenizer, optimizer, None,
                             {"step": step, "seconds": time.time() - started, "rows": drills.rng.getstate(),
                              "held_out_rows": drills.held_out_rng.getstate()}, {})
             prune_checkpoints(Path(checkpoints))
@@ -142,12 +142,6 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return last
-
-
-def as_random_state(saved: list) -> tuple:
-    """A `random.Random` state back from its JSON form (lists for tuples)."""
-    version, internal, gauss = saved
-    return version, tuple(internal), gauss
 
 
 def interleaved_drill(tokenizer, spec: str, seed: int):
@@ -172,11 +166,15 @@ def warm_up(model_path, phases: list, settings: DrillSettings, seed: int, out_di
     (safetensors, with its tokenizer) to `out_dir`/model, each report written to `out_dir`/drills.jsonl as it
     is made. A finished warm-up (its model folder) is reused; a killed one resumes from its last checkpoint
     (`out_dir`/checkpoints, removed once the model is saved)."""
+    from accelerate import PartialState
     from models import load_model
     out_dir = Path(out_dir)
     if (out_dir / "model").is_dir():
         log.info("drill warm-up already done: %s", out_dir / "model")
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # if a kill came between saving and removing
         return out_dir / "model"
+    if PartialState().num_processes > 1:
+        raise UserError("finetune_base's drill_phases train in one process only; launch one")
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     torch.manual_seed(seed)
     model, tokenizer = load_model(checkpoint / "model" if checkpoint else model_path, dtype=torch.float32)
