@@ -158,12 +158,12 @@ class ReproduceTest(unittest.TestCase):
             for style in ("nocot", "cot"):
                 (setting,) = read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
                 self.assertAlmostEqual(rows["in_context"][style], setting["accuracy"]["mean"])
-            # ... tested against a random city from the prompt (about 1/10 with 10 distractor triplets), not 1/50.
+            # ... tested against the better of a uniform guess and a random city from the prompt (1/50 and 9.9% in the study).
             (nocot,), (cot,) = (read(exp / f"in_context/{style}/tiny-h128-l2/results.json")["settings"].values()
                                 for style in ("nocot", "cot"))
-            self.assertAlmostEqual(rows["in_context"]["chance"], nocot["prompt_city_chance"]["mean"])
-            self.assertAlmostEqual(rows["in_context"]["cot_chance"], cot["prompt_city_chance"]["mean"])
-            self.assertGreater(rows["in_context"]["chance"], 2 * rows["in_context"]["uniform_chance"])
+            for key, setting in (("chance", nocot), ("cot_chance", cot)):
+                self.assertAlmostEqual(rows["in_context"][key], max(setting["chance"], setting["prompt_city_chance"]["mean"]))
+            self.assertGreater(rows["in_context"]["chance"], rows["in_context"]["uniform_chance"])  # this small world: 13% vs 8%
             # Semi-synthetic: the mean over the entity type's no-CoT tests.
             universities = read(exp / "evaluate_twohop/universities/tiny-h128-l2/seed_1/results.json")["tests"]
             nocot = [t["correct"] for name, t in universities.items() if name.startswith("test/") and name.endswith("_nocot")]
