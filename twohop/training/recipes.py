@@ -4,6 +4,7 @@ Recipes: `REFERENCE` is the paper's 8B runs; `TINY` is what trains the embedded 
 2 cores. A variant of the fully synthetic study names its training files and any extra config;
 the semi-synthetic study has one setting per entity type. Jobs generate their sub-jobs from these.
 """
+import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ def recipe(model, kind: str) -> dict:
     if any) or for a real one."""
     if model is None or not model.embedded_preset:
         return dict(REFERENCE[kind])
-    return {**TINY[kind], **PRESET_RECIPES.get(model.embedded_preset, {}).get(kind, {})}
+    return copy.deepcopy({**TINY[kind], **PRESET_RECIPES.get(model.embedded_preset, {}).get(kind, {})})
 
 
 def entry(file: str, **extra) -> dict:
