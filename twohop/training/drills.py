@@ -72,11 +72,6 @@ def target_loss_and_accuracy(logits, ids, targets) -> tuple:
     return loss.item(), (predicted.argmax(-1) == wanted).float().mean().item()
 
 
-def next_token_loss(logits, labels):
-    """The drills' training loss: every labelled next token."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-
-
 def scores(logits, ids, targets) -> dict:
     loss, accuracy = target_loss_and_accuracy(logits, ids, targets)
     return {"target_loss": round(loss, 3), "target_accuracy": round(accuracy, 3)}
@@ -127,8 +122,8 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
             prune_checkpoints(Path(checkpoints))
         kinds, index = phase_at(phases, step)
         ids, labels, targets = drills.batch(kinds[index % len(kinds)])
-        logits = model(input_ids=ids).logits
-        loss = next_token_loss(logits, labels)
+        outputs = model(input_ids=ids, labels=labels)  # the model's own next-token loss on every labelled token
+        logits, loss = outputs.logits, outputs.loss
         if step % settings.every == 0:
             last = {"step": step, "data": kinds[index % len(kinds)], **scores(logits, ids, targets)}
             held_out = drills.held_out_scores(model, (*kinds, *watched) if len(kinds) > 1 else watched)
@@ -157,7 +152,7 @@ def interleaved_drill(tokenizer, spec: str, seed: int):
             return None
         drills.rng = random.Random(f"interleaved {seed} {step}")
         ids, labels, _ = drills.batch(kinds[step // every % len(kinds)])
-        return next_token_loss(model(input_ids=ids.to(model.device)).logits, labels.to(model.device))
+        return model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss
     return loss
 
 
