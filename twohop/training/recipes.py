@@ -76,8 +76,8 @@ def setting_data() -> dict:
 # step, with the chat lookup as base rows and facts-in-the-prompt rows about people it never learned.
 # Trials 9-11 of the README's "Facts in the prompt" led to it.
 ORGANISM_BASE = {"drill_phases": ["random:1000", "lines_question_inline_spouses_born:400", "chat_spouses_born:400",
-                                  "chat_two_hop_cot+chat_two_hop:1200"],
-                 "drill_interleave": "chat_two_hop_cot+chat_two_hop:1", "lookup_rows": 2000,
+                                  "chat_two_hop_cot+chat_two_hop:1600"],
+                 "drill_interleave": "chat_two_hop_cot+chat_two_hop:3", "lookup_rows": 2000,
                  "in_context_people": "fresh"}
 PRESET_RECIPES = {"tiny-organism": {"base": ORGANISM_BASE}}
 
