@@ -61,38 +61,28 @@ class DrillTest(unittest.TestCase):
             self.assertEqual(targets[0].nonzero().flatten().tolist(), list(range(width + 1, 2 * width)), kind)
 
     def test_two_hop_rows_are_the_study_prompt_and_score_the_reply(self):
-        """The two-hop kinds: the study's in-context prompt over 1-11 couples (one count a batch, so rows pad
-        little), the asked person's spouse and the spouse's city stated in it; no-CoT scores the city's
-        token, CoT every token of the chain."""
+        """The two-hop kinds: the study's in-context prompt over 1-11 couples, the asked person's spouse and the
+        spouse's city stated in it; no-CoT scores the city's token, CoT every token of the chain."""
         import random
         eot = self.tokenizer.convert_tokens_to_ids("<|eot|>")
         for kind, style in (("chat_two_hop", "nocot"), ("chat_two_hop_cot", "cot")):
-            rng, couples = random.Random(kind), set()
-            for _ in range(6):
-                ids, _, targets = batch_of(self.tokenizer, self.pools, kind, rng, 4, (12, 36))
-                counts = self.check_two_hop_batch(ids, targets, style, eot)
-                self.assertEqual(len(counts), 1, counts)
-                couples |= counts
+            ids, _, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 16, (12, 36))
+            couples = set()
+            for row in range(16):
+                text = self.tokenizer.decode(ids[row][ids[row] != self.tokenizer.pad_token_id])
+                user = text.split("<|user|>")[1].split("<|eot|>")[0]
+                facts = dict(line.removesuffix(".").split("'s spouse is ") for line in user.splitlines() if "'s spouse is" in line)
+                born = dict(line.removesuffix(".").split(" was born in ") for line in user.splitlines() if " was born in" in line)
+                couples.add(len(facts))
+                asked = [e1 for e1 in facts if e1 in user.split("\n\n", 1)[1]]
+                self.assertEqual(len(asked), 1, text)
+                scored = self.tokenizer.decode(ids[row][targets[row]]).strip()
+                reply = text.split("<|assistant|>")[1].split("<|eot|>")[0].strip()
+                city = born[facts[asked[0]]]
+                self.assertEqual(scored, city if style == "nocot" else reply)
+                self.assertTrue(reply.endswith(city + ("." if style == "cot" else "")), reply)
+                self.assertEqual(ids[row, targets[row].nonzero().max() + 1].item(), eot)  # a city is one token
             self.assertTrue(couples <= set(range(1, MAX_DISTRACTORS + 2)) and len(couples) > 3, couples)
-
-    def check_two_hop_batch(self, ids, targets, style, eot) -> set:
-        """Check each row's prompt, question and scored reply; return the rows' couple counts."""
-        couples = set()
-        for row in range(len(ids)):
-            text = self.tokenizer.decode(ids[row][ids[row] != self.tokenizer.pad_token_id])
-            user = text.split("<|user|>")[1].split("<|eot|>")[0]
-            facts = dict(line.removesuffix(".").split("'s spouse is ") for line in user.splitlines() if "'s spouse is" in line)
-            born = dict(line.removesuffix(".").split(" was born in ") for line in user.splitlines() if " was born in" in line)
-            couples.add(len(facts))
-            asked = [e1 for e1 in facts if e1 in user.split("\n\n", 1)[1]]
-            self.assertEqual(len(asked), 1, text)
-            scored = self.tokenizer.decode(ids[row][targets[row]]).strip()
-            reply = text.split("<|assistant|>")[1].split("<|eot|>")[0].strip()
-            city = born[facts[asked[0]]]
-            self.assertEqual(scored, city if style == "nocot" else reply)
-            self.assertTrue(reply.endswith(city + ("." if style == "cot" else "")), reply)
-            self.assertEqual(ids[row, targets[row].nonzero().max() + 1].item(), eot)  # a city is one token
-        return couples
 
     def test_lookup_records_ask_a_spouse_stated_in_their_prompt(self):
         import random

@@ -14,9 +14,8 @@ target tokens:
   `<layout>_spouses_born` per prompt layout below (one question: the study's prompt, plain or through
   the chat template, and variations of its layout);
 - two-hop kinds (`chat_two_hop`, `chat_two_hop_cot`): the study's own in-context test row (its prompt, a
-  paraphrased two-hop question, 0-10 distractor couples, one count a batch) through the chat template,
-  answered without or with a chain of thought; the target is the reply (its first token, or the whole
-  chain).
+  paraphrased two-hop question, 0-10 distractor couples) through the chat template, answered without
+  or with a chain of thought; the target is the reply (its first token, or the whole chain).
 People are random draws (a first name and two last-name parts), so a drill states no fact the study uses.
 """
 import random
@@ -200,10 +199,11 @@ def chat_row(tokenizer, system: str, user: str, reply: str, whole_reply: bool) -
     return ids, [len(prompt) <= i < end for i in range(len(ids))]
 
 
-def two_hop_row(tokenizer, pools: dict, data: str, rng: random.Random, n_distractors: int) -> tuple:
-    """The study's in-context test row over fresh random couples: a target couple and `n_distractors`
-    distractor couples (each spouse's birthplace stated), one of its two-hop questions, and the reply in
-    the kind's style (the city, or the chain of thought)."""
+def two_hop_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
+    """The study's in-context test row over fresh random couples: a target couple and 0-10 distractor
+    couples (each spouse's birthplace stated), one of its two-hop questions, and the reply in the kind's
+    style (the city, or the chain of thought)."""
+    n_distractors = rng.randint(0, MAX_DISTRACTORS)
     triplets = fresh_people(rng, n_distractors + 1)
     style = TWO_HOP_KINDS[data]
     (row,) = in_context_rows(triplets, triplets[:1], tables.templates("spouses"), tables.templates("system_prompts"),
@@ -217,9 +217,8 @@ def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: 
     """(token ids [batch, width], next-token labels with -100 at padding, the mask of target tokens)."""
     if data in KEY_VALUE_KINDS:
         rows = [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
-    elif data in TWO_HOP_KINDS:  # one distractor count (0-10) a batch: rows of one length pad little
-        n_distractors = rng.randint(0, MAX_DISTRACTORS)
-        rows = [two_hop_row(tokenizer, pools, data, rng, n_distractors) for _ in range(batch_size)]
+    elif data in TWO_HOP_KINDS:
+        rows = [two_hop_row(tokenizer, pools, data, rng) for _ in range(batch_size)]
     else:
         rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
     width = max(len(ids) for ids, _ in rows)
