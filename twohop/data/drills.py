@@ -199,7 +199,7 @@ def chat_row(tokenizer, system: str, user: str, reply: str, whole_reply: bool) -
     return ids, [len(prompt) <= i < end for i in range(len(ids))]
 
 
-def two_hop_row(tokenizer, pools: dict, data: str, rng: random.Random) -> tuple:
+def two_hop_row(tokenizer, data: str, rng: random.Random) -> tuple:
     """The study's in-context test row over fresh random couples: a target couple and 0-10 distractor
     couples (each spouse's birthplace stated), one of its two-hop questions, and the reply in the kind's
     style (the city, or the chain of thought)."""
@@ -218,7 +218,7 @@ def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: 
     if data in KEY_VALUE_KINDS:
         rows = [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
     elif data in TWO_HOP_KINDS:
-        rows = [two_hop_row(tokenizer, pools, data, rng) for _ in range(batch_size)]
+        rows = [two_hop_row(tokenizer, data, rng) for _ in range(batch_size)]
     else:
         rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
     width = max(len(ids) for ids, _ in rows)
