@@ -19,9 +19,10 @@ from models.tiny import build_tiny_model
 from runner.errors import UserError
 from tests.fixtures.train_small import SMALL_WORLD
 from twohop.data import base_corpus, tables
-from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, MAX_DISTRACTORS, batch_of, lookup_records, word_pools
+from twohop.data.drills import COPY_KINDS, KEY_VALUE_KINDS, MAX_DISTRACTORS, drill_rows, lookup_records, word_pools
 from twohop.data.records import record
-from twohop.training.drills import DrillSettings, interleaved_drill, parse_phases, train_drills, warm_up
+from twohop.training.batching import pack_apart
+from twohop.training.drills import DrillSettings, forward, interleaved_drill, parse_phases, train_drills, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,21 +45,22 @@ class DrillTest(unittest.TestCase):
         import random
         for kind, lookup in KEY_VALUE_KINDS.items():
             questions = 1 if lookup.layout else 2
-            ids, labels, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 8, (12, 36), questions)
-            for row in range(8):
-                positions = targets[row].nonzero().flatten().tolist()
-                self.assertEqual(len(positions), questions, kind)
+            rows = drill_rows(self.tokenizer, self.pools, kind, random.Random(kind), 8, (12, 36), questions)
+            self.assertEqual(len(rows), 8, kind)
+            for ids, mask in rows:
+                positions = [i for i, target in enumerate(mask) if target]
+                self.assertEqual((len(positions), len(mask)), (questions, len(ids)), kind)
                 for position in positions:
-                    self.assertIn(ids[row, position].item(), ids[row, :position].tolist(), kind)
-            self.assertTrue(((labels == -100) == (ids == self.tokenizer.pad_token_id)).all(), kind)
+                    self.assertIn(ids[position], ids[:position], kind)
 
     def test_copy_rows_repeat_their_list_and_score_the_copy(self):
         import random
         for kind in COPY_KINDS:
-            ids, _, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 4, (12, 36))
-            width = ids.shape[1] // 2
-            self.assertTrue(torch.equal(ids[:, :width], ids[:, width:]), kind)
-            self.assertEqual(targets[0].nonzero().flatten().tolist(), list(range(width + 1, 2 * width)), kind)
+            rows = drill_rows(self.tokenizer, self.pools, kind, random.Random(kind), 4, (12, 36))
+            width = len(rows[0][0]) // 2
+            for ids, mask in rows:
+                self.assertEqual((len(ids), ids[:width]), (2 * width, ids[width:]), kind)
+                self.assertEqual([i for i, target in enumerate(mask) if target], list(range(width + 1, 2 * width)), kind)
 
     def test_two_hop_rows_are_the_study_prompt_and_score_the_reply(self):
         """The two-hop kinds: the study's in-context prompt over 1-11 couples, the asked person's spouse and the
@@ -66,23 +68,49 @@ class DrillTest(unittest.TestCase):
         import random
         eot = self.tokenizer.convert_tokens_to_ids("<|eot|>")
         for kind, style in (("chat_two_hop", "nocot"), ("chat_two_hop_cot", "cot")):
-            ids, _, targets = batch_of(self.tokenizer, self.pools, kind, random.Random(kind), 16, (12, 36))
             couples = set()
-            for row in range(16):
-                text = self.tokenizer.decode(ids[row][ids[row] != self.tokenizer.pad_token_id])
+            for ids, mask in drill_rows(self.tokenizer, self.pools, kind, random.Random(kind), 16, (12, 36)):
+                text = self.tokenizer.decode(ids)
                 user = text.split("<|user|>")[1].split("<|eot|>")[0]
                 facts = dict(line.removesuffix(".").split("'s spouse is ") for line in user.splitlines() if "'s spouse is" in line)
                 born = dict(line.removesuffix(".").split(" was born in ") for line in user.splitlines() if " was born in" in line)
                 couples.add(len(facts))
                 asked = [e1 for e1 in facts if e1 in user.split("\n\n", 1)[1]]
                 self.assertEqual(len(asked), 1, text)
-                scored = self.tokenizer.decode(ids[row][targets[row]]).strip()
+                scored = self.tokenizer.decode([token for token, target in zip(ids, mask) if target]).strip()
                 reply = text.split("<|assistant|>")[1].split("<|eot|>")[0].strip()
                 city = born[facts[asked[0]]]
                 self.assertEqual(scored, city if style == "nocot" else reply)
                 self.assertTrue(reply.endswith(city + ("." if style == "cot" else "")), reply)
-                self.assertEqual(ids[row, targets[row].nonzero().max() + 1].item(), eot)  # a city is one token
+                self.assertEqual(ids[max(i for i, target in enumerate(mask) if target) + 1], eot)  # a city is one token
             self.assertTrue(couples <= set(range(1, MAX_DISTRACTORS + 2)) and len(couples) > 3, couples)
+
+    def test_packed_rows_see_only_themselves(self):
+        """Two-hop rows of 1-11 couples packed several to a sequence: each row's logits are its logits alone
+        (no row attends to another), and the loss is the mean over every row's own next-token losses."""
+        import random
+        model = load_model(self.model_path, dtype=torch.float32)[0]
+        rows = drill_rows(self.tokenizer, self.pools, "chat_two_hop_cot", random.Random(1), 12, (12, 36))
+        batch = pack_apart(rows, self.tokenizer.pad_token_id)
+        self.assertLess(len(batch["input_ids"]), len(rows))  # rows did share sequences
+        with torch.no_grad():
+            packed = forward(model, batch)
+            alone = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])) for ids, _ in rows]
+        seen = []
+        for sequence, starts in enumerate(batch["position_ids"] == 0):
+            bounds = [*starts.nonzero().flatten().tolist(), batch["input_ids"].shape[1]]
+            for start, end in zip(bounds, bounds[1:]):
+                ids = batch["input_ids"][sequence, start:end].tolist()
+                if set(ids) == {self.tokenizer.pad_token_id}:
+                    continue
+                row = next(i for i, (row_ids, _) in enumerate(rows) if row_ids == ids)
+                torch.testing.assert_close(packed.logits[sequence, start:end], alone[row].logits[0], atol=1e-4, rtol=1e-4)
+                self.assertEqual(batch["targets"][sequence, start:end].tolist(), rows[row][1])
+                seen.append(row)
+        self.assertEqual(sorted(seen), list(range(len(rows))))
+        tokens = [len(ids) - 1 for ids, _ in rows]
+        mean = sum(out.loss.item() * n for out, n in zip(alone, tokens)) / sum(tokens)
+        self.assertAlmostEqual(packed.loss.item(), mean, places=4)
 
     def test_lookup_records_ask_a_spouse_stated_in_their_prompt(self):
         import random

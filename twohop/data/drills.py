@@ -22,8 +22,6 @@ import random
 import re
 from dataclasses import dataclass
 
-import torch
-
 from twohop.data import tables
 from twohop.data.dataset import fresh_people, random_name
 from twohop.data.records import record
@@ -212,23 +210,14 @@ def two_hop_row(tokenizer, data: str, rng: random.Random) -> tuple:
     return chat_row(tokenizer, system, user, reply, whole_reply=style == "cot")
 
 
-def batch_of(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple,
-             questions: int = FACTS_PER_ROW) -> tuple:
-    """(token ids [batch, width], next-token labels with -100 at padding, the mask of target tokens)."""
+def drill_rows(tokenizer, pools: dict, data: str, rng: random.Random, batch_size: int, lengths: tuple,
+               questions: int = FACTS_PER_ROW) -> list:
+    """`batch_size` rows of the drill `data`: (token ids, the mask of its target tokens) each."""
     if data in KEY_VALUE_KINDS:
-        rows = [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
-    elif data in TWO_HOP_KINDS:
-        rows = [two_hop_row(tokenizer, data, rng) for _ in range(batch_size)]
-    else:
-        rows = copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((batch_size, width), tokenizer.pad_token_id)
-    labels = torch.full((batch_size, width), -100)
-    targets = torch.zeros((batch_size, width), dtype=torch.bool)
-    for row, (row_ids, row_mask) in enumerate(rows):
-        ids[row, :len(row_ids)] = labels[row, :len(row_ids)] = torch.tensor(row_ids)
-        targets[row, :len(row_mask)] = torch.tensor(row_mask)
-    return ids, labels, targets
+        return [key_value_row(tokenizer, pools, data, rng, questions) for _ in range(batch_size)]
+    if data in TWO_HOP_KINDS:
+        return [two_hop_row(tokenizer, data, rng) for _ in range(batch_size)]
+    return copy_rows(tokenizer, pools, data, rng, batch_size, lengths)
 
 
 def vocabulary_words(tokenizer) -> list:

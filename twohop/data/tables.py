@@ -6,6 +6,7 @@ learns exactly what to fix.
 import copy
 import csv
 import io
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def read_yaml(path: Path):
 
 def read_lines(path: Path) -> list:
     lines = [l.strip() for l in files.read_text(path, "data file").splitlines() if l.strip()]
-    duplicates = sorted({l for l in lines if lines.count(l) > 1})
+    duplicates = sorted(line for line, count in Counter(lines).items() if count > 1)
     if duplicates:
         raise UserError(f"{path}: duplicate entries {duplicates}")
     return lines
@@ -112,17 +113,24 @@ def parsed_templates(name: str) -> dict:
     return read_yaml(DATA / "templates" / f"{name}.yaml")
 
 
+@lru_cache(maxsize=None)
+def shipped_lines(name: str) -> tuple:
+    """A word list under datasets/, read once per process: the drills draw fresh people from the name lists
+    for every row of every step."""
+    return tuple(read_lines(DATA / name))
+
+
 def names() -> tuple:
-    return read_lines(DATA / "names" / "first_names.txt"), read_lines(DATA / "names" / "last_name_parts.txt")
+    return list(shipped_lines("names/first_names.txt")), list(shipped_lines("names/last_name_parts.txt"))
 
 
 def base_last_parts() -> list:
     """Last-name parts of the tiny model's base population only (no experiment uses them)."""
-    return read_lines(DATA / "names" / "base_last_name_parts.txt")
+    return list(shipped_lines("names/base_last_name_parts.txt"))
 
 
 def cities() -> list:
-    return read_lines(DATA / "cities.txt")
+    return list(shipped_lines("cities.txt"))
 
 
 def aliases() -> dict:

@@ -127,6 +127,38 @@ def collate(examples, pad_id: int) -> dict:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def pack_apart(rows, pad_id: int) -> dict:
+    """Rows of (token ids, target mask), packed first-fit, longest first, into as few sequences as hold them
+    at the longest row's width, each row attending to itself alone: its position ids restart at 0, which
+    transformers reads as a sequence boundary when the model gets no attention mask and no cache
+    (`use_cache=False`). The loss of one row per sequence, with a fraction of the padding (two-hop drill
+    batches of 0-10 distractors: 24 sequences for 32 rows). Returns input_ids, labels (IGNORE at padding
+    and at each row's first token, which nothing before it predicts), position_ids and the target mask."""
+    width = max(len(ids) for ids, _ in rows)
+    bins = []  # [free width, row indices]
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        fits = next((b for b in bins if b[0] >= len(rows[i][0])), None)
+        if fits is None:
+            fits = [width, []]
+            bins.append(fits)
+        fits[0] -= len(rows[i][0])
+        fits[1].append(i)
+    batch = {"input_ids": torch.full((len(bins), width), pad_id), "labels": torch.full((len(bins), width), IGNORE),
+             "position_ids": torch.zeros((len(bins), width), dtype=torch.long),
+             "targets": torch.zeros((len(bins), width), dtype=torch.bool)}
+    for sequence, (_, members) in enumerate(bins):
+        start = 0
+        for ids, mask in (rows[i] for i in members):
+            end = start + len(ids)
+            batch["input_ids"][sequence, start:end] = batch["labels"][sequence, start:end] = torch.tensor(ids)
+            batch["labels"][sequence, start] = IGNORE
+            batch["targets"][sequence, start:end] = torch.tensor(mask)
+            batch["position_ids"][sequence, start:end] = torch.arange(len(ids))
+            start = end
+        batch["position_ids"][sequence, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    return batch
+
+
 def aux_annotations(tokenizer, example: dict, row: dict) -> dict:
     """Where the auxiliary loss applies: the last token of the question prefix, and the bridge's first token."""
     prefix = row.get("auxiliary_loss_prefix") or ""

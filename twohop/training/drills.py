@@ -19,7 +19,8 @@ from runner.errors import UserError
 from runner.files import atomic_directory, atomic_write_jsonl, resume_jsonl
 from twohop.training.checkpoint import (as_random_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                        save_checkpoint)
-from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, TWO_HOP_KINDS, batch_of, word_pools
+from twohop.data.drills import COPY_KINDS, FACTS_PER_ROW, KEY_VALUE_KINDS, TWO_HOP_KINDS, drill_rows, word_pools
+from twohop.training.batching import pack_apart
 
 KINDS = (*COPY_KINDS, *KEY_VALUE_KINDS, *TWO_HOP_KINDS)
 
@@ -65,16 +66,20 @@ def phase_at(phases: list, step: int) -> tuple:
     return phases[-1][0], step
 
 
-def target_loss_and_accuracy(logits, ids, targets) -> tuple:
+def forward(model, batch: dict):
+    """The model's outputs and own next-token loss on a batch from `pack_apart` (without a cache, so that
+    transformers sees where its rows start)."""
+    return model(**{key: batch[key].to(model.device) for key in ("input_ids", "labels", "position_ids")},
+                 use_cache=False)
+
+
+def scores(logits, batch: dict) -> dict:
     """Mean loss and argmax accuracy on the target tokens."""
-    predicted, wanted = logits[:, :-1][targets[:, 1:]], ids[:, 1:][targets[:, 1:]]
+    targets = batch["targets"][:, 1:].to(logits.device)
+    predicted, wanted = logits[:, :-1][targets], batch["input_ids"][:, 1:].to(logits.device)[targets]
     loss = torch.nn.functional.cross_entropy(predicted, wanted)
-    return loss.item(), (predicted.argmax(-1) == wanted).float().mean().item()
-
-
-def scores(logits, ids, targets) -> dict:
-    loss, accuracy = target_loss_and_accuracy(logits, ids, targets)
-    return {"target_loss": round(loss, 3), "target_accuracy": round(accuracy, 3)}
+    return {"target_loss": round(loss.item(), 3),
+            "target_accuracy": round((predicted.argmax(-1) == wanted).float().mean().item(), 3)}
 
 
 class Drills:
@@ -84,16 +89,17 @@ class Drills:
         self.tokenizer, self.settings, self.pools = tokenizer, settings, word_pools(tokenizer)
         self.rng, self.held_out_rng = random.Random(seed), random.Random(f"held out {seed}")
 
-    def batch(self, kind: str, held_out: bool = False) -> tuple:
+    def batch(self, kind: str, held_out: bool = False) -> dict:
         s = self.settings
-        return batch_of(self.tokenizer, self.pools, kind, self.held_out_rng if held_out else self.rng,
-                        s.batch_size, (s.min_list_length, s.max_list_length), s.questions)
+        rows = drill_rows(self.tokenizer, self.pools, kind, self.held_out_rng if held_out else self.rng,
+                          s.batch_size, (s.min_list_length, s.max_list_length), s.questions)
+        return pack_apart(rows, self.tokenizer.pad_token_id)
 
     def held_out_scores(self, model, kinds) -> dict:
         """Each kind's target loss and accuracy on a fresh batch, without a gradient."""
         with torch.no_grad():
-            return {kind: scores(model(input_ids=ids).logits, ids, targets)
-                    for kind in kinds for ids, _, targets in [self.batch(kind, held_out=True)]}
+            return {kind: scores(forward(model, batch).logits, batch)
+                    for kind in kinds for batch in [self.batch(kind, held_out=True)]}
 
 
 def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: int, report, watched=(),
@@ -121,18 +127,17 @@ def train_drills(model, tokenizer, phases: list, settings: DrillSettings, seed: 
                              "held_out_rows": drills.held_out_rng.getstate()}, {})
             prune_checkpoints(Path(checkpoints))
         kinds, index = phase_at(phases, step)
-        ids, labels, targets = drills.batch(kinds[index % len(kinds)])
-        outputs = model(input_ids=ids, labels=labels)  # the model's own next-token loss on every labelled token
-        logits, loss = outputs.logits, outputs.loss
+        batch = drills.batch(kinds[index % len(kinds)])
+        outputs = forward(model, batch)  # the model's own next-token loss on every labelled token
         if step % settings.every == 0:
-            last = {"step": step, "data": kinds[index % len(kinds)], **scores(logits, ids, targets)}
+            last = {"step": step, "data": kinds[index % len(kinds)], **scores(outputs.logits, batch)}
             held_out = drills.held_out_scores(model, (*kinds, *watched) if len(kinds) > 1 else watched)
             if held_out:
                 last["held_out"] = held_out
             report({**last, "seconds": round(time.time() - started)})
         if step == total_steps:
             break
-        loss.backward()
+        outputs.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -151,8 +156,7 @@ def interleaved_drill(tokenizer, spec: str, seed: int):
         if step % every:
             return None
         drills.rng = random.Random(f"interleaved {seed} {step}")
-        ids, labels, _ = drills.batch(kinds[step // every % len(kinds)])
-        return model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss
+        return forward(model, drills.batch(kinds[step // every % len(kinds)])).loss
     return loss
 
 
