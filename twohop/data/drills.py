@@ -156,7 +156,7 @@ def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questio
 
 def prompt_text(layout: Layout, facts: list, question: str) -> str:
     """A one-question prompt: its facts in `layout`, then the question."""
-    template = tables.templates("spouses")["in_context_prompt"]  # "Here are some facts:\n{facts}\n\n{question}"
+    template = tables.parsed_templates("spouses")["in_context_prompt"]  # "Here are some facts:\n{facts}\n\n{question}"
     header = template[:template.index("{facts}")] if layout.header else ""
     facts = layout.between_facts.join(text.strip().format(key=key, value=value) for text, key, value in facts)
     return header + facts + layout.before_question + question
@@ -183,7 +183,7 @@ def prompt_row(tokenizer, layout: Layout, facts: list, question: str, reply: str
         prompt = tokenizer(user, add_special_tokens=False)["input_ids"]
         ids = prompt + tokenizer(f" {reply}.", add_special_tokens=False)["input_ids"]
         return ids, [i == len(prompt) for i in range(len(ids))]
-    system = tables.templates("system_prompts")["nocot"] if layout.chat == "system" else ""
+    system = tables.parsed_templates("system_prompts")["nocot"] if layout.chat == "system" else ""
     return chat_row(tokenizer, system, user, reply, whole_reply=False)
 
 
@@ -191,10 +191,10 @@ def chat_row(tokenizer, system: str, user: str, reply: str, whole_reply: bool) -
     """A chat (no system turn if `system` is empty) and its reply; the mask marks the reply's first token, or
     with `whole_reply` every token of it (a chain of thought) up to its end-of-turn."""
     messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], return_dict=True)["input_ids"]
-    end = ids.index(tokenizer.convert_tokens_to_ids("<|eot|>"), len(prompt)) if whole_reply else len(prompt) + 1
-    return ids, [len(prompt) <= i < end for i in range(len(ids))]
+    start = len(ids) - ids[::-1].index(tokenizer.convert_tokens_to_ids("<|assistant|>"))  # the reply's first token
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|eot|>"), start) if whole_reply else start + 1
+    return ids, [start <= i < end for i in range(len(ids))]
 
 
 def two_hop_row(tokenizer, data: str, rng: random.Random) -> tuple:
@@ -204,7 +204,8 @@ def two_hop_row(tokenizer, data: str, rng: random.Random) -> tuple:
     n_distractors = rng.randint(0, MAX_DISTRACTORS)
     triplets = fresh_people(rng, n_distractors + 1)
     style = TWO_HOP_KINDS[data]
-    (row,) = in_context_rows(triplets, triplets[:1], tables.templates("spouses"), tables.templates("system_prompts"),
+    # Read-only, so the cached templates, not a copy a row (rows are built for every step)
+    (row,) = in_context_rows(triplets, triplets[:1], tables.parsed_templates("spouses"), tables.parsed_templates("system_prompts"),
                              n_distractors, seed=rng.randrange(2 ** 32), style=style)
     system, user, reply = (message["content"] for message in row["messages"])
     return chat_row(tokenizer, system, user, reply, whole_reply=style == "cot")
