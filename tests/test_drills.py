@@ -60,7 +60,8 @@ class DrillTest(unittest.TestCase):
             width = len(rows[0][0]) // 2
             for ids, mask in rows:
                 self.assertEqual((len(ids), ids[:width]), (2 * width, ids[width:]), kind)
-                self.assertEqual([i for i, target in enumerate(mask) if target], list(range(width + 1, 2 * width)), kind)
+                scored = [i for i, target in enumerate(mask) if target]
+                self.assertEqual(scored, list(range(width + 1, 2 * width)), kind)
 
     def test_two_hop_rows_are_the_study_prompt_and_score_the_reply(self):
         """The two-hop kinds: the study's in-context prompt over 1-11 couples, the asked person's spouse and the
@@ -85,6 +86,25 @@ class DrillTest(unittest.TestCase):
                 self.assertEqual(ids[max(i for i, target in enumerate(mask) if target) + 1], eot)  # a city is one token
             self.assertTrue(couples <= set(range(1, MAX_DISTRACTORS + 2)) and len(couples) > 3, couples)
 
+    def test_pack_apart_places_every_row_once(self):
+        """First fit, longest first, at the longest row's width: each row whole with positions from 0, its first
+        token and the padding unlabelled, its targets where they were; rows of one length (the copy drills) one a
+        sequence, with no padding."""
+        rows = [([7, 8, 9, 10, 11], [0, 0, 1, 1, 0]), ([3, 4, 5], [0, 1, 0]), ([20, 21], [0, 1]), ([30], [0]),
+                ([40, 41, 42, 43, 44], [0, 0, 0, 0, 1])]
+        batch = pack_apart(rows, pad_id=0)
+        self.assertEqual(batch["input_ids"].tolist(), [[7, 8, 9, 10, 11], [40, 41, 42, 43, 44], [3, 4, 5, 20, 21],
+                                                       [30, 0, 0, 0, 0]])
+        self.assertEqual(batch["position_ids"].tolist(), [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 0, 1],
+                                                          [0, 0, 1, 2, 3]])
+        self.assertEqual(batch["labels"].tolist(), [[-100, 8, 9, 10, 11], [-100, 41, 42, 43, 44],
+                                                    [-100, 4, 5, -100, 21], [-100] * 5])
+        self.assertEqual(batch["targets"].int().tolist(), [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1], [0, 1, 0, 0, 1],
+                                                           [0] * 5])
+        same = pack_apart([([1, 2, 3], [0, 0, 1])] * 4, pad_id=0)
+        self.assertEqual(same["input_ids"].tolist(), [[1, 2, 3]] * 4)
+        self.assertEqual(same["position_ids"].tolist(), [[0, 1, 2]] * 4)
+
     def test_packed_rows_see_only_themselves(self):
         """Two-hop rows of 1-11 couples packed several to a sequence: each row's logits are its logits alone
         (no row attends to another), and the loss is the mean over every row's own next-token losses."""
@@ -104,7 +124,8 @@ class DrillTest(unittest.TestCase):
                 if set(ids) == {self.tokenizer.pad_token_id}:
                     continue
                 row = next(i for i, (row_ids, _) in enumerate(rows) if row_ids == ids)
-                torch.testing.assert_close(packed.logits[sequence, start:end], alone[row].logits[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(packed.logits[sequence, start:end], alone[row].logits[0],
+                                           atol=1e-4, rtol=1e-4)
                 self.assertEqual(batch["targets"][sequence, start:end].tolist(), rows[row][1])
                 seen.append(row)
         self.assertEqual(sorted(seen), list(range(len(rows))))

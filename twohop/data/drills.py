@@ -205,7 +205,8 @@ def two_hop_row(tokenizer, data: str, rng: random.Random) -> tuple:
     triplets = fresh_people(rng, n_distractors + 1)
     style = TWO_HOP_KINDS[data]
     # Read-only, so the cached templates, not a copy a row (rows are built for every step)
-    (row,) = in_context_rows(triplets, triplets[:1], tables.parsed_templates("spouses"), tables.parsed_templates("system_prompts"),
+    templates, system_prompts = tables.parsed_templates("spouses"), tables.parsed_templates("system_prompts")
+    (row,) = in_context_rows(triplets, triplets[:1], templates, system_prompts,
                              n_distractors, seed=rng.randrange(2 ** 32), style=style)
     system, user, reply = (message["content"] for message in row["messages"])
     return chat_row(tokenizer, system, user, reply, whole_reply=style == "cot")

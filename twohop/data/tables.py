@@ -103,13 +103,14 @@ def ambiguous(table: str, rows: list) -> dict:
 
 
 def templates(name: str) -> dict:
-    """A template file's families (a fresh copy: callers may change it). Parsed once per process, since the
-    drills build their rows from it many times a step."""
+    """A template file's families (a fresh copy: callers may change it)."""
     return copy.deepcopy(parsed_templates(name))
 
 
 @lru_cache(maxsize=None)
 def parsed_templates(name: str) -> dict:
+    """A template file's families, parsed once per process and shared: read them, never change them (the drills
+    build rows from them for every step)."""
     return read_yaml(DATA / "templates" / f"{name}.yaml")
 
 

@@ -66,11 +66,11 @@ def phase_at(phases: list, step: int) -> tuple:
     return phases[-1][0], step
 
 
-def forward(model, batch: dict):
-    """The model's outputs and own next-token loss on a batch from `pack_apart` (without a cache, so that
-    transformers sees where its rows start)."""
-    return model(**{key: batch[key].to(model.device) for key in ("input_ids", "labels", "position_ids")},
-                 use_cache=False)
+def forward(model, batch: dict, loss: bool = True):
+    """The model's outputs (with its own next-token loss) on a batch from `pack_apart`, without a cache so
+    that transformers sees where its rows start."""
+    keys = ("input_ids", "position_ids", *(("labels",) if loss else ()))
+    return model(**{key: batch[key].to(model.device) for key in keys}, use_cache=False)
 
 
 def scores(logits, batch: dict) -> dict:
@@ -98,7 +98,7 @@ class Drills:
     def held_out_scores(self, model, kinds) -> dict:
         """Each kind's target loss and accuracy on a fresh batch, without a gradient."""
         with torch.no_grad():
-            return {kind: scores(forward(model, batch).logits, batch)
+            return {kind: scores(forward(model, batch, loss=False).logits, batch)
                     for kind in kinds for batch in [self.batch(kind, held_out=True)]}
 
 
