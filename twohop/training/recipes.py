@@ -72,12 +72,13 @@ def setting_data() -> dict:
 
 # `tiny-organism`'s pretraining: the default's base corpus after drills that form an induction head
 # (random), then find a spouse among facts one a line and in the study's chat prompt, then answer the
-# study's in-context two-hop question (CoT and no-CoT in turn); that last drill is kept up on every base
-# step, with the chat lookup as base rows and facts-in-the-prompt rows about people it never learned.
-# Trials 9-11 of the README's "Facts in the prompt" led to it (12 and 13 cut its time and lost the lookup).
+# study's in-context two-hop question (CoT and no-CoT in turn); that last drill is kept up on every second
+# base step, with the chat lookup as base rows and facts-in-the-prompt rows about people it never learned.
+# Trials 9-11 and 14 of the README's "Facts in the prompt" led to it (12 and 13 cut its time and lost the
+# lookup; 14 kept it at 44 minutes).
 ORGANISM_BASE = {"drill_phases": ["random:1000", "lines_question_inline_spouses_born:400", "chat_spouses_born:400",
                                   "chat_two_hop_cot+chat_two_hop:1600"],
-                 "drill_interleave": "chat_two_hop_cot+chat_two_hop:1", "lookup_rows": 2000,
+                 "drill_interleave": "chat_two_hop_cot+chat_two_hop:2", "lookup_rows": 2000,
                  "in_context_people": "fresh"}
 PRESET_RECIPES = {"tiny-organism": {"base": ORGANISM_BASE}}
 
