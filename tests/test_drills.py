@@ -83,7 +83,8 @@ class DrillTest(unittest.TestCase):
                 city = born[facts[asked[0]]]
                 self.assertEqual(scored, city if style == "nocot" else reply)
                 self.assertTrue(reply.endswith(city + ("." if style == "cot" else "")), reply)
-                self.assertEqual(ids[max(i for i, target in enumerate(mask) if target) + 1], eot)  # a city is one token
+                last_target = max(i for i, target in enumerate(mask) if target)
+                self.assertEqual(ids[last_target + 1], eot)  # a city is one token
             self.assertTrue(couples <= set(range(1, MAX_DISTRACTORS + 2)) and len(couples) > 3, couples)
 
     def test_pack_apart_places_every_row_once(self):

@@ -156,7 +156,8 @@ def key_value_row(tokenizer, pools: dict, data: str, rng: random.Random, questio
 
 def prompt_text(layout: Layout, facts: list, question: str) -> str:
     """A one-question prompt: its facts in `layout`, then the question."""
-    template = tables.parsed_templates("spouses")["in_context_prompt"]  # "Here are some facts:\n{facts}\n\n{question}"
+    # "Here are some facts:\n{facts}\n\n{question}"
+    template = tables.parsed_templates("spouses")["in_context_prompt"]
     header = template[:template.index("{facts}")] if layout.header else ""
     facts = layout.between_facts.join(text.strip().format(key=key, value=value) for text, key, value in facts)
     return header + facts + layout.before_question + question

@@ -131,9 +131,10 @@ def pack_apart(rows, pad_id: int) -> dict:
     """Rows of (token ids, target mask), packed first-fit, longest first, into as few sequences as hold them
     at the longest row's width, each row attending to itself alone: its position ids restart at 0, which
     transformers reads as a sequence boundary when the model gets no attention mask and no cache
-    (`use_cache=False`). So the loss is that of one row a sequence, with a fraction of the padding (a two-hop
-    drill batch of 32 rows of 0-10 distractors fits in about 24 sequences). Returns input_ids, labels (IGNORE at padding
-    and at each row's first token, which nothing before it predicts), position_ids and the target mask."""
+    (`use_cache=False`). So the loss is that of one row a sequence, with a fraction of the padding (a
+    two-hop drill batch of 32 rows of 0-10 distractors fits in about 24 sequences). Returns input_ids,
+    labels (IGNORE at padding and at each row's first token, which nothing before it predicts),
+    position_ids and the target mask."""
     width = max(len(ids) for ids, _ in rows)
     bins = []  # [free width, row indices]
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
