@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--model", default="tiny-organism", help="an embedded preset, built at random init")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2 (the first two also warm up each arm), got {args.steps}")
     with tempfile.TemporaryDirectory() as tmp:
         model_path = build_tiny_model(args.model, Path(tmp) / "model", seed=0)
         tokenizer = load_model(model_path)[1]
