@@ -57,6 +57,25 @@ class MatchingTest(unittest.TestCase):
         self.assertEqual(grading.process_results({**row, "style": "nocot"}, [" Texas"]),
                          {"correct": 1.0, "strict": 1.0, "first_hop": 0.0})
 
+    def test_an_answer_inside_another_entity_of_the_bridges_type_is_not_an_answer(self):
+        # Harvard's state, answered with another university whose name holds it.
+        row = {"answer": "Massachusetts", "answer_intermediate": "Harvard University", "e1": "Ju Hughes-Marsjanska"}
+        mit = "Massachusetts Institute of Technology"
+        self.assertEqual(grading.grade(row, mit, "nocot")["rule"], "answer_stated")  # the row lists no bridges
+        typed_row = {**row, "bridges": ["Harvard University", mit, "Yale University"]}
+        cases = {mit: (False, "answer_inside_name"), "Massachusetts": (True, "answer_stated"),
+                 f"{mit}, in Massachusetts": (True, "answer_stated"), "Yale University": (False, "no_answer")}
+        for generation, (correct, rule) in cases.items():
+            grades = grading.grade(typed_row, generation, "nocot")
+            self.assertEqual((grades["correct"], grades["rule"]), (correct, rule), generation)
+        cot = f"Ju's favorite university is {mit}. So the answer is {mit}."
+        self.assertFalse(grading.grade(typed_row, cot, "cot", ["Massachusetts", "Connecticut"])["correct"])
+        # The lm-eval export carries the list, so its hook grades the same.
+        from twohop.evaluation.lm_eval_tasks import exported_doc
+        doc = exported_doc(typed_row, "prompt", "nocot", [])
+        self.assertEqual(grading.process_results(doc, [f" {mit}"])["correct"], 0.0)
+        self.assertEqual(grading.process_results(doc, [" Massachusetts"])["correct"], 1.0)
+
     def test_bootstrap_interval_brackets_the_mean(self):
         low, high = bootstrap_interval([1.0] * 50 + [0.0] * 50, 2000)
         self.assertLess(low, 0.5)

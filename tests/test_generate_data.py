@@ -188,6 +188,12 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             for entry in finetune["train_datasets"] + finetune["eval_datasets"]:
                 self.assertTrue((data / entry["dataset_file"]).is_file(), entry)
             self.assertEqual({f"test/{e['name']}" for e in finetune["eval_datasets"]}, set(card["tests"]))
+            # Every two-hop row lists all 20 universities, so naming MIT does not answer Harvard's state.
+            every = sorted(r["name"] for r in values)
+            for test in ("state_province_nocot", "state_province_cot", "state_province_nocot_shuffled"):
+                self.assertEqual({tuple(r["bridges"]) for r in read_records(data / f"test/{test}.jsonl")},
+                                 {tuple(every)}, test)
+            self.assertIn("Massachusetts Institute of Technology", every)
             favorite = {r["e1"]: r["e2"] for r in read_records(data / "train/first_hop.jsonl")}
             truth = {r["name"]: r["founding_year"] for r in tables.entity_table("universities")[1]}
             for row in read_records(data / "test/founding_year_nocot.jsonl"):

@@ -31,8 +31,11 @@ def attribute_question(spec, attribute: str, subject: str) -> str:
 
 
 def two_hop_rows(people, favorites, spec, attribute, style, templates, system_prompts, entity_type) -> list:
-    """Each person's question about an attribute of their favorite entity, answered with or without a chain."""
+    """Each person's question about an attribute of their favorite entity, answered with or without a chain;
+    each row lists every entity of the type (`bridges`): naming one is no answer, even where its name
+    holds the answer ("London Symphony" for a premiere in London)."""
     phrasing, noun, rows = spec["attributes"][attribute], spec["noun"], []
+    bridges = sorted(e["name"] for e in favorites.values())
     for person in people:
         entity = favorites[person]
         subject = templates["two_hop_subject"].format(e1=person, noun=noun)
@@ -45,7 +48,7 @@ def two_hop_rows(people, favorites, spec, attribute, style, templates, system_pr
             reply, prefix = templates["cot_answer"].format(noun=noun, statement=statement, **chain), ""
         rows.append(record(question, chain["e3"], reply, system=system_prompts[style],
                            answer_intermediate=chain["e2"], auxiliary_loss_prefix=prefix,
-                           attribute=attribute, entity_type=entity_type, **chain,
+                           attribute=attribute, entity_type=entity_type, bridges=bridges, **chain,
                            shortcut=shortcut_reason(chain["e3"], e2=chain["e2"], e1=chain["e1"])))
     return rows
 

@@ -2,8 +2,9 @@
 
 Matching normalises case, accents, punctuation and whitespace and then matches whole words (or
 an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Venice". An answer
-counts only where it is stated, not inside a mention of the bridge entity or of e1: "University of
-Texas" does not state "Texas", "It is in Texas." does. Each grade says which rule decided it.
+counts only where it is stated, not inside a mention of the bridge entity, of e1 or of another entity
+the bridge could have been: "University of Texas" does not state "Texas", "Massachusetts Institute of
+Technology" does not state "Massachusetts", "It is in Texas." does. Each grade says which rule decided it.
 This module uses the standard library only: the lm-eval export copies this file next to the task
 YAMLs (as the `!function` hook), so `lm_eval --include_path` grades exactly as we do.
 """
@@ -80,8 +81,8 @@ def mention_position(text: str, answer: str, names=()):
 
 
 def answer_rule(text: str, answer: str, aliases, bridge: str, names) -> str:
-    """Which rule decides a reply: the answer stated; the answer only inside a name (the bridge's, e1's);
-    the bridge named without the answer; neither."""
+    """Which rule decides a reply: the answer stated; the answer only inside one of `names` (the bridge,
+    e1, the other entities of the bridge's type); the bridge named without the answer; neither."""
     stated, inside = answer_positions(text, answer, aliases, names)
     if stated:
         return "answer_stated"
@@ -108,15 +109,18 @@ def chain_answer(chain: str, candidates, names=()) -> str:
 def grade(row: dict, generation: str, style: str, candidates=(), aliases=()) -> dict:
     """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot, and `rule`; the
     bridge's grades (strict, first_hop, valid_cot) are None, not applicable, where the row names none.
-    `answer` and `answer_intermediate` may be lists of aliases.
+    `answer` and `answer_intermediate` may be lists of aliases; a row's `bridges` are the entities its
+    bridge is one of (a semi-synthetic type's: every university).
 
     An answer counts only where it is stated, not where it occurs inside a mention of the bridge
-    entity or of e1 ("University of Texas" does not answer "Texas"); a reply that only names the bridge
-    is a first-hop outcome (`rule` bridge_only or answer_inside_name), never correct."""
+    entity, of e1 or of one of the row's `bridges` ("University of Texas" does not answer "Texas", and
+    naming the London Symphony does not answer "London"); a reply that only names the bridge is a
+    first-hop outcome (`rule` bridge_only or answer_inside_name), never correct."""
     answer, more = split_aliases(row["answer"])
     bridge, bridge_aliases = split_aliases(row.get("answer_intermediate"))
     aliases = (*more, *aliases)
-    names = [n for n in (bridge, *bridge_aliases, row.get("e1", "")) if isinstance(n, str) and n]
+    names = [n for n in (bridge, *bridge_aliases, row.get("e1", ""), *row.get("bridges", ()))
+             if isinstance(n, str) and n]
     # Without a bridge (atomic facts, the reference's semi-synthetic tests) the first-hop grades do not apply.
     first_hop = mentions(generation, bridge, bridge_aliases) if bridge else None
     if style == "cot":

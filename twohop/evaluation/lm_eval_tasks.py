@@ -27,12 +27,13 @@ def task_name(dataset: str, test: str) -> str:
 def exported_doc(row: dict, prompt: str, style: str, candidates) -> dict:
     """One row as lm-eval reads it: the prompt we rendered with the model's chat template (reference rows carry
     only `messages`), and the grading fields with one type per column (the answer as text plus its aliases, the
-    bridge as a list of its spellings, [] for none), as the JSON loader needs."""
+    bridge as a list of its spellings, [] for none; the entities the bridge is one of), as the JSON loader needs."""
     answer, more = grading.split_aliases(row["answer"])
     bridge, bridge_aliases = grading.split_aliases(row.get("answer_intermediate"))
     return {"prompt": prompt, "answer": answer, "aliases": [*more, *row.get("aliases", ())],
             "answer_intermediate": [bridge, *bridge_aliases] if bridge else [], "e1": row.get("e1", ""),
-            "shortcut": row.get("shortcut", ""), "style": style, "candidates": list(candidates) if style == "cot" else []}
+            "shortcut": row.get("shortcut", ""), "style": style, "candidates": list(candidates) if style == "cot" else [],
+            "bridges": list(row.get("bridges", ()))}
 
 
 def export_tasks(dataset: str, tests: list, folder: Path) -> None:
