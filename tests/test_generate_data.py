@@ -208,13 +208,19 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
         self.assertIn("hop_a", second)
         self.assertEqual(second, tables.read_yaml(tables.DATA / "templates" / "spouses.yaml"))
 
-    def test_the_shipped_tables_hold_101_answers_inside_the_entity_name(self):
+    def test_the_shipped_tables_hold_116_answers_inside_or_sharing_a_word_with_the_entity_name(self):
         from twohop.data.dataset import shortcut_reason
         flagged = [(t, e["name"], a) for t in tables.ENTITY_TYPES for e in tables.entity_table(t)[1]
                    for a in tables.entity_table(t)[0]["attributes"] if shortcut_reason(e[a], e2=e["name"])]
-        self.assertEqual(len(flagged), 101)  # of 1,580 (entity, attribute) pairs
+        self.assertEqual(len(flagged), 116)  # of 1,580 (entity, attribute) pairs; 101 with the answer inside
         self.assertEqual(sum(t == "subway_systems" for t, _, _ in flagged), 19)
         self.assertIn(("universities", "University of Chicago", "city"), flagged)
+        self.assertIn(("universities", "Yale University", "school_color"), flagged)  # Yale Blue
+        self.assertIn("shares the word 'yale'", shortcut_reason("Yale Blue", e2="Yale University"))
+        # Digits, short words and linking words are not shared names: "4 m" is not in "Victor M. Blanco Telescope".
+        self.assertEqual([shortcut_reason(a, e2=n) for a, n in [("4 m", "Victor M. Blanco Telescope"),
+                                                                  ("6 m", "BTA-6"), ("Rio de Janeiro", "Lago de Como")]],
+                         ["", "", ""])
 
     def test_bad_table_row_and_unknown_type_are_clear_errors(self):
         with tempfile.TemporaryDirectory() as tmp:

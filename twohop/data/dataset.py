@@ -8,7 +8,7 @@ from runner.errors import UserError
 from runner.files import atomic_directory, to_json
 from twohop.data import tables
 from twohop.data.records import read_records
-from twohop.evaluation.grading import mentions, split_aliases
+from twohop.evaluation.grading import LINKING_WORDS, mentions, normalize, split_aliases
 
 
 def fictional_people(rng: random.Random, count: int, first_names, last_parts, forbidden=()) -> list:
@@ -92,14 +92,27 @@ def require(condition: bool, key: str, message: str) -> None:
         raise UserError(f"config {key}: {message}")
 
 
+def shared_word(answer: str, name: str) -> str:
+    """A word of three or more letters, other than a linking word, that the answer and the name share
+    ("yale" in Yale Blue and Yale University), or ""."""
+    words = set(normalize(name).split())
+    return next((w for w in normalize(answer).split() if w in words and w.isalpha() and len(w) >= 3
+                 and w not in LINKING_WORDS), "")
+
+
 def shortcut_reason(answer: str, aliases=(), **names) -> str:
     """Why an item can be answered without composing: its answer (or an alias) is a word of a name the
     question or the first hop gives away (`names`: label -> name, e.g. e2="University of Texas at
-    Austin"); "" when there is none."""
+    Austin"), or shares a word with it (Yale Blue, the color of Yale University); "" when there is none.
+    A shared common word ("Saint", "New") flags a few items that are not shortcuts: they are scored
+    apart, not lost."""
     for label, name in names.items():
         found = [a for a in (answer, *aliases) if name and a and mentions(name, a)]
         if found:
             return f"the answer {found[0]!r} is in {label}'s name {name!r}"
+        shared = [(a, w) for a in (answer, *aliases) if name and a and (w := shared_word(a, name))]
+        if shared:
+            return f"the answer {shared[0][0]!r} shares the word {shared[0][1]!r} with {label}'s name {name!r}"
     return ""
 
 
