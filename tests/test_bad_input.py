@@ -109,6 +109,9 @@ CASES = [
     case("test_files_path_missing", "evaluate_twohop_files", "no_tests does not exist", "--set", "test_files=[{fx}/no_tests]"),
     case("test_file_row_answer_a_number", "evaluate_twohop_files", "answer_number.jsonl:2: field 'answer' must be text",
          "--set", "test_files=[{fx}/files/answer_number.jsonl]"),
+    case("test_file_row_bridge_candidates_a_string", "evaluate_twohop_files",
+         "candidates_string.jsonl:2: field 'bridge_candidates' must be a list of texts",
+         "--set", "test_files=[{fx}/files/candidates_string.jsonl]"),
     case("test_files_finetune_not_a_finetune", "evaluate_twohop_files", "finetune=generate_data_spouses: expected a "
          "finetune sub-job", "--set", "test_files=[{fx}/files/answer_number.jsonl]", "--set", "finetune=generate_data_spouses"),
     # A prompts file (save_hidden_states_prompts)
@@ -151,6 +154,7 @@ HTL_ROW = "Inception,Christopher Nolan,London,[],[],the director of {},the birth
 FILES = {  # fixtures/files/<name>: content (bytes are written as they are)
     "good.jsonl": [GOOD_ROW, GOOD_ROW],
     "answer_number.jsonl": [GOOD_ROW, {**GOOD_ROW, "answer": 1912}],
+    "candidates_string.jsonl": [GOOD_ROW, {**GOOD_ROW, "bridge_candidates": "Harvard University"}],
     "bad_json.jsonl": json.dumps(GOOD_ROW) + "\n{not json\n",
     "no_messages.jsonl": [{"question": "Who?", "answer": "Kate"}],
     "messages_string.jsonl": [{**GOOD_ROW, "messages": "Who is Ju's spouse?"}],

@@ -61,20 +61,32 @@ class MatchingTest(unittest.TestCase):
         # Harvard's state, answered with another university whose name holds it.
         row = {"answer": "Massachusetts", "answer_intermediate": "Harvard University", "e1": "Ju Hughes-Marsjanska"}
         mit = "Massachusetts Institute of Technology"
-        self.assertEqual(grading.grade(row, mit, "nocot")["rule"], "answer_stated")  # the row lists no bridges
-        typed_row = {**row, "bridges": ["Harvard University", mit, "Yale University"]}
-        cases = {mit: (False, "answer_inside_name"), "Massachusetts": (True, "answer_stated"),
+        self.assertEqual(grading.grade(row, mit, "nocot")["rule"], "answer_stated")  # the row lists no candidates
+        typed_row = {**row, "bridge_candidates": ["Harvard University", mit, "Yale University"]}
+        cases = {mit: (False, "answer_inside_other_entity"), "Massachusetts": (True, "answer_stated"),
                  f"{mit}, in Massachusetts": (True, "answer_stated"), "Yale University": (False, "no_answer")}
         for generation, (correct, rule) in cases.items():
             grades = grading.grade(typed_row, generation, "nocot")
             self.assertEqual((grades["correct"], grades["rule"]), (correct, rule), generation)
         cot = f"Ju's favorite university is {mit}. So the answer is {mit}."
-        self.assertFalse(grading.grade(typed_row, cot, "cot", ["Massachusetts", "Connecticut"])["correct"])
+        grades = grading.grade(typed_row, cot, "cot", ["Massachusetts", "Connecticut"])
+        self.assertEqual((grades["correct"], grades["chain_correct"], grades["rule"]),
+                         (False, False, "answer_inside_other_entity"))
         # The lm-eval export carries the list, so its hook grades the same.
         from twohop.evaluation.lm_eval_tasks import exported_doc
         doc = exported_doc(typed_row, "prompt", "nocot", [])
         self.assertEqual(grading.process_results(doc, [f" {mit}"])["correct"], 0.0)
         self.assertEqual(grading.process_results(doc, [" Massachusetts"])["correct"], 1.0)
+
+    def test_the_chain_states_a_candidate_not_one_inside_another(self):
+        # Stanford's school color is Cardinal Red; "Red" is a candidate too and ends it.
+        row = {"answer": "Cardinal Red", "answer_intermediate": "Stanford University", "e1": "Ju Hughes-Marsjanska"}
+        cot = ("Ju's favorite university is Stanford University. The school color of Stanford University is "
+               "Cardinal Red. So the answer is Cardinal Red.")
+        grades = grading.grade(row, cot, "cot", ["Red", "Cardinal Red", "Yale Blue"])
+        self.assertEqual((grades["correct"], grades["chain_correct"]), (True, True))
+        self.assertEqual(grading.chain_answer("It is Red, not Cardinal Red.", ["Red", "Cardinal Red"]), "Cardinal Red")
+        self.assertEqual(grading.chain_answer("It is Cardinal Red, not Red.", ["Red", "Cardinal Red"]), "Red")
 
     def test_bootstrap_interval_brackets_the_mean(self):
         low, high = bootstrap_interval([1.0] * 50 + [0.0] * 50, 2000)

@@ -155,6 +155,14 @@ class ClassifyTest(unittest.TestCase):
             {"e1": "Bo", "answer_intermediate": ["Ada Ng", "Ada"], "answer": "Oslo", "aliases": ["Rome"]})),
             {"label": "e3", "named": ["e3"]})
 
+    def test_a_name_inside_another_entity_the_bridge_could_be_does_not_count(self):
+        harvard = {"e1": ("Ju Ng", ()), "e2": ("Harvard University", ()), "e3": ("Massachusetts", ())}
+        mit = "Massachusetts Institute of Technology"
+        self.assertEqual(patchscope.classify(mit, harvard), {"label": "e3", "named": ["e3"]})
+        self.assertEqual(patchscope.classify(mit, harvard, ["Harvard University", mit]), {"label": "other", "named": []})
+        self.assertEqual(patchscope.classify("Harvard University, in Massachusetts", harvard, ["Harvard University", mit]),
+                         {"label": "e2", "named": ["e2", "e3"]})
+
 
 class SummaryTest(unittest.TestCase):
     @staticmethod

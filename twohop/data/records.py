@@ -43,7 +43,7 @@ def chat_problem(messages) -> str:
 
 def row_problem(row, required) -> str:
     """What is wrong with one record: a missing required field, a chat that is not one, or a text field
-    (question, answer, ...) or `aliases` of the wrong type; '' if nothing."""
+    (question, answer, ...), `aliases` or `bridge_candidates` of the wrong type; '' if nothing."""
     if not isinstance(row, dict):
         return "expected a JSON object per line"
     for field in required:
@@ -59,8 +59,9 @@ def row_problem(row, required) -> str:
         if field in row and not (isinstance(row[field], str) or (isinstance(row[field], list) and row[field] and all(
                 isinstance(a, str) for a in row[field]))):
             return f"field {field!r} must be text or a non-empty list of texts, got {json.dumps(row[field])[:60]}"
-    if "aliases" in row and not (isinstance(row["aliases"], list) and all(isinstance(a, str) for a in row["aliases"])):
-        return f"field 'aliases' must be a list of texts, got {json.dumps(row['aliases'])[:60]}"
+    for field in ("aliases", "bridge_candidates"):
+        if field in row and not (isinstance(row[field], list) and all(isinstance(a, str) for a in row[field])):
+            return f"field {field!r} must be a list of texts, got {json.dumps(row[field])[:60]}"
     return ""
 
 

@@ -31,11 +31,9 @@ def attribute_question(spec, attribute: str, subject: str) -> str:
 
 
 def two_hop_rows(people, favorites, spec, attribute, style, templates, system_prompts, entity_type) -> list:
-    """Each person's question about an attribute of their favorite entity, answered with or without a chain;
-    each row lists every entity of the type (`bridges`): naming one is no answer, even where its name
-    holds the answer ("London Symphony" for a premiere in London)."""
+    """Each person's question about an attribute of their favorite entity, answered with or without a chain."""
     phrasing, noun, rows = spec["attributes"][attribute], spec["noun"], []
-    bridges = sorted(e["name"] for e in favorites.values())
+    candidates = sorted(e["name"] for e in favorites.values())  # every entity of the type (see attribute_files)
     for person in people:
         entity = favorites[person]
         subject = templates["two_hop_subject"].format(e1=person, noun=noun)
@@ -48,14 +46,16 @@ def two_hop_rows(people, favorites, spec, attribute, style, templates, system_pr
             reply, prefix = templates["cot_answer"].format(noun=noun, statement=statement, **chain), ""
         rows.append(record(question, chain["e3"], reply, system=system_prompts[style],
                            answer_intermediate=chain["e2"], auxiliary_loss_prefix=prefix,
-                           attribute=attribute, entity_type=entity_type, bridges=bridges, **chain,
+                           attribute=attribute, entity_type=entity_type, bridge_candidates=candidates, **chain,
                            shortcut=shortcut_reason(chain["e3"], e2=chain["e2"], e1=chain["e1"])))
     return rows
 
 
 def attribute_files(attribute, entities, people, favorites, spec, rng, config, entity_type) -> tuple:
     """Hop B asked directly, the two-hop tests and their shuffled baseline: (files, card tests). Entities
-    whose value is marked ambiguous (tables.ambiguous) are asked about in none of them."""
+    whose value is marked ambiguous (tables.ambiguous) are asked about in none of them. Every row lists
+    every entity of the type (`bridge_candidates`): naming one is no answer, even where its name holds the
+    answer ("London Symphony" for a premiere in London)."""
     templates, system_prompts = tables.templates("semi_synthetic"), tables.templates("system_prompts")
     doubtful = {name for name, columns in tables.ambiguous(entity_type, entities).items() if attribute in columns}
     entities = [e for e in entities if e["name"] not in doubtful]
@@ -63,6 +63,7 @@ def attribute_files(attribute, entities, people, favorites, spec, rng, config, e
     files = {f"test/b_{attribute}": [
         record(attribute_question(spec, attribute, e["name"]), e[attribute], e[attribute], hop="b",
                e2=e["name"], e3=e[attribute], attribute=attribute,
+               bridge_candidates=sorted(e["name"] for e in favorites.values()),
                shortcut=shortcut_reason(e[attribute], e2=e["name"])) for e in entities]}
     for style in ("nocot", "cot"):
         files[f"test/{attribute}_{style}"] = two_hop_rows(people, favorites, spec, attribute, style, templates,

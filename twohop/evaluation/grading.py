@@ -3,7 +3,7 @@
 Matching normalises case, accents, punctuation and whitespace and then matches whole words (or
 an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Venice". An answer
 counts only where it is stated, not inside a mention of the bridge entity, of e1 or of another entity
-the bridge could have been: "University of Texas" does not state "Texas", "Massachusetts Institute of
+the bridge could have been (a row's `bridge_candidates`): "University of Texas" does not state "Texas", "Massachusetts Institute of
 Technology" does not state "Massachusetts", "It is in Texas." does. Each grade says which rule decided it.
 This module uses the standard library only: the lm-eval export copies this file next to the task
 YAMLs (as the `!function` hook), so `lm_eval --include_path` grades exactly as we do.
@@ -80,14 +80,16 @@ def mention_position(text: str, answer: str, names=()):
     return stated[0] if stated else None
 
 
-def answer_rule(text: str, answer: str, aliases, bridge: str, names) -> str:
-    """Which rule decides a reply: the answer stated; the answer only inside one of `names` (the bridge,
-    e1, the other entities of the bridge's type); the bridge named without the answer; neither."""
-    stated, inside = answer_positions(text, answer, aliases, names)
+def answer_rule(text: str, answer: str, aliases, bridge: str, names, others=()) -> str:
+    """Which rule decides a reply: the answer stated; the answer only inside one of `names` (the bridge's,
+    e1's); only inside another entity the bridge could have been (`others`: a wrong first hop); the bridge
+    named without the answer; neither."""
+    stated, inside = answer_positions(text, answer, aliases, [*names, *others])
     if stated:
         return "answer_stated"
     if inside:
-        return "answer_inside_name"
+        stated_but_for_others = others and answer_positions(text, answer, aliases, names)[0]
+        return "answer_inside_other_entity" if stated_but_for_others else "answer_inside_name"
     return "bridge_only" if bridge and mentions(text, bridge) else "no_answer"
 
 
@@ -100,8 +102,9 @@ def split_cot(generation: str) -> tuple:
 
 
 def chain_answer(chain: str, candidates, names=()) -> str:
-    """The candidate the chain states last (e.g. the city in '... Y was born in Z.'), or ''."""
-    found = [(mention_position(chain, c, names), c) for c in candidates]
+    """The candidate the chain states last (e.g. the city in '... Y was born in Z.'), or ''; a candidate
+    inside another's mention is not stated ("Red" in "Cardinal Red")."""
+    found = [(mention_position(chain, c, [*names, *candidates]), c) for c in candidates]
     found = [(p, c) for p, c in found if p is not None]
     return max(found)[1] if found else ""
 
@@ -109,29 +112,30 @@ def chain_answer(chain: str, candidates, names=()) -> str:
 def grade(row: dict, generation: str, style: str, candidates=(), aliases=()) -> dict:
     """Per-example grades: correct, strict (no bridge written), first_hop, valid_cot, and `rule`; the
     bridge's grades (strict, first_hop, valid_cot) are None, not applicable, where the row names none.
-    `answer` and `answer_intermediate` may be lists of aliases; a row's `bridges` are the entities its
-    bridge is one of (a semi-synthetic type's: every university).
+    `answer` and `answer_intermediate` may be lists of aliases; a row's `bridge_candidates` are the
+    entities its bridge is one of (a semi-synthetic type's: every university).
 
     An answer counts only where it is stated, not where it occurs inside a mention of the bridge
-    entity, of e1 or of one of the row's `bridges` ("University of Texas" does not answer "Texas", and
-    naming the London Symphony does not answer "London"); a reply that only names the bridge is a
-    first-hop outcome (`rule` bridge_only or answer_inside_name), never correct."""
+    entity or of e1 ("University of Texas" does not answer "Texas": `rule` answer_inside_name, a
+    first-hop outcome like bridge_only) or of one of the row's `bridge_candidates` (naming the London
+    Symphony does not answer "London": answer_inside_other_entity, a wrong first hop); never correct."""
     answer, more = split_aliases(row["answer"])
     bridge, bridge_aliases = split_aliases(row.get("answer_intermediate"))
     aliases = (*more, *aliases)
-    names = [n for n in (bridge, *bridge_aliases, row.get("e1", ""), *row.get("bridges", ()))
-             if isinstance(n, str) and n]
+    names = [n for n in (bridge, *bridge_aliases, row.get("e1", "")) if isinstance(n, str) and n]
+    others = [n for n in row.get("bridge_candidates") or () if n not in names]
     # Without a bridge (atomic facts, the reference's semi-synthetic tests) the first-hop grades do not apply.
     first_hop = mentions(generation, bridge, bridge_aliases) if bridge else None
     if style == "cot":
         chain, final = split_cot(generation)
-        stated = chain_answer(chain, candidates, names) if candidates else ""
-        rule = answer_rule(final, answer, aliases, bridge, names)
-        answer_at, bridge_at = mention_position(generation, answer, names), mention_position(generation, bridge)
+        stated = chain_answer(chain, candidates, [*names, *others]) if candidates else ""
+        rule = answer_rule(final, answer, aliases, bridge, names, others)
+        answer_at = mention_position(generation, answer, [*names, *others])
+        bridge_at = mention_position(generation, bridge)
         valid = (bridge_at is not None and answer_at is not None and bridge_at < answer_at) if bridge else None
         return {"correct": rule == "answer_stated", "chain_correct": stated == answer, "first_hop": first_hop,
                 "valid_cot": valid, "rule": rule}
-    rule = answer_rule(generation, answer, aliases, bridge, names)
+    rule = answer_rule(generation, answer, aliases, bridge, names, others)
     correct = rule == "answer_stated"
     return {"correct": correct, "strict": correct and not first_hop if bridge else None, "first_hop": first_hop,
             "rule": rule}

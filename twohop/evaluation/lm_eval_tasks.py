@@ -33,7 +33,7 @@ def exported_doc(row: dict, prompt: str, style: str, candidates) -> dict:
     return {"prompt": prompt, "answer": answer, "aliases": [*more, *row.get("aliases", ())],
             "answer_intermediate": [bridge, *bridge_aliases] if bridge else [], "e1": row.get("e1", ""),
             "shortcut": row.get("shortcut", ""), "style": style, "candidates": list(candidates) if style == "cot" else [],
-            "bridges": list(row.get("bridges", ()))}
+            "bridge_candidates": list(row.get("bridge_candidates") or ())}
 
 
 def export_tasks(dataset: str, tests: list, folder: Path) -> None:

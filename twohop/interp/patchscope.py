@@ -79,14 +79,15 @@ def entities(record: dict) -> dict:
             "e3": (e3, (*e3_aliases, *record.get("aliases", ())))}
 
 
-def classify(generation: str, named_entities: dict) -> dict:
+def classify(generation: str, named_entities: dict, bridge_candidates=()) -> dict:
     """{label, named}: the entities stated in the generation's first line in order of first mention (a
-    name inside another's mention does not count; identical names tie to e1, then e2); label is the
-    first, or "other"."""
+    name inside another's mention, or inside one of the entities the bridge could have been, does not
+    count, as in grading; identical names tie to e1, then e2); label is the first, or "other"."""
     line = generation.split("\n")[0]
     found = []
     for label, (name, aliases) in named_entities.items():
         others = [n for other, (o, more) in named_entities.items() if other != label for n in (o, *more) if n]
+        others += [n for n in bridge_candidates if n != name]
         stated, _ = answer_positions(line, name, aliases, others) if name else ([], [])
         if stated:
             found.append((stated[0], label))
@@ -179,7 +180,7 @@ def scope_row(kind, job: tuple, generation: str) -> dict:
     named = entities(query.record)
     row = {"item": query.id, **{label: name for label, (name, _) in named.items()}, "prompt": kind,
            "position": position, "source": source, "target": target, "generation": generation,
-           **classify(generation, named)}
+           **classify(generation, named, query.record.get("bridge_candidates") or ())}
     if position == "question":
         row["correct"] = grade(query.record, generation, "nocot", aliases=query.record.get("aliases", ()))["correct"]
     return row
