@@ -77,6 +77,14 @@ class MatchingTest(unittest.TestCase):
         doc = exported_doc(typed_row, "prompt", "nocot", [])
         self.assertEqual(grading.process_results(doc, [f" {mit}"])["correct"], 0.0)
         self.assertEqual(grading.process_results(doc, [" Massachusetts"])["correct"], 1.0)
+        # Hop B asks about its e2 directly: naming it is no wrong first hop.
+        hop_b = {"answer": "Chicago", "e2": "University of Chicago", "bridge_candidates": ["University of Chicago", mit]}
+        self.assertEqual(grading.grade(hop_b, "University of Chicago", "nocot")["rule"], "answer_stated")
+        # A bridge inside another candidate's name is not named: "Xbox 360" names no Xbox.
+        xbox = {"answer": "Microsoft", "answer_intermediate": "Xbox", "bridge_candidates": ["Xbox", "Xbox 360"]}
+        for reply, named in (("Xbox 360", False), ("Xbox", True), ("the Xbox, not the Xbox 360", True)):
+            grades = grading.grade(xbox, reply, "nocot")
+            self.assertEqual((grades["first_hop"], grades["rule"]), (named, "bridge_only" if named else "no_answer"))
 
     def test_the_chain_states_a_candidate_not_one_inside_another(self):
         # Stanford's school color is Cardinal Red; "Red" is a candidate too and ends it.

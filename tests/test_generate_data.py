@@ -190,7 +190,8 @@ class SemiSyntheticAndTablesTest(unittest.TestCase):
             self.assertEqual({f"test/{e['name']}" for e in finetune["eval_datasets"]}, set(card["tests"]))
             # Every hop B and two-hop row lists all 20 universities, so naming MIT does not answer Harvard's state.
             every = sorted(r["name"] for r in values)
-            for test in ("b_state_province", "state_province_nocot", "state_province_cot", "state_province_nocot_shuffled"):
+            for test in ("b_state_province", "state_province_nocot", "state_province_cot",
+                         "state_province_nocot_shuffled"):
                 self.assertEqual({tuple(r["bridge_candidates"]) for r in read_records(data / f"test/{test}.jsonl")},
                                  {tuple(every)}, test)
             self.assertIn("Massachusetts Institute of Technology", every)

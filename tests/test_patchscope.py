@@ -159,8 +159,9 @@ class ClassifyTest(unittest.TestCase):
         harvard = {"e1": ("Ju Ng", ()), "e2": ("Harvard University", ()), "e3": ("Massachusetts", ())}
         mit = "Massachusetts Institute of Technology"
         self.assertEqual(patchscope.classify(mit, harvard), {"label": "e3", "named": ["e3"]})
-        self.assertEqual(patchscope.classify(mit, harvard, ["Harvard University", mit]), {"label": "other", "named": []})
-        self.assertEqual(patchscope.classify("Harvard University, in Massachusetts", harvard, ["Harvard University", mit]),
+        candidates = ["Harvard University", mit]
+        self.assertEqual(patchscope.classify(mit, harvard, candidates), {"label": "other", "named": []})
+        self.assertEqual(patchscope.classify("Harvard University, in Massachusetts", harvard, candidates),
                          {"label": "e2", "named": ["e2", "e3"]})
 
 

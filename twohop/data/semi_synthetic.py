@@ -30,10 +30,10 @@ def attribute_question(spec, attribute: str, subject: str) -> str:
     return spec["attributes"][attribute]["question"].format(subject=subject)
 
 
-def two_hop_rows(people, favorites, spec, attribute, style, templates, system_prompts, entity_type) -> list:
+def two_hop_rows(people, favorites, spec, attribute, style, templates, system_prompts, entity_type,
+                 candidates) -> list:
     """Each person's question about an attribute of their favorite entity, answered with or without a chain."""
     phrasing, noun, rows = spec["attributes"][attribute], spec["noun"], []
-    candidates = sorted(e["name"] for e in favorites.values())  # every entity of the type (see attribute_files)
     for person in people:
         entity = favorites[person]
         subject = templates["two_hop_subject"].format(e1=person, noun=noun)
@@ -60,14 +60,15 @@ def attribute_files(attribute, entities, people, favorites, spec, rng, config, e
     doubtful = {name for name, columns in tables.ambiguous(entity_type, entities).items() if attribute in columns}
     entities = [e for e in entities if e["name"] not in doubtful]
     people = [p for p in people if favorites[p]["name"] not in doubtful]
+    candidates = sorted(favorite["name"] for favorite in favorites.values())  # every entity, doubtful ones too
     files = {f"test/b_{attribute}": [
         record(attribute_question(spec, attribute, e["name"]), e[attribute], e[attribute], hop="b",
                e2=e["name"], e3=e[attribute], attribute=attribute,
-               bridge_candidates=sorted(e["name"] for e in favorites.values()),
+               bridge_candidates=candidates,
                shortcut=shortcut_reason(e[attribute], e2=e["name"])) for e in entities]}
     for style in ("nocot", "cot"):
         files[f"test/{attribute}_{style}"] = two_hop_rows(people, favorites, spec, attribute, style, templates,
-                                                          system_prompts, entity_type)
+                                                          system_prompts, entity_type, candidates)
     true = f"test/{attribute}_nocot"
     files[f"{true}_shuffled"] = shuffled_answers(files[true], rng, config["n_shuffled"])
     tests = {f"test/b_{attribute}": test_spec("hop_b", "nocot", attribute, attribute, metric=f"acc_b_{attribute}"),

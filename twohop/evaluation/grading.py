@@ -3,9 +3,9 @@
 Matching normalises case, accents, punctuation and whitespace and then matches whole words (or
 an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Venice". An answer
 counts only where it is stated, not inside a mention of the bridge entity, of e1 or of another entity
-the bridge could have been (a row's `bridge_candidates`): "University of Texas" does not state "Texas", "Massachusetts Institute of
-Technology" does not state "Massachusetts", "It is in Texas." does. Each grade says which rule decided it.
-This module uses the standard library only: the lm-eval export copies this file next to the task
+the bridge could have been (a row's `bridge_candidates`): "University of Texas" does not state "Texas",
+"Massachusetts Institute of Technology" does not state "Massachusetts", "It is in Texas." does. Each
+grade says which rule decided it. This module uses the standard library only: the lm-eval export copies this file next to the task
 YAMLs (as the `!function` hook), so `lm_eval --include_path` grades exactly as we do.
 """
 import re
@@ -80,7 +80,7 @@ def mention_position(text: str, answer: str, names=()):
     return stated[0] if stated else None
 
 
-def answer_rule(text: str, answer: str, aliases, bridge: str, names, others=()) -> str:
+def answer_rule(text: str, answer: str, aliases, names, others=(), bridge_named: bool = False) -> str:
     """Which rule decides a reply: the answer stated; the answer only inside one of `names` (the bridge's,
     e1's); only inside another entity the bridge could have been (`others`: a wrong first hop); the bridge
     named without the answer; neither."""
@@ -90,7 +90,7 @@ def answer_rule(text: str, answer: str, aliases, bridge: str, names, others=()) 
     if inside:
         stated_but_for_others = others and answer_positions(text, answer, aliases, names)[0]
         return "answer_inside_other_entity" if stated_but_for_others else "answer_inside_name"
-    return "bridge_only" if bridge and mentions(text, bridge) else "no_answer"
+    return "bridge_only" if bridge_named else "no_answer"
 
 
 def split_cot(generation: str) -> tuple:
@@ -104,7 +104,10 @@ def split_cot(generation: str) -> tuple:
 def chain_answer(chain: str, candidates, names=()) -> str:
     """The candidate the chain states last (e.g. the city in '... Y was born in Z.'), or ''; a candidate
     inside another's mention is not stated ("Red" in "Cardinal Red")."""
-    found = [(mention_position(chain, c, [*names, *candidates]), c) for c in candidates]
+    words = set(normalize(chain).split())
+    # Only a name sharing a word with the chain can hold a mention; the rest would cost a scan each.
+    covering = [n for n in (*names, *candidates) if words.intersection(normalize(n).split())]
+    found = [(mention_position(chain, c, covering), c) for c in candidates]
     found = [(p, c) for p, c in found if p is not None]
     return max(found)[1] if found else ""
 
@@ -123,19 +126,23 @@ def grade(row: dict, generation: str, style: str, candidates=(), aliases=()) -> 
     bridge, bridge_aliases = split_aliases(row.get("answer_intermediate"))
     aliases = (*more, *aliases)
     names = [n for n in (bridge, *bridge_aliases, row.get("e1", "")) if isinstance(n, str) and n]
-    others = [n for n in row.get("bridge_candidates") or () if n not in names]
+    # A hop B row has no bridge: its subject (e2) is the entity asked about, not a wrong first hop.
+    others = [n for n in row.get("bridge_candidates") or () if n not in names and n != row.get("e2")]
+
+    def names_bridge(text: str) -> bool:  # not inside another candidate's name ("Xbox" in "Xbox 360")
+        return bool(bridge) and bool(answer_positions(text, bridge, bridge_aliases, others)[0])
     # Without a bridge (atomic facts, the reference's semi-synthetic tests) the first-hop grades do not apply.
-    first_hop = mentions(generation, bridge, bridge_aliases) if bridge else None
+    first_hop = names_bridge(generation) if bridge else None
     if style == "cot":
         chain, final = split_cot(generation)
         stated = chain_answer(chain, candidates, [*names, *others]) if candidates else ""
-        rule = answer_rule(final, answer, aliases, bridge, names, others)
+        rule = answer_rule(final, answer, aliases, names, others, names_bridge(final))
         answer_at = mention_position(generation, answer, [*names, *others])
-        bridge_at = mention_position(generation, bridge)
+        bridge_at = mention_position(generation, bridge, others)
         valid = (bridge_at is not None and answer_at is not None and bridge_at < answer_at) if bridge else None
         return {"correct": rule == "answer_stated", "chain_correct": stated == answer, "first_hop": first_hop,
                 "valid_cot": valid, "rule": rule}
-    rule = answer_rule(generation, answer, aliases, bridge, names, others)
+    rule = answer_rule(generation, answer, aliases, names, others, bool(first_hop))
     correct = rule == "answer_stated"
     return {"correct": correct, "strict": correct and not first_hop if bridge else None, "first_hop": first_hop,
             "rule": rule}
