@@ -5,8 +5,9 @@ an alias), so "Oslo" is found in "It was Oslo." but "Nice" is not found in "Veni
 counts only where it is stated, not inside a mention of the bridge entity, of e1 or of another entity
 the bridge could have been (a row's `bridge_candidates`): "University of Texas" does not state "Texas",
 "Massachusetts Institute of Technology" does not state "Massachusetts", "It is in Texas." does. Each
-grade says which rule decided it. This module uses the standard library only: the lm-eval export copies this file next to the task
-YAMLs (as the `!function` hook), so `lm_eval --include_path` grades exactly as we do.
+grade says which rule decided it. This module uses the standard library only: the lm-eval export
+copies this file next to the task YAMLs (as the `!function` hook), so `lm_eval --include_path` grades
+exactly as we do.
 """
 import re
 import unicodedata
