@@ -229,9 +229,12 @@ class DrillTest(unittest.TestCase):
         self.assertNotIn("held_out", plain[0])  # a one-kind phase, nothing watched
         self.assertEqual(set(watched[1]["held_out"]), {"kv_spouses_born", "chat_spouses_born", "prompt_spouses_born"})
         strip = lambda reports: [{k: v for k, v in r.items() if k not in ("held_out", "seconds")} for r in reports]
-        self.assertEqual(strip(plain), strip(watched))
+        self.assertEqual(strip(plain), strip(watched))  # the same batches: another stream moves these losses
+        # Not bit for bit: in about one process in eight the extra scoring's allocations shift CPU float
+        # reductions, and six Adam steps carry that to ~5e-4 in the attention weights; another batch stream
+        # (seed 4) moves every tensor by more than 2e-3, up to 1.2e-2 (both measured).
         for name, tensor in plain_weights.items():
-            self.assertTrue(torch.equal(tensor, watched_weights[name]), name)
+            torch.testing.assert_close(tensor, watched_weights[name], atol=2e-3, rtol=0, msg=name)
 
     def test_warm_up_trains_saves_and_is_reused(self):
         with tempfile.TemporaryDirectory() as tmp:
