@@ -8,7 +8,7 @@ from runner.errors import UserError
 from runner.files import atomic_directory, to_json
 from twohop.data import tables
 from twohop.data.records import read_records
-from twohop.evaluation.grading import LINKING_WORDS, mentions, normalize, split_aliases
+from twohop.evaluation.grading import mentions, split_aliases
 
 
 def fictional_people(rng: random.Random, count: int, first_names, last_parts, forbidden=()) -> list:
@@ -92,31 +92,14 @@ def require(condition: bool, key: str, message: str) -> None:
         raise UserError(f"config {key}: {message}")
 
 
-# Words many unrelated names share (Saint Isaac's Cathedral, Saint Petersburg): sharing one gives nothing away.
-COMMON_NAME_WORDS = {"new", "old", "saint", "san", "santa", "great", "big", "little", "north", "south", "east",
-                     "west", "royal", "national", "city"}
-
-
-def shared_word(answer: str, name: str) -> str:
-    """A word of three or more letters that the answer and the name share ("yale" in Yale Blue and Yale
-    University), other than a linking word or a common one (COMMON_NAME_WORDS), or ""."""
-    words = set(normalize(name).split())
-    return next((w for w in normalize(answer).split() if w in words and w.isalpha() and len(w) >= 3
-                 and w not in LINKING_WORDS | COMMON_NAME_WORDS), "")
-
-
 def shortcut_reason(answer: str, aliases=(), **names) -> str:
     """Why an item can be answered without composing: its answer (or an alias) is a word of a name the
     question or the first hop gives away (`names`: label -> name, e.g. e2="University of Texas at
-    Austin"), or shares a distinctive word with it (Yale Blue, the color of Yale University); "" when
-    there is none."""
+    Austin"); "" when there is none."""
     for label, name in names.items():
         found = [a for a in (answer, *aliases) if name and a and mentions(name, a)]
         if found:
             return f"the answer {found[0]!r} is in {label}'s name {name!r}"
-        shared = [(a, w) for a in (answer, *aliases) if name and a and (w := shared_word(a, name))]
-        if shared:
-            return f"the answer {shared[0][0]!r} shares the word {shared[0][1]!r} with {label}'s name {name!r}"
     return ""
 
 

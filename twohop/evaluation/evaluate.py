@@ -157,8 +157,7 @@ def rates(grades: list) -> dict:
 
 def score_test(test, spec, rows, prompts, candidates, generations, config, model, tokenizer) -> tuple:
     """(summary, predictions) of one test: graded generations and, for no-CoT, candidate ranking.
-    Rows flagged as shortcuts (the answer is in, or shares a word with, a name the question gives away;
-    `dataset.shortcut_reason`) are scored apart, in
+    Rows flagged as shortcuts (the answer is in a name the question gives away) are scored apart, in
     `summary["shortcut"]`, and left out of every other figure."""
     grades = [grading.grade(r, g, spec["style"], candidates, r.get("aliases", ())) for r, g in zip(rows, generations)]
     answers = [grading.split_aliases(r["answer"])[0] for r in rows]

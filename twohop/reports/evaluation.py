@@ -143,7 +143,7 @@ def write_semi_synthetic_report(results_by_type: dict, run_dir, title: str) -> d
              "first_hop: the fictional person's favorite entity; chance: 1/|candidates|; majority: the score of "
              "answering every question with the commonest answer; premise: hop_b >= 50% and first_hop >= 90%, "
              "without which no-CoT cannot measure composition; n excludes the shortcut_n questions whose "
-             "answer is in, or shares a word with, the entity's name, scored apart as shortcut_nocot).", "",
+             "answer is in the entity's name, scored apart as shortcut_nocot).", "",
              *markdown_table(SEMI_COLUMNS, rows)]
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
     col = lambda key: [r[key] for r in rows]  # noqa: E731
